@@ -1,0 +1,75 @@
+"""Layers with PyTorch semantics: BatchNorm2d and a Conv2d with PyTorch's padding.
+
+Flax's own ``BatchNorm`` updates its running variance with the *biased* batch variance;
+PyTorch uses the unbiased one (``n / (n - 1)``). Ported checkpoints and fine-tuning must
+behave as in PyTorch, so this module keeps its own BatchNorm. Its parameter names are
+PyTorch's (``weight``, ``bias``, ``running_mean``, ``running_var``) so the weight mapping in
+``pspnet_jax.port`` is one rule.
+
+Batch statistics are reductions over the batch axis; under ``jax.jit`` with the batch
+sharded over a device mesh they are the statistics of the *global* batch, i.e. synchronised
+BN comes from the sharding, not from collectives written here.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pspnet_jax import ops
+
+# PyTorch's default init for the ResNet convs (kaiming_normal_, fan_out, relu).
+he_normal_fan_out = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+class BatchNorm(nnx.Module):
+  """``nn.BatchNorm2d`` on NHWC: eps 1e-5, momentum 0.1 (Flax convention: 0.9).
+
+  Statistics and affine parameters are float32 whatever the compute dtype; the output has
+  the input's dtype.
+  """
+
+  def __init__(self, num_features: int, *, momentum: float = 0.9, epsilon: float = 1e-5,
+               use_running_average: bool = False):
+    self.num_features = num_features
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.use_running_average = use_running_average
+    self.weight = nnx.Param(jnp.ones((num_features,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+    self.running_mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+    self.running_var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [..., C] -> [..., C], normalised over every axis but the last."""
+    if self.use_running_average:
+      mean, var = self.running_mean[...], self.running_var[...]
+    else:
+      axes = tuple(range(x.ndim - 1))
+      xf = x.astype(jnp.float32)
+      mean = jnp.mean(xf, axes)
+      var = jnp.mean(jnp.square(xf - mean), axes)  # two-pass: no cancellation
+      n = x.size // x.shape[-1]
+      unbiased = var * (n / max(n - 1, 1))
+      m = self.momentum
+      self.running_mean[...] = m * self.running_mean[...] + (1 - m) * jax.lax.stop_gradient(mean)
+      self.running_var[...] = m * self.running_var[...] + (1 - m) * jax.lax.stop_gradient(unbiased)
+    # Folded affine, as PyTorch's CPU kernel computes it: y = x * a + (bias - mean * a).
+    a = self.weight[...] * jax.lax.rsqrt(var + self.epsilon)
+    b = self.bias[...] - mean * a
+    return (x * a.astype(x.dtype) + b.astype(x.dtype)).astype(x.dtype)
+
+
+def conv2d(in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1, dilation: int = 1,
+           bias: bool = False, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
+  """``nn.Conv2d`` with PyTorch's explicit symmetric padding ``dilation * (k - 1) // 2``.
+
+  Never 'SAME': at stride 2 'SAME' pads asymmetrically and shifts every feature map by
+  half a pixel relative to PyTorch.
+  """
+  return nnx.Conv(
+      in_ch, out_ch, (kernel_size, kernel_size), strides=stride,
+      padding=ops.conv_padding(kernel_size, dilation), kernel_dilation=dilation,
+      use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=he_normal_fan_out, rngs=rngs)

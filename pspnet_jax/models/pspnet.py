@@ -1,0 +1,115 @@
+"""PSPNet (Zhao et al., "Pyramid Scene Parsing Network", CVPR 2017) as a Flax NNX module.
+
+Layout and numerics follow the authors' PyTorch implementation (semseg ``model/pspnet.py``):
+dilated ResNet -> pyramid pooling over bins (1, 2, 3, 6), each branch a 1x1 conv to
+``C / len(bins)`` channels + BN + ReLU, upsampled back and concatenated after the features
+-> ``cls``: 3x3 conv 512 + BN + ReLU + Dropout2d(0.1) + 1x1 conv to the classes; ``aux`` on
+layer3: 3x3 conv 256 + BN + ReLU + Dropout2d(0.1) + 1x1 conv. Logits are resized
+bilinearly to the input size.
+
+Module attribute names are those of the semseg state dict (``ppm.features.{i}.{1,2}``,
+``cls.{0,1,4}``, ``aux.{0,1,4}``; the backbone under ``backbone``): see
+``pspnet_jax.port.mapping``.
+
+Modes: ``model.train()`` (the default after construction) returns ``(logits, aux_logits)``
+and updates BN running statistics; ``model.eval()`` returns ``logits`` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pspnet_jax import ops
+from pspnet_jax.models.layers import BatchNorm, conv2d
+from pspnet_jax.models.resnet import ResNet
+
+
+@dataclasses.dataclass(frozen=True)
+class PSPNetConfig:
+  """Everything that determines the architecture. Plain data: save it as JSON."""
+  num_classes: int = 150
+  depth: int = 50
+  stem: str = 'deep'                 # 'deep' (semseg) | 'deep32' (mmseg V1c) | 'torchvision'
+  output_stride: int = 8
+  contract_dilation: bool = False    # semseg: False; mmseg, torchvision: True
+  align_corners: bool = True         # semseg: True; mmseg: False
+  bins: tuple[int, ...] = (1, 2, 3, 6)
+  base_width: int = 64               # ResNet width; smaller only for tiny test models
+  head_channels: int = 512
+  aux_channels: int = 256
+  dropout: float = 0.1
+  dtype: str = 'float32'             # compute dtype; parameters and BN stats stay float32
+
+  def __post_init__(self):
+    object.__setattr__(self, 'bins', tuple(int(b) for b in self.bins))
+    jnp.dtype(self.dtype)  # fails early on a typo
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> 'PSPNetConfig':
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f'unknown PSPNet config keys {unknown}; known keys: {sorted(known)}')
+    return cls(**d)
+
+
+def _head(in_ch, mid_ch, num_classes, dtype, rngs) -> nnx.Dict:
+  """semseg's ``cls`` / ``aux`` Sequential: 0 conv3x3, 1 BN, (2 ReLU, 3 Dropout2d), 4 conv1x1."""
+  return nnx.Dict({
+      '0': conv2d(in_ch, mid_ch, 3, dtype=dtype, rngs=rngs),
+      '1': BatchNorm(mid_ch),
+      '4': conv2d(mid_ch, num_classes, 1, bias=True, dtype=dtype, rngs=rngs),
+  })
+
+
+class PSPNet(nnx.Module):
+  def __init__(self, config: PSPNetConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    dtype = jnp.dtype(config.dtype)
+    self.backbone = ResNet(config.depth, stem=config.stem, output_stride=config.output_stride,
+                           contract_dilation=config.contract_dilation,
+                           base_width=config.base_width, dtype=dtype, rngs=rngs)
+    c3, c4 = self.backbone.out_channels[2:]
+    reduction = c4 // len(config.bins)
+    self.ppm = nnx.Dict({'features': nnx.List([
+        nnx.Dict({'1': conv2d(c4, reduction, 1, dtype=dtype, rngs=rngs), '2': BatchNorm(reduction)})
+        for _ in config.bins])})
+    fea = c4 + reduction * len(config.bins)
+    self.cls = _head(fea, config.head_channels, config.num_classes, dtype, rngs)
+    self.aux = _head(c3, config.aux_channels, config.num_classes, dtype, rngs)
+    # Dropout2d zeroes whole channels: the mask is broadcast over H and W.
+    self.dropout = nnx.Dropout(config.dropout, broadcast_dims=(1, 2))
+    self.deterministic = False  # toggled with the BNs by model.train() / model.eval()
+
+  def _ppm_branch(self, i: int, pooled: jax.Array) -> jax.Array:
+    branch = self.ppm['features'][i]
+    return jax.nn.relu(branch['2'](branch['1'](pooled)))
+
+  def _apply_head(self, head: nnx.Dict, x: jax.Array, rngs) -> jax.Array:
+    x = jax.nn.relu(head['1'](head['0'](x)))
+    return head['4'](self.dropout(x, rngs=rngs))
+
+  def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None):
+    """x: [B, H, W, 3] normalised image -> logits [B, H, W, num_classes] float32.
+
+    In train mode returns ``(logits, aux_logits)``, both at input size; dropout then needs
+    ``rngs`` with a ``dropout`` stream (none is needed when ``dropout == 0``).
+    """
+    h, w = x.shape[1:3]
+    ac = self.config.align_corners
+    _, _, c3, c4 = self.backbone(x)
+    y = ops.pyramid_pool(c4, self.config.bins, self._ppm_branch, align_corners=ac)
+    logits = self._apply_head(self.cls, y, rngs)
+    logits = ops.resize_bilinear(logits.astype(jnp.float32), (h, w), ac)
+    if self.deterministic:
+      return logits
+    aux = ops.resize_bilinear(self._apply_head(self.aux, c3, rngs).astype(jnp.float32), (h, w), ac)
+    return logits, aux

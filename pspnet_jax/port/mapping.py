@@ -1,0 +1,112 @@
+"""The one mapping between PSPNet's NNX state and the semseg PyTorch state-dict layout.
+
+Every other PyTorch layout (mmseg, torchvision, semseg ImageNet) is first renamed to this
+canonical layout by its own module in ``pspnet_jax.port``; only this module knows how a
+canonical key becomes an NNX variable.
+
+The NNX modules are named after the semseg keys, so the rule is short:
+- drop the leading ``backbone.`` (semseg's PSPNet holds ``layer0..layer4`` at top level);
+- ``<conv>.kernel`` [kh, kw, in, out] is ``<conv>.weight`` [out, in, kh, kw];
+- everything else (BN ``weight``, ``bias``, ``running_mean``, ``running_var``; conv
+  ``bias``) keeps its name and shape.
+
+Arrays are NumPy here; nothing in this module imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import numpy as np
+from flax import nnx
+
+BACKBONE_PREFIX = 'backbone.'
+
+
+class StateDictMismatch(ValueError):
+  """A state dict does not fit the model; the message lists every offending key."""
+
+
+def torch_key(path: Iterable) -> str:
+  """NNX path -> semseg key, e.g. ``('backbone','layer1',0,'conv1','kernel')`` -> ``layer1.0.conv1.weight``."""
+  key = '.'.join(str(p) for p in path)
+  if key.startswith(BACKBONE_PREFIX):
+    key = key[len(BACKBONE_PREFIX):]
+  if key.endswith('.kernel'):
+    key = key[:-len('kernel')] + 'weight'
+  return key
+
+
+def _is_conv_kernel(path) -> bool:
+  return str(path[-1]) == 'kernel'
+
+
+def to_torch_layout(path, value: np.ndarray) -> np.ndarray:
+  return np.transpose(value, (3, 2, 0, 1)) if _is_conv_kernel(path) else value
+
+
+def from_torch_layout(path, value: np.ndarray) -> np.ndarray:
+  return np.transpose(value, (2, 3, 1, 0)) if _is_conv_kernel(path) else value
+
+
+def _variables(model: nnx.Module, prefix: str | None):
+  """(path, variable) for every Param and BatchStat, optionally only under a key prefix."""
+  out = []
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))):
+    if prefix is None or '.'.join(map(str, path)).startswith(prefix):
+      out.append((path, var))
+  return out
+
+
+def expected_keys(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+  """Canonical key -> PyTorch shape of every parameter and BN statistic of ``model``."""
+  return {torch_key(p): _torch_shape((p, v)) for p, v in _variables(model, None)}
+
+
+def export_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
+  """The model's variables as a semseg-layout state dict of float32 NumPy arrays."""
+  return {torch_key(p): np.asarray(to_torch_layout(p, np.asarray(v[...])))
+          for p, v in _variables(model, None)}
+
+
+def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *,
+                    only: str | None = None, source: str = 'state dict') -> list[str]:
+  """Copies a canonical (semseg-layout) state dict into ``model``, strictly.
+
+  ``only``: restrict the target to variables whose NNX path starts with it (``'backbone'``
+  for a backbone-only port); the rest keep their initial values.
+  Every source key must fill exactly one target and every target must be filled, with
+  matching shapes; otherwise one ``StateDictMismatch`` lists all problems at once.
+  Returns the list of keys filled.
+  """
+  targets = {torch_key(p): (p, v) for p, v in _variables(model, only)}
+  missing = sorted(set(targets) - set(state_dict))
+  unexpected = sorted(set(state_dict) - set(targets))
+  misshaped = []
+  for key in sorted(set(targets) & set(state_dict)):
+    want = _torch_shape(targets[key])
+    got = tuple(np.shape(state_dict[key]))
+    if want != got:
+      misshaped.append(f'  {key}: {source} has {got}, model expects {want}')
+  if missing or unexpected or misshaped:
+    lines = [f'{source} does not fit the model:']
+    if missing:
+      lines.append(f'missing keys ({len(missing)}):')
+      lines += [f'  {k}: model expects {_torch_shape(targets[k])}' for k in missing]
+    if unexpected:
+      lines.append(f'unexpected keys ({len(unexpected)}):')
+      lines += [f'  {k}: {tuple(np.shape(state_dict[k]))}' for k in unexpected]
+    if misshaped:
+      lines.append(f'mis-shaped keys ({len(misshaped)}):')
+      lines += misshaped
+    raise StateDictMismatch('\n'.join(lines))
+  for key, (path, var) in targets.items():
+    value = from_torch_layout(path, np.asarray(state_dict[key], dtype=np.float32))
+    var[...] = value.astype(var[...].dtype)
+  return sorted(targets)
+
+
+def _torch_shape(target) -> tuple[int, ...]:
+  path, var = target
+  shape = tuple(var[...].shape)
+  return (shape[3], shape[2], shape[0], shape[1]) if _is_conv_kernel(path) else shape
