@@ -16,9 +16,7 @@ import numpy as np
 from flax import nnx
 
 from pspnet_jax.models import PSPNet, PSPNetConfig
-
-MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
-STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
+from pspnet_jax.normalize import normalize
 
 
 def synthetic_image(size: int, seed: int = 0) -> np.ndarray:
@@ -48,7 +46,7 @@ def main(argv=None):
     return jnp.argmax(nnx.merge(graphdef, state)(x), -1)
 
   img = synthetic_image(args.size)
-  x = jnp.asarray(((img - MEAN) / STD)[None].astype(np.float32))
+  x = jnp.asarray(normalize(img)[None])
   t = time.perf_counter()
   compiled = predict.lower(state, x).compile()
   compile_s = time.perf_counter() - t
