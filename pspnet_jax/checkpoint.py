@@ -2,22 +2,29 @@
 
 A *model directory* holds one model: ``model_config.json`` (``PSPNetConfig``) and
 ``state/`` (an orbax checkpoint of the model's parameters and BN statistics as a nested
-dict of arrays, keyed like ``nnx.to_pure_dict``). The port CLI writes one; training
-workdirs get one per saved step (see ``pspnet_jax.train_lib``) and ``load_model`` reads any
-of them.
+dict of arrays, keyed like ``nnx.to_pure_dict``). The port CLI writes one.
+
+A *training workdir* holds ``model_config.json`` and ``checkpoints/<step>/`` written by an
+orbax ``CheckpointManager`` (``TrainCheckpointer``) with the items ``model`` (same format as
+``state/``), ``opt_state``, ``meta`` (step, epoch, ...) and ``data`` (the input iterator's
+state, one JSON file per process, via grain's orbax handler). ``load_model`` reads a model
+directory, a training workdir (its latest step) or one step directory of it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_policy
 
 from pspnet_jax.models import PSPNet, PSPNetConfig
 
 MODEL_CONFIG = 'model_config.json'
 STATE_DIR = 'state'
+CHECKPOINTS_DIR = 'checkpoints'
 
 
 class CheckpointError(ValueError):
@@ -85,14 +92,92 @@ def restore_variables(state_dir: str, config: PSPNetConfig) -> PSPNet:
 
 
 def load_model(path: str | os.PathLike) -> PSPNet:
-  """Loads a model directory (port CLI output, or one step of a training run).
-
-  Training workdirs are resolved by ``pspnet_jax.train_lib`` to their latest step's model
-  directory before calling this.
-  """
+  """Loads a model directory, a training workdir (latest step) or a workdir's step dir."""
   path = os.path.abspath(os.fspath(path))
   if not os.path.isdir(path):
     raise CheckpointError(f'{path}: no such directory')
+  if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):  # training workdir
+    steps = _steps(os.path.join(path, CHECKPOINTS_DIR))
+    if not steps:
+      raise CheckpointError(f'{path}: training workdir without any finished checkpoint')
+    config, _ = read_model_config(path)
+    return restore_variables(os.path.join(path, CHECKPOINTS_DIR, str(steps[-1]), 'model'), config)
+  if os.path.isdir(os.path.join(path, 'model')) and not os.path.exists(os.path.join(path, MODEL_CONFIG)):
+    config, _ = read_model_config(os.path.dirname(os.path.dirname(path)))  # workdir/checkpoints/<step>
+    return restore_variables(os.path.join(path, 'model'), config)
   config, _ = read_model_config(path)
   return restore_variables(os.path.join(path, STATE_DIR), config)
 
+
+def _steps(directory: str) -> list[int]:
+  """Finished checkpoint steps (orbax writes into temporary names and renames at the end)."""
+  return sorted(int(n) for n in os.listdir(directory)
+                if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+class _FrozenIteratorState:
+  """The input iterator's state at save time (grain's handler calls get_state later)."""
+
+  def __init__(self, state):
+    self._state = state
+
+  def get_state(self):
+    return self._state
+
+
+class TrainCheckpointer:
+  """Preemption-safe training checkpoints in ``workdir/checkpoints``.
+
+  Saves are asynchronous (arrays are copied off the device, then written in the
+  background). Kept: the latest ``keep`` steps and the best by validation mIoU.
+  """
+
+  def __init__(self, workdir: str, model_config: PSPNetConfig, *, keep: int = 3,
+               async_save: bool = True):
+    import grain  # noqa: F401  registers grain's orbax handler for the data item
+    self.workdir = os.path.abspath(workdir)
+    os.makedirs(self.workdir, exist_ok=True)
+    if jax.process_index() == 0:
+      write_model_config(self.workdir, model_config)
+    policy = ocp_policy.AnyPreservationPolicy([
+        ocp_policy.LatestN(keep),
+        ocp_policy.BestN(get_metric_fn=lambda m: m['miou'], n=1,
+                         keep_checkpoints_without_metrics=False)])
+    self.manager = ocp.CheckpointManager(
+        os.path.join(self.workdir, CHECKPOINTS_DIR),
+        options=ocp.CheckpointManagerOptions(preservation_policy=policy,
+                                             enable_async_checkpointing=async_save))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, *, model_variables: dict, opt_state, meta: dict, data_state,
+           metrics: dict | None = None):
+    import grain
+    args = ocp.args.Composite(
+        model=ocp.args.StandardSave(model_variables),
+        opt_state=ocp.args.StandardSave(opt_state),
+        meta=ocp.args.JsonSave(meta),
+        data=grain.checkpoint.CheckpointSave(_FrozenIteratorState(data_state)))
+    self.manager.save(step, args=args, metrics=metrics, force=True)
+
+  def restore(self, step: int, *, model_target: dict, opt_target, data_iterator):
+    """Restores into the given abstract targets; sets ``data_iterator``'s state.
+    Returns ``(model_variables, opt_state, meta)``."""
+    import grain
+    args = ocp.args.Composite(
+        model=ocp.args.StandardRestore(model_target),
+        opt_state=ocp.args.StandardRestore(opt_target),
+        meta=ocp.args.JsonRestore(),
+        data=grain.checkpoint.CheckpointRestore(data_iterator))
+    try:
+      r = self.manager.restore(step, args=args)
+    except Exception as e:
+      raise CheckpointError(f'{self.workdir}: cannot resume from step {step}: {e}') from e
+    return r['model'], r['opt_state'], r['meta']
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()

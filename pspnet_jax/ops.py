@@ -139,7 +139,8 @@ def conv_padding(kernel_size: int, dilation: int = 1) -> tuple[tuple[int, int], 
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   """PyTorch ``MaxPool2d(3, stride=2, padding=1)`` (the ResNet stem's): pads with -inf."""
+  # A Python -inf init lets JAX recognise reduce_window_max (which has a gradient).
   return jax.lax.reduce_window(
-      x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+      x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
       ((0, 0), (1, 1), (1, 1), (0, 0)))
 

@@ -1,0 +1,62 @@
+"""The authors' (semseg) training and evaluation recipe, shared by the dataset configs.
+
+Batch 16 in total with synchronised BN, SGD lr 0.01, momentum 0.9, weight decay 1e-4 on all
+parameters, poly decay (power 0.9) per iteration, 10x lr on ppm/cls/aux, aux loss weight
+0.4, ignore label 255; augmentation scale [0.5, 2.0], rotate [-10, 10], blur, flip, crop.
+Evaluation: sliding window with stride 2/3 of the crop, flip, base size per dataset.
+"""
+
+import ml_collections
+
+DATASETS = {
+    # name: (tfds builder, train split, eval split, crop, epochs, base size)
+    'ade20k': ('ade20k', 'train', 'validation', 473, 100, 512),
+    'voc2012': ('voc2012_aug', 'train_aug', 'val', 473, 50, 512),
+    'cityscapes': ('cityscapes_trainid', 'train', 'validation', 713, 200, 2048),
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key the trainer reads, with the semseg defaults."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.dataset = ml_collections.ConfigDict(dict(
+      name='', data_dir='~/tensorflow_datasets', manual_dir='', train_split='train',
+      eval_split='validation', builder_kwargs=ml_collections.ConfigDict()))
+  c.model = ml_collections.ConfigDict(dict(
+      depth=50, stem='deep', output_stride=8, contract_dilation=False, align_corners=True,
+      bins=(1, 2, 3, 6), base_width=64, head_channels=512, aux_channels=256, dropout=0.1,
+      dtype='float32'))
+  c.augment = ml_collections.ConfigDict(dict(
+      crop_size=473, scale_min=0.5, scale_max=2.0, rotate_min=-10.0, rotate_max=10.0,
+      blur=True, flip=True, ignore_label=255))
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name='sgd', learning_rate=0.01, momentum=0.9, weight_decay=1e-4, power=0.9,
+      warmup_steps=0, head_lr_multiplier=10.0, clip_grad_norm=0.0, b1=0.9, b2=0.999))
+  c.global_batch_size = 16
+  c.grad_accum_steps = 1
+  c.num_epochs = 100.0
+  c.num_steps = 0            # > 0 overrides num_epochs
+  c.aux_weight = 0.4
+  c.init_checkpoint = ''     # a model directory from `python -m pspnet_jax.port`
+  c.worker_count = 4
+  c.log_every_steps = 20
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.eval_every_steps = 5000  # short whole-image validation during training; 0: off
+  c.eval_num_examples = 200
+  # Final evaluation after training; eval.py runs the full protocol with these settings.
+  c.eval = ml_collections.ConfigDict(dict(
+      mode='slide', scales=(1.0,), flip=True, crop_size=473, stride_rate=2 / 3, base_size=512))
+  return c
+
+
+def get_recipe(dataset: str, depth: int) -> ml_collections.ConfigDict:
+  name, train, val, crop, epochs, base = DATASETS[dataset]
+  c = base_config()
+  c.dataset.name, c.dataset.train_split, c.dataset.eval_split = name, train, val
+  c.model.depth = depth
+  c.augment.crop_size = crop
+  c.num_epochs = float(epochs)
+  c.eval.crop_size, c.eval.base_size = crop, base
+  return c

@@ -1,0 +1,37 @@
+"""Train PSPNet: python train.py --config configs/X.py --workdir DIR [--config.key=value ...]
+
+Resumes from the latest checkpoint in DIR. Multi-host: launched on every host of a TPU
+slice or as one SLURM task per node, JAX's environment detection initialises
+jax.distributed; elsewhere pass --coordinator, --num_processes and --process_id.
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from pspnet_jax import train_lib
+
+config_flags.DEFINE_config_file('config', 'configs/synthetic.py', 'Training configuration file.')
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and evaluation.', required=True)
+flags.DEFINE_string('coordinator', None, 'host:port of process 0 (multi-process runs).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process runs).')
+flags.DEFINE_integer('process_id', None, 'This process index (multi-process runs).')
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  train_lib.maybe_initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+  try:
+    metrics = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except train_lib.TrainingDiverged as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  if metrics:
+    print(f"validation mIoU {metrics['miou']:.4f}  mAcc {metrics['macc']:.4f}  "
+          f"allAcc {metrics['allacc']:.4f}")
+
+
+if __name__ == '__main__':
+  app.run(main)
