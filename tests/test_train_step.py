@@ -112,3 +112,26 @@ def test_batch_size_must_divide_devices():
   assert 'global_batch_size=6 does not divide over 4 devices' in out
   with pytest.raises(ValueError, match='micro-batches'):
     train_lib.check_batch_size(3, grad_accum_steps=2)
+
+
+@pytest.mark.parametrize('k,ci,co,stride,dilation,size', [
+    (1, 32, 16, 1, 1, 9), (1, 16, 32, 2, 1, 11), (3, 8, 12, 1, 2, 13), (3, 8, 8, 1, 4, 17),
+    (3, 6, 10, 2, 1, 10)])
+def test_matmul_weight_gradient_equals_xla_gradient(k, ci, co, stride, dilation, size):
+  """The custom-VJP convolution has XLA's forward and both of XLA's gradients."""
+  from jax import lax
+  from pspnet_jax import ops
+  from pspnet_jax.models.layers import conv_matmul_wgrad
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, size, size + 3, ci)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, k, ci, co)), jnp.float32)
+  pad = ops.conv_padding(k, dilation)
+  ref = lambda x, w: lax.conv_general_dilated(x, w, (stride, stride), pad, rhs_dilation=(dilation, dilation),
+                                              dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  mine = lambda x, w: conv_matmul_wgrad(x, w, (stride, stride), pad, (dilation, dilation))
+  np.testing.assert_array_equal(np.asarray(mine(x, w)), np.asarray(ref(x, w)))
+  loss = lambda f: (lambda x, w: jnp.sum(jnp.sin(f(x, w))))
+  gx, gw = jax.grad(loss(mine), argnums=(0, 1))(x, w)
+  rx, rw = jax.grad(loss(ref), argnums=(0, 1))(x, w)
+  np.testing.assert_allclose(gx, rx, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gw, rw, rtol=1e-5, atol=1e-4 * float(jnp.abs(rw).max()))
