@@ -69,7 +69,7 @@ def prepare(name: str, data_dir: str, manual_dir: str | None = None, *,
     return info
   tfds.disable_progress_bar()
   builder = cls(data_dir=os.fspath(data_dir), file_format='array_record',
-                skip_bad_examples=skip_bad_examples, **builder_kwargs)
+                skip_bad_examples=skip_bad_examples, manual_dir=manual_dir, **builder_kwargs)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   if builder.skipped:

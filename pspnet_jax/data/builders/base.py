@@ -13,6 +13,7 @@ file bytes) and TFDS stores them as they are; reading decodes with OpenCV.
 import dataclasses
 import io
 import logging
+import os
 from typing import Callable, Iterable
 
 import cv2
@@ -45,6 +46,11 @@ def bitwise_palette(n: int) -> tuple[tuple[int, int, int], ...]:
       c >>= 3
     out.append((r, g, b))
   return tuple(out)
+
+
+def read_file(path: str) -> bytes:
+  with open(path, 'rb') as f:
+    return f.read()
 
 
 def encode_png(array: np.ndarray) -> bytes:
@@ -110,6 +116,15 @@ def decode_label(data: bytes, where: str) -> np.ndarray:
   return array
 
 
+def _read(read: Callable, name: str, what: str):
+  try:
+    return read()
+  except (OSError, KeyError) as e:  # KeyError: a member missing from a zip archive
+    raise BadExampleError(
+        f'{name}: cannot read the {what} ({e}). Restore the file or remove the example, or '
+        'prepare with --skip-bad-examples to drop it.') from e
+
+
 @dataclasses.dataclass(frozen=True)
 class RawExample:
   """Where one raw example's bytes come from (read lazily, during preparation)."""
@@ -133,7 +148,7 @@ def label_lookup(mapping: dict[int, int], valid: Iterable[int]) -> tuple[np.ndar
 
 class SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
   """Base of this project's builders. Subclasses set the class attributes below and
-  implement ``_split_generators`` returning ``{split: self._generate_examples(raws)}``.
+  implement ``_split_generators`` returning ``self.generate_splits({split: raws})``.
 
   Raw label values are checked against ``valid`` and mapped through ``lut`` (both [256]).
   """
@@ -145,10 +160,20 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
   DESCRIPTION = ''
   VALID_RAW_HINT = ''  # says what raw label values are allowed, for errors
 
-  def __init__(self, *, skip_bad_examples: bool = False, **kwargs):
+  def __init__(self, *, skip_bad_examples: bool = False, manual_dir: str | None = None,
+               **kwargs):
     self.skip_bad_examples = skip_bad_examples
+    self.manual_dir = os.fspath(manual_dir) if manual_dir else None
     self.skipped: list[str] = []  # messages of dropped examples
     super().__init__(**kwargs)
+
+  def require_manual_dir(self, *, needs: str, instructions: str) -> str:
+    """-> the manual dir; ManualDirError saying what to download and where, if unset."""
+    if not self.manual_dir or not os.path.isdir(self.manual_dir):
+      where = f'{self.manual_dir} does not exist' if self.manual_dir else 'no --manual-dir given'
+      raise ManualDirError(
+          f'{self.name} needs {needs} in --manual-dir ({where}). {instructions}')
+    return self.manual_dir
 
   def extra_metadata(self) -> dict:
     """Builder-specific metadata (JSON-serialisable); recorded for idempotent prepare."""
@@ -187,8 +212,13 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
             **self.extra_metadata()),
     )
 
-  def _generate_examples(self, raws: Iterable[RawExample]):
+  def generate_splits(self, split_raws: dict[str, Iterable[RawExample]]) -> dict:
+    """{split: raw examples} -> what ``_split_generators`` returns."""
+    return {split: self._generate_examples(raws, split) for split, raws in split_raws.items()}
+
+  def _generate_examples(self, raws: Iterable[RawExample], split: str):
     lut, valid = self.label_map()
+    count = 0
     for raw in raws:
       try:
         example = self._encode(raw, lut, valid)
@@ -200,22 +230,17 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
         # TFDS writes metadata after all splits are generated, so the count lands in it.
         self.info.metadata['skipped_examples'] = len(self.skipped)
         continue
+      count += 1
       yield raw.key, example
+    if not count:  # TFDS would only say "No examples were yielded"
+      raise BadExampleError(
+          f'{self.name}: split {split!r} has no usable examples ({len(self.skipped)} bad ones '
+          'skipped so far). Check the raw files, and the layout in the README.')
 
   def _encode(self, raw: RawExample, lut: np.ndarray, valid: np.ndarray) -> dict:
-    try:
-      image_bytes = raw.read_image()
-    except (OSError, KeyError) as e:
-      raise BadExampleError(
-          f'{raw.image_name}: cannot read the image ({e}). Restore the file or remove the '
-          'example, or prepare with --skip-bad-examples to drop it.') from e
-    image_bytes, image_hw = decode_rgb(image_bytes, raw.image_name)
-    try:
-      label = raw.read_label()
-    except (OSError, KeyError) as e:
-      raise BadExampleError(
-          f'{raw.label_name}: cannot read the label ({e}). Restore the file or remove the '
-          'example, or prepare with --skip-bad-examples to drop it.') from e
+    image_bytes, image_hw = decode_rgb(_read(raw.read_image, raw.image_name, 'image'),
+                                       raw.image_name)
+    label = _read(raw.read_label, raw.label_name, 'label')
     if isinstance(label, bytes):
       label = decode_label(label, raw.label_name)
     if label.shape != image_hw:

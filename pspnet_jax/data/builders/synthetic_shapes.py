@@ -88,9 +88,10 @@ class SyntheticShapes(base.SegmentationBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
-    return {split: self._generate_examples(self._raws(split_index, n))
-            for split_index, (split, n) in enumerate([('train', self.num_train),
-                                                      ('val', self.num_val)])}
+    return self.generate_splits({
+        split: self._raws(split_index, n)
+        for split_index, (split, n) in enumerate([('train', self.num_train),
+                                                  ('val', self.num_val)])})
 
   def _raws(self, split_index: int, n: int):
     for i in range(n):
