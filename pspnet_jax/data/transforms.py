@@ -107,4 +107,6 @@ def augment(image, label, rng: np.random.Generator, config: AugmentConfig):
   if config.flip:
     image, label = random_hflip(image, label, rng)
   image, label = random_crop(image, label, rng, config.crop_size, config.ignore_label)
-  return normalize(image), label.astype(np.int32)
+  # The crop is a strided view into the larger image; normalising a contiguous copy is
+  # about twice as fast (the three passes of normalize() then stream through memory).
+  return normalize(np.ascontiguousarray(image)), label.astype(np.int32)
