@@ -35,7 +35,7 @@ def _draw_shape(image, mask, cls, rng, size):
   """Draws one shape of class cls in place on image [S,S,3] and mask [S,S]."""
   colour = np.clip(np.array(_SHAPE_RGB[cls]) + rng.integers(-25, 26, 3), 0, 255)
   colour = tuple(int(c) for c in colour)
-  r = int(rng.uniform(0.08, 0.22) * size)
+  r = int(rng.uniform(0.12, 0.25) * size)  # >= 1.5 feature cells at output stride 8
   cx, cy = (int(v) for v in rng.integers(r // 2, size - r // 2, 2))
   if cls == 1:
     cv2.circle(image, (cx, cy), r, colour, -1)
