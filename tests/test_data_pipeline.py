@@ -156,6 +156,30 @@ def test_rotation_border_is_mean_and_ignore():
   np.testing.assert_allclose(out_image[0, 0], MEAN, rtol=1e-6)
 
 
+class _Always:
+  """A stand-in generator whose random() always passes a probability test."""
+
+  def random(self):
+    return 0.0
+
+
+def test_small_transforms():
+  image = np.arange(6 * 8 * 3, dtype=np.float32).reshape(6, 8, 3)
+  label = np.arange(48, dtype=np.uint8).reshape(6, 8)
+  flipped_image, flipped_label = transforms.random_hflip(image, label, _Always())
+  np.testing.assert_array_equal(flipped_image, image[:, ::-1])
+  np.testing.assert_array_equal(flipped_label, label[:, ::-1])
+  scaled_image, scaled_label = transforms.random_scale(image, label, _Always(), 1.5, 1.5)
+  assert scaled_image.shape == (9, 12, 3) and scaled_label.shape == (9, 12)
+  assert set(np.unique(scaled_label)) <= set(range(48))  # nearest: no new values
+  blurred = transforms.random_gaussian_blur(image, _Always())
+  assert blurred.shape == image.shape and not np.array_equal(blurred, image)
+  # Probability 0.5 draws are independent per example: about half of 200 blur.
+  blurs = sum(transforms.random_gaussian_blur(image, transforms.example_rng(0, 0, i)) is not image
+              for i in range(200))
+  assert 70 < blurs < 130
+
+
 # --- the training pipeline -------------------------------------------------------------------
 
 def _take(loader, n):
