@@ -76,10 +76,15 @@ def _ade_zip(path, bad=None):
     z.writestr('ADEChallengeData2016/objectInfo150.txt', 'Idx\tRatio\tTrain\tVal\tName\n')
 
 
-def test_ade20k_from_zip(tmp_path):
+@pytest.mark.parametrize('unzipped', [False, True])
+def test_ade20k(tmp_path, unzipped):
   manual, out = tmp_path / 'manual', str(tmp_path / 'out')
   manual.mkdir()
   _ade_zip(manual / 'ADEChallengeData2016.zip')
+  if unzipped:
+    with zipfile.ZipFile(manual / 'ADEChallengeData2016.zip') as z:
+      z.extractall(manual)
+    os.remove(manual / 'ADEChallengeData2016.zip')
   info = data.prepare('ade20k', out, str(manual))
   assert info.splits == {'train': 3, 'val': 2}
   assert info.num_classes == 150 and info.class_names[:3] == ('wall', 'building', 'sky')

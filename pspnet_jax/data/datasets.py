@@ -70,8 +70,15 @@ def prepare(name: str, data_dir: str, manual_dir: str | None = None, *,
   tfds.disable_progress_bar()
   builder = cls(data_dir=os.fspath(data_dir), file_format='array_record',
                 skip_bad_examples=skip_bad_examples, manual_dir=manual_dir, **builder_kwargs)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  try:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  except OSError:
+    # Several processes (hosts on a shared file system) may prepare at once: each writes
+    # its own temporary directory and the renames after the first one fail.
+    if not _prepared_dir(name, data_dir):
+      raise
+    logging.info('%s: another process finished preparing it first', name)
   if builder.skipped:
     logging.warning('%s: skipped %d bad example(s), first: %s', name, len(builder.skipped),
                     builder.skipped[0])
