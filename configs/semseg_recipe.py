@@ -10,9 +10,9 @@ import ml_collections
 
 DATASETS = {
     # name: (tfds builder, train split, eval split, crop, epochs, base size)
-    'ade20k': ('ade20k', 'train', 'validation', 473, 100, 512),
+    'ade20k': ('ade20k', 'train', 'val', 473, 100, 512),
     'voc2012': ('voc2012_aug', 'train_aug', 'val', 473, 50, 512),
-    'cityscapes': ('cityscapes_trainid', 'train', 'validation', 713, 200, 2048),
+    'cityscapes': ('cityscapes_trainid', 'train', 'val', 713, 200, 2048),
 }
 
 
@@ -22,7 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.dataset = ml_collections.ConfigDict(dict(
       name='', data_dir='~/tensorflow_datasets', manual_dir='', train_split='train',
-      eval_split='validation', builder_kwargs=ml_collections.ConfigDict()))
+      eval_split='val', builder_kwargs=ml_collections.ConfigDict()))
   c.model = ml_collections.ConfigDict(dict(
       depth=50, stem='deep', output_stride=8, contract_dilation=False, align_corners=True,
       bins=(1, 2, 3, 6), base_width=64, head_channels=512, aux_channels=256, dropout=0.1,

@@ -15,7 +15,7 @@ def get_config():
   c = base_config()
   c.dataset.name = 'synthetic_shapes'
   c.dataset.data_dir = 'runs/tfds'
-  c.dataset.train_split, c.dataset.eval_split = 'train', 'validation'
+  c.dataset.train_split, c.dataset.eval_split = 'train', 'val'
   c.model.depth = 18
   c.model.base_width = 16
   c.model.head_channels = 64

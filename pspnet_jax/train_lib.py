@@ -131,7 +131,13 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
 
 
 def data_mesh() -> Mesh:
-  return jax.make_mesh((jax.device_count(),), ('data',))
+  """A 1-D mesh over all devices. ``Auto`` axes: XLA (GSPMD) propagates shardings through
+  the step, so the batch-axis reductions (BN statistics, loss, weight gradients) become
+  cross-device all-reduces without annotations in model code. (``jax.make_mesh`` defaults
+  to Explicit axes in recent JAX, which would demand an ``out_sharding`` on every
+  contraction over the batch.)"""
+  return jax.make_mesh((jax.device_count(),), ('data',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def check_batch_size(global_batch_size: int, grad_accum_steps: int = 1):

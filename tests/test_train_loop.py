@@ -1,0 +1,189 @@
+"""train.py end to end on a tiny synthetic setup: resume after kill -9 equals an
+uninterrupted run bitwise, SIGTERM saves and exits 0, a NaN stops the run and keeps the
+last good checkpoint finite, two processes x 2 devices equal one process x 4 devices, and
+the loss falls. Every run is a subprocess bounded by a timeout."""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from pspnet_jax import checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 420
+
+TINY = [
+    '--config.dataset.builder_kwargs.image_size=32', '--config.dataset.builder_kwargs.num_train=64',
+    '--config.dataset.builder_kwargs.num_val=8',
+    '--config.model.base_width=8', '--config.model.head_channels=16', '--config.model.aux_channels=8',
+    '--config.augment.crop_size=33', '--config.global_batch_size=4', '--config.num_steps=12',
+    '--config.log_every_steps=1', '--config.checkpoint_every_steps=4', '--config.eval_every_steps=0',
+    '--config.eval.crop_size=33', '--config.eval.base_size=32', '--config.optimizer.learning_rate=0.02',
+]
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp('tfds')
+  from pspnet_jax import data
+  data.prepare('synthetic_shapes', str(d), image_size=32, num_train=64, num_val=8)
+  return str(d)
+
+
+def _cmd(workdir, data_dir, *extra):
+  return [sys.executable, os.path.join(ROOT, 'train.py'), '--config', os.path.join(ROOT, 'configs', 'synthetic.py'),
+          '--workdir', str(workdir), f'--config.dataset.data_dir={data_dir}', *TINY, *extra]
+
+
+def _env(devices=1):
+  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+              PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''), PYTHONUNBUFFERED='1')
+
+
+def _train(workdir, data_dir, *extra, devices=1, check=True):
+  p = subprocess.run(_cmd(workdir, data_dir, *extra), env=_env(devices), capture_output=True,
+                     text=True, timeout=TIMEOUT, cwd=ROOT)
+  if check and p.returncode != 0:
+    raise AssertionError(f'train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}')
+  return p
+
+
+def _variables(workdir):
+  model = checkpoint.load_model(workdir)
+  return {'.'.join(map(str, k)): np.asarray(v[...]) for k, v in
+          nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))}
+
+
+def _losses(workdir):
+  """step -> loss of the last time each step ran (a resumed run repeats some steps)."""
+  out = {}
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      row = json.loads(line)
+      if row['kind'] == 'train':
+        out[row['step']] = row['loss']
+  return out
+
+
+def _wait_for_step(workdir, step, proc, timeout=TIMEOUT):
+  path = os.path.join(workdir, 'metrics.jsonl')
+  t = time.time()
+  while time.time() - t < timeout:
+    if proc.poll() is not None:
+      raise AssertionError(f'run ended early: {proc.returncode}')
+    if os.path.exists(path) and max(_losses(workdir), default=0) >= step:
+      return
+    time.sleep(0.2)
+  raise AssertionError(f'step {step} not reached in {timeout}s')
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory, data_dir):
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  p = _train(workdir, data_dir)
+  return workdir, p
+
+
+def test_quick_run_trains_evaluates_and_loss_falls(reference_run):
+  workdir, p = reference_run
+  losses = _losses(workdir)
+  assert sorted(losses) == list(range(1, 13))
+  assert np.mean([losses[s] for s in (10, 11, 12)]) < np.mean([losses[s] for s in (1, 2, 3)])
+  assert 'validation mIoU' in p.stdout
+  metrics = json.load(open(os.path.join(workdir, 'eval', 'metrics.json')))
+  assert 0.0 <= metrics['miou'] <= 1.0
+  assert os.listdir(os.path.join(workdir, 'tensorboard'))
+
+
+def test_kill_9_and_resume_equals_uninterrupted_bitwise(tmp_path, data_dir, reference_run):
+  ref_dir, _ = reference_run
+  workdir = tmp_path / 'killed'
+  kill_at = random.Random().randint(5, 10)  # after at least one checkpoint (step 4)
+  proc = subprocess.Popen(_cmd(workdir, data_dir), env=_env(), cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    _wait_for_step(workdir, kill_at, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert max(_losses(workdir)) < 12, 'the run finished before it could be killed'
+  p = _train(workdir, data_dir)
+  assert 'resumed from' in p.stdout
+  # Same losses at every step (so the same batches: none skipped or repeated) ...
+  assert _losses(workdir) == _losses(ref_dir)
+  # ... and bitwise the same final parameters and BN statistics.
+  ref, got = _variables(ref_dir), _variables(workdir)
+  assert ref.keys() == got.keys()
+  for k in ref:
+    np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path, data_dir):
+  workdir = tmp_path / 'preempted'
+  proc = subprocess.Popen(_cmd(workdir, data_dir, '--config.checkpoint_every_steps=1000'),
+                          env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    _wait_for_step(workdir, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 0, out[-2000:]
+  steps = sorted(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit())
+  assert steps and 3 <= steps[-1] < 12, steps  # saved where it stopped, not at the end
+  assert 'SIGTERM' in out
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
+  workdir = tmp_path / 'diverged'
+  p = _train(workdir, data_dir, '--config.optimizer.learning_rate=1e8',
+             '--config.optimizer.warmup_steps=2', '--config.checkpoint_every_steps=1', check=False)
+  assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+  assert 'loss is nan' in p.stderr.lower() or 'loss is inf' in p.stderr.lower(), p.stderr[-2000:]
+  steps = sorted(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit())
+  assert steps, 'no checkpoint was written before the divergence'
+  for k, v in _variables(workdir).items():
+    assert np.all(np.isfinite(v)), k
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process_with_four_devices(tmp_path, data_dir):
+  steps = ['--config.num_steps=3', '--config.checkpoint_every_steps=1000']
+  single = tmp_path / 'single'
+  _train(single, data_dir, *steps, devices=4)
+  multi = tmp_path / 'multi'
+  port = _free_port()
+  procs = [subprocess.Popen(_cmd(multi, data_dir, *steps, f'--coordinator=127.0.0.1:{port}',
+                                 '--num_processes=2', f'--process_id={i}'),
+                            env=_env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=TIMEOUT)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  a, b = _variables(single), _variables(multi)
+  for k in a:
+    np.testing.assert_allclose(b[k], a[k], atol=1e-5, rtol=0, err_msg=k)
