@@ -324,14 +324,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
   logger = _Logger(workdir)
   preempt = _Preemption()
   eval_cfg = evaluation.EvalConfig(**dict(config.eval))
+  # During training: a short whole-image, single-scale pass (the full protocol at the end).
+  quick_cfg = dataclasses.replace(eval_cfg, mode='whole', scales=(1.0,), flip=False)
   val = data_lib.eval_source(ds.name, ds.eval_split, data_dir)
   n_quick = int(config.get('eval_num_examples', 0)) or len(val)
 
-  def validate(n):
-    m = nnx.merge(graphdef, state['params'], state['batch_stats'])
+  def validate(n, quick):
+    variables = (state['params'], state['batch_stats'])
+    if jax.process_count() > 1:  # every process evaluates its own (identical) replica
+      variables = jax.tree.map(lambda x: x.addressable_data(0), variables)
+    m = nnx.merge(graphdef, *variables)
     m.eval()
     examples = (val[i] for i in range(min(n, len(val))))
-    return evaluation.evaluate(m, examples, info.num_classes, eval_cfg, class_names=info.class_names)
+    return evaluation.evaluate(m, examples, info.num_classes, quick_cfg if quick else eval_cfg,
+                               class_names=info.class_names)
 
   def save(step, metrics=None):
     ckpt.save(step, model_variables=_model_variables(state), opt_state=state['opt_state'],
@@ -361,11 +367,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
         progress.update(step, row)
       eval_metrics = None
       if config.get('eval_every_steps') and step % config.eval_every_steps == 0 and step < total_steps:
-        eval_metrics = validate(n_quick)
+        eval_metrics = validate(n_quick, quick=True)
         logger.write(step, 'val', {'miou': eval_metrics['miou'], 'macc': eval_metrics['macc'],
                                    'allacc': eval_metrics['allacc']})
         progress.note(f'step {step}: val mIoU {eval_metrics["miou"]:.4f}')
-      if step % config.checkpoint_every_steps == 0 or eval_metrics is not None:
+      if step < total_steps and (step % config.checkpoint_every_steps == 0 or eval_metrics is not None):
         save(step, {'miou': eval_metrics['miou']} if eval_metrics else None)
         last_good = step
       if preempt.any_process():
@@ -376,8 +382,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   finally:
     progress.close()
     preempt.restore()
-  final = validate(len(val))
-  save(total_steps, {'miou': final['miou']})
+  final = validate(len(val), quick=False)
+  if start < total_steps:  # a finished run that is started again only re-evaluates
+    save(total_steps, {'miou': final['miou']})
   ckpt.wait()
   ckpt.close()
   logger.write(total_steps, 'val', {'miou': final['miou'], 'macc': final['macc'],
