@@ -290,7 +290,8 @@ class Evaluator:
 
   def _confusion_program(self, state, image, label, plans, acc, key):
     self.compilations += 1
-    pred = jnp.argmax(self._image_probs(state, image, plans, key), axis=-1).astype(jnp.uint8)
+    pred = jnp.argmax(self._image_probs(state, image, plans, key), axis=-1)
+    pred = pred.astype(jnp.uint8 if self.num_classes <= 256 else jnp.int32)
     counts = metrics.confusion_matrix(pred, label, self.num_classes, self.config.ignore_label)
     return metrics.add_confusion(acc, counts), pred
 
@@ -304,8 +305,10 @@ class Evaluator:
     return np.asarray(probs[:h, :w])
 
   def predict(self, image) -> np.ndarray:
-    """image: [H, W, 3] uint8 RGB -> class ids [H, W] uint8 (argmax of ``probabilities``)."""
-    return np.argmax(self.probabilities(image), axis=-1).astype(np.uint8)
+    """image: [H, W, 3] uint8 RGB -> class ids [H, W] (argmax of ``probabilities``), uint8
+    up to 256 classes."""
+    pred = np.argmax(self.probabilities(image), axis=-1)
+    return pred.astype(np.uint8 if self.num_classes <= 256 else np.int32)
 
   def evaluate_dataset(self, examples: Iterable[dict],
                        on_prediction: Callable[[int, np.ndarray], None] | None = None):

@@ -1,17 +1,24 @@
 """The compiled evaluator against a loop-by-loop NumPy re-implementation of semseg's test
 protocol, whole vs slide, bounded compilations, and dataset metrics."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
-from pspnet_jax import metrics
+from pspnet_jax import checkpoint, eval_outputs, metrics, prediction_images
 from pspnet_jax.evaluation import EvalConfig, Evaluator, evaluate
 from pspnet_jax.normalize import MEAN, STD
 from tiny_models import TINY, tiny_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
@@ -160,3 +167,57 @@ def test_bad_inputs_are_named(model):
     ev.evaluate_dataset([{'image': np.zeros((8, 8, 3), np.uint8), 'label': np.full((8, 8), 7, np.uint8)}])
   with pytest.raises(ValueError, match='mode'):
     EvalConfig(mode='sliding')
+
+
+# ---- outputs and the predict CLI ---------------------------------------------------------
+
+def test_write_eval_outputs(tmp_path, capsys):
+  conf = np.array([[5, 1, 0], [2, 4, 0], [0, 0, 0]])
+  m = metrics.segmentation_metrics(conf, ['sky', 'road', 'boat'])
+  m.update(images=2, seconds=4.0, images_per_second=0.5)
+  paths = eval_outputs.write_eval_outputs(str(tmp_path), m, eval_config=EvalConfig())
+  saved = json.loads(open(paths['metrics']).read())
+  assert {'miou', 'macc', 'allacc', 'fwiou', 'per_class', 'images_per_second', 'seconds'} <= set(saved)
+  assert saved['per_class'][2] == {'name': 'boat', 'iou': None, 'precision': None, 'recall': None, 'f1': None}
+  assert saved['eval_config']['stride_rate'] == pytest.approx(2 / 3)
+  out = capsys.readouterr().out
+  assert 'road' in out and 'mIoU' in out and open(paths['table']).read().strip() == out.strip()
+  chart = Image.open(paths['chart'])
+  assert chart.size[1] > 3 * 14
+
+
+def test_predict_cli_writes_promised_files(tmp_path, model):
+  palette = [[10, 20, 30], [200, 0, 0], [0, 200, 0], [0, 0, 200], [250, 250, 0]]
+  checkpoint.save_model(tmp_path / 'model', model, metadata={'palette': palette})
+  rng = np.random.default_rng(0)
+  images = {'a': _image(rng, 30, 40), 'b': _image(rng, 44, 26)}
+  (tmp_path / 'in').mkdir()
+  for stem, img in images.items():
+    Image.fromarray(img).save(tmp_path / 'in' / f'{stem}.png')
+  (tmp_path / 'in' / 'notes.txt').write_text('not an image')
+  cmd = [sys.executable, '-m', 'pspnet_jax.predict', str(tmp_path / 'in'), '--checkpoint',
+         str(tmp_path / 'model'), '--out', str(tmp_path / 'out'), '--mode', 'slide',
+         '--scales', '0.75,1.0', '--base-size', '32', '--crop-size', '17']
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')]))
+  run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+  assert run.returncode == 0, run.stderr[-3000:]
+  ev = Evaluator(model, EvalConfig(scales=(0.75, 1.0), base_size=32, crop_size=17))
+  for stem, img in images.items():
+    ids = np.asarray(Image.open(tmp_path / 'out' / f'{stem}.png'))
+    assert ids.dtype == np.uint8 and ids.shape == img.shape[:2]
+    np.testing.assert_array_equal(ids, ev.predict(img))
+    color = np.asarray(Image.open(tmp_path / 'out' / f'{stem}_color.png'))
+    np.testing.assert_array_equal(color, np.asarray(palette, np.uint8)[ids])
+    assert Image.open(tmp_path / 'out' / f'{stem}_overlay.jpg').size == img.shape[1::-1]
+  assert sorted(os.listdir(tmp_path / 'out')) == sorted(
+      f'{s}{suffix}' for s in images for suffix in ('.png', '_color.png', '_overlay.jpg'))
+
+
+def test_label_png_id_mapping(tmp_path):
+  pred = np.array([[0, 1], [2, 1]])
+  pal = prediction_images.default_palette(3)
+  prediction_images.write_prediction(str(tmp_path), 'x', pred, palette=pal, id_map=[7, 8, 11])
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'x.png')), [[7, 8], [11, 8]])
+  assert pal[1].tolist() == [128, 0, 0]  # Pascal VOC colours by default
+  with pytest.raises(ValueError, match='id_map'):
+    prediction_images.map_ids(np.array([[3]]), [7, 8, 11])
