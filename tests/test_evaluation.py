@@ -117,11 +117,12 @@ def test_multiscale_flip_slide_matches_numpy_protocol(model):
 
 def test_slide_with_one_covering_window_equals_whole(model):
   rng = np.random.default_rng(3)
-  for size in [(48, 64)]:
-    image = _image(rng, *size)
-    whole = Evaluator(model, EvalConfig(mode='whole', base_size=64, whole_multiple=64)).probabilities(image)
-    slide = Evaluator(model, EvalConfig(mode='slide', base_size=64, crop_size=64)).probabilities(image)
-    np.testing.assert_allclose(slide, whole, atol=1e-6)
+  image = _image(rng, 48, 64)
+  whole = Evaluator(model, EvalConfig(mode='whole', base_size=64, whole_multiple=64)).probabilities(image)
+  # The same through a (one-device) mesh: window batches carry a sharding constraint.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+  slide = Evaluator(model, EvalConfig(mode='slide', base_size=64, crop_size=64), mesh=mesh).probabilities(image)
+  np.testing.assert_allclose(slide, whole, atol=1e-6)
 
 
 def test_compilations_bounded_by_buckets(model):
@@ -221,3 +222,16 @@ def test_label_png_id_mapping(tmp_path):
   assert pal[1].tolist() == [128, 0, 0]  # Pascal VOC colours by default
   with pytest.raises(ValueError, match='id_map'):
     prediction_images.map_ids(np.array([[3]]), [7, 8, 11])
+
+
+def test_resize_taps_match_opencv():
+  cv2 = pytest.importorskip('cv2')
+  from pspnet_jax.evaluation import cv2_linear_taps
+  rng = np.random.default_rng(0)
+  for (h, w), (nh, nw) in [((512, 683), (384, 512)), ((512, 683), (672, 896)), ((37, 5), (5, 37))]:
+    a = (rng.random((h, w, 3)) * 255).astype(np.float32)
+    r0, r1, rw0, rw1 = cv2_linear_taps(h, nh)
+    c0, c1, cw0, cw1 = cv2_linear_taps(w, nw)
+    rows = a[r0] * rw0[:, None, None] + a[r1] * rw1[:, None, None]
+    got = rows[:, c0] * cw0[None, :, None] + rows[:, c1] * cw1[None, :, None]
+    np.testing.assert_allclose(got, cv2.resize(a, (nw, nh), interpolation=cv2.INTER_LINEAR), atol=1e-4)
