@@ -391,7 +391,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                     'allacc': final['allacc']})
   logger.close()
   if is_main:
-    evaluation.write_eval_outputs(os.path.join(workdir, 'eval'), final)
+    from pspnet_jax.eval_outputs import write_eval_outputs
+    write_eval_outputs(os.path.join(workdir, 'eval'), final, eval_config=eval_cfg)
   return final
 
 

@@ -1,0 +1,108 @@
+"""Evaluation results on disk: ``metrics.json``, a printed table, a per-class IoU bar chart.
+
+``metrics.json`` holds the keys of ``metrics.segmentation_metrics`` (``miou``, ``macc``,
+``allacc``, ``fwiou`` in [0, 1], ``per_class``: list of ``{name, iou, precision, recall,
+f1}``) plus ``images``, ``seconds`` (total wall time, compilation included) and
+``images_per_second``; undefined values (a class absent from truth and prediction) are
+``null``. The chart is drawn with Pillow, to keep plotting libraries out of the dependencies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+from PIL import Image, ImageDraw, ImageFont
+
+METRICS_FILE = 'metrics.json'
+TABLE_FILE = 'table.txt'
+CHART_FILE = 'per_class_iou.png'
+
+
+def _pct(x) -> str:
+  return '   -  ' if x is None or (isinstance(x, float) and math.isnan(x)) else f'{100 * x:6.2f}'
+
+
+def format_table(metrics: dict) -> str:
+  """Per-class IoU / precision / recall / F1 (%) with class names, then the means."""
+  rows = metrics['per_class']
+  width = max([len('class')] + [len(r['name']) for r in rows])
+  head = f'{"id":>4}  {"class":<{width}}  {"IoU":>6}  {"prec":>6}  {"recall":>6}  {"F1":>6}'
+  lines = [head, '-' * len(head)]
+  for i, r in enumerate(rows):
+    lines.append(f'{i:>4}  {r["name"]:<{width}}  {_pct(r["iou"])}  {_pct(r["precision"])}  '
+                 f'{_pct(r["recall"])}  {_pct(r["f1"])}')
+  lines.append('-' * len(head))
+  lines.append(f'mIoU {_pct(metrics["miou"])}  mAcc {_pct(metrics["macc"])}  '
+               f'allAcc {_pct(metrics["allacc"])}  fwIoU {_pct(metrics["fwiou"])}')
+  if 'images' in metrics:
+    lines.append(f'{metrics["images"]} images in {metrics.get("seconds", 0.0):.1f} s '
+                 f'({metrics.get("images_per_second", 0.0):.3f} images/s)')
+  return '\n'.join(lines)
+
+
+def iou_bar_chart(metrics: dict, title: str = 'per-class IoU') -> Image.Image:
+  """One horizontal bar per class (IoU in %, grey '-' where undefined); mIoU as a line."""
+  rows = metrics['per_class']
+  font = ImageFont.load_default()
+  row_h, bar_w, pad = 14, 400, 8
+  label_w = 8 + 6 * max(len(f'{i} {r["name"]}') for i, r in enumerate(rows))
+  width = pad + label_w + bar_w + 60
+  height = 2 * pad + 2 * row_h + row_h * len(rows)
+  img = Image.new('RGB', (width, height), 'white')
+  draw = ImageDraw.Draw(img)
+  draw.text((pad, pad), f'{title}: mIoU {_pct(metrics["miou"]).strip()}%', fill='black', font=font)
+  x0 = pad + label_w
+  top = pad + 2 * row_h
+  miou = metrics['miou']
+  if miou is not None and not math.isnan(miou):  # drawn first: bars and numbers stay readable
+    x = x0 + round(bar_w * miou)
+    draw.line([x, top, x, height - pad], fill=(200, 40, 40), width=1)
+  for i, r in enumerate(rows):
+    y = top + i * row_h
+    draw.text((pad, y), f'{i} {r["name"]}', fill='black', font=font)
+    if r['iou'] is None:
+      draw.text((x0 + 2, y), '-', fill='grey', font=font)
+      continue
+    draw.rectangle([x0, y + 2, x0 + round(bar_w * r['iou']), y + row_h - 3], fill=(70, 110, 180))
+    draw.text((x0 + round(bar_w * r['iou']) + 4, y), _pct(r['iou']).strip(), fill='black', font=font)
+  return img
+
+
+def _json_safe(x):
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  if isinstance(x, dict):
+    return {k: _json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_json_safe(v) for v in x]
+  return x
+
+
+def write_eval_outputs(out_dir: str, metrics: dict, *, eval_config=None, extra: dict | None = None,
+                       print_table: bool = True) -> dict[str, str]:
+  """Writes ``metrics.json``, ``table.txt`` and ``per_class_iou.png`` under ``out_dir``.
+
+  ``eval_config`` (an ``EvalConfig``) and ``extra`` (e.g. checkpoint path) are recorded in
+  the JSON under ``eval_config`` / their own keys. Returns {kind: path}.
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  payload = dict(metrics)
+  for key in ('images_per_second', 'seconds', 'images'):
+    payload.setdefault(key, None)
+  if eval_config is not None:
+    payload['eval_config'] = dataclasses.asdict(eval_config)
+  payload.update(extra or {})
+  paths = {'metrics': os.path.join(out_dir, METRICS_FILE), 'table': os.path.join(out_dir, TABLE_FILE),
+           'chart': os.path.join(out_dir, CHART_FILE)}
+  with open(paths['metrics'], 'w') as f:
+    json.dump(_json_safe(payload), f, indent=2, allow_nan=False)
+  table = format_table(metrics)
+  with open(paths['table'], 'w') as f:
+    f.write(table + '\n')
+  if print_table:
+    print(table)
+  iou_bar_chart(metrics).save(paths['chart'])
+  return paths

@@ -1,0 +1,393 @@
+"""Sliding-window, multi-scale and flip evaluation (semseg's test protocol), compiled.
+
+The protocol (semseg ``tool/test.py``; PSPNET_REFERENCE.md, "Evaluation protocol"), for an
+image of size ``h x w`` and each scale ``s``:
+
+1. resize the image bilinearly (OpenCV ``INTER_LINEAR``: half-pixel centres, no
+   antialiasing, i.e. ``align_corners=False``) so its long side is ``round(s * base_size)``
+   and its short side ``round(long / h_or_w * short)`` (Python's ``round``, half to even);
+2. pad it to at least ``crop x crop``, centred (``floor(pad / 2)`` before, the rest after),
+   with the mean colour, which is zero after normalisation;
+3. slide a ``crop x crop`` window with stride ``ceil(crop * stride_rate)``: window ``i`` of
+   ``ceil((size - crop) / stride) + 1`` starts at ``min(i * stride + crop, size) - crop``;
+4. for each window, the softmax of the network's logits (at window size) averaged with the
+   softmax of its horizontally flipped twin, flipped back;
+5. sum the windows' probabilities and divide by the per-pixel window count;
+6. crop the padding away and resize the probabilities bilinearly to ``h x w``
+   (``cv2.resize(..., INTER_LINEAR)`` again: ``align_corners=False``, whatever the model's
+   own ``align_corners``, which only governs resizes inside the network). Both resizes
+   here use OpenCV's sampling coordinates (``cv2_linear_taps``);
+7. average over scales; argmax.
+
+How it is compiled. Everything that depends on the image's exact size is data: resize taps
+(two source indices and weights per output row/column), window offsets, the number of
+windows. Shapes depend only on a *bucket*: the image is padded to ``bucket_multiple``
+multiples (``[Hb, Wb]``), and per scale the canvas is ``P x P`` with
+``P = max(round(s * base_size), crop)`` (the long side is fixed by the protocol, so every
+padded resized image fits), holding at most ``g * g`` windows. One program per bucket then
+runs all scales; inside it, windows go through the network ``window_batch`` at a time (with
+their flips, a batch of ``2 * window_batch``) in a ``fori_loop`` whose trip count is the
+image's own number of windows, so no network time is spent on absent windows. Compilations
+are bounded by the number of distinct buckets, never by the number of images.
+
+'whole' mode runs the whole resized image in one forward, per scale: the canvas is the
+resized image padded (centred, mean) to a multiple of ``whole_multiple`` on its short side
+(its long side is exactly ``round(s * base_size)``); ``whole_multiple=1`` is unpadded
+whole-image inference, at one compilation per distinct resized shape. A slide-mode run
+whose single window covers that canvas computes the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pspnet_jax import metrics
+from pspnet_jax.models import PSPNet
+from pspnet_jax.normalize import MEAN, STD
+
+SINGLE_SCALE = (1.0,)
+MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # semseg's multi-scale test
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """The test protocol. Defaults: semseg's ADE20K/VOC single-scale test (+flip)."""
+  mode: str = 'slide'                 # 'slide' (semseg) | 'whole'
+  scales: tuple[float, ...] = SINGLE_SCALE
+  flip: bool = True                   # semseg's default: single-scale numbers include flip
+  crop_size: int = 473                # window side ('slide'); Cityscapes: 713
+  stride_rate: float = 2 / 3
+  base_size: int = 512                # long side at scale 1.0; Cityscapes: 2048
+  window_batch: int = 1               # windows per network call (x2 with flip)
+  bucket_multiple: int = 128          # image sides padded up to this (compilation buckets)
+  whole_multiple: int = 64            # 'whole': short side of the canvas padded up to this
+  ignore_label: int = metrics.IGNORE_LABEL
+
+  def __post_init__(self):
+    object.__setattr__(self, 'scales', tuple(float(s) for s in self.scales))
+    if self.mode not in ('slide', 'whole'):
+      raise ValueError(f"EvalConfig.mode must be 'slide' or 'whole', got {self.mode!r}")
+    if not self.scales or min(self.scales) <= 0:
+      raise ValueError(f'EvalConfig.scales must be positive, got {self.scales}')
+    for name in ('crop_size', 'base_size', 'window_batch', 'bucket_multiple', 'whole_multiple'):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f'EvalConfig.{name} must be >= 1, got {getattr(self, name)}')
+    if not 0 < self.stride_rate <= 1:
+      raise ValueError(f'EvalConfig.stride_rate must be in (0, 1], got {self.stride_rate}')
+
+  @property
+  def stride(self) -> int:
+    return int(math.ceil(self.crop_size * self.stride_rate))
+
+  def long_side(self, scale: float) -> int:
+    return int(round(scale * self.base_size))
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def resized_size(h: int, w: int, long_side: int) -> tuple[int, int]:
+  """semseg: the long side becomes ``long_side``, the short side keeps the aspect ratio."""
+  if h > w:
+    return long_side, int(round(long_side / float(h) * w))
+  return int(round(long_side / float(w) * h)), long_side
+
+
+def window_starts(size: int, crop: int, stride: int) -> list[int]:
+  """Window starts along one padded axis of length ``size >= crop`` (semseg's grid)."""
+  grid = int(math.ceil(float(size - crop) / stride) + 1)
+  return [min(i * stride + crop, size) - crop for i in range(grid)]
+
+
+def cv2_linear_taps(in_size: int, out_size: int):
+  """``cv2.resize(..., INTER_LINEAR)`` along one axis: ``(i0, i1, w0, w1)``, output ``j`` is
+  ``w0[j] * x[i0[j]] + w1[j] * x[i1[j]]``.
+
+  The half-pixel rule of ``align_corners=False`` with the source coordinate
+  ``(j + 0.5) * (1 / (out / in)) - 0.5`` in double precision, as OpenCV 5 samples float
+  images (checked against ``cv2.resize`` to 1e-5 relative). PyTorch (``ops.linear_taps``)
+  keeps the scale in float32, which at 512 -> 683 moves values by up to 0.012 grey levels.
+  Coordinates below 0 and at or past the last sample take that sample whole.
+  """
+  if in_size < 1 or out_size < 1:
+    raise ValueError(f'resize needs positive sizes, got {in_size} -> {out_size}')
+  scale = 1.0 / (float(out_size) / in_size)
+  src = (np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5
+  i0 = np.floor(src).astype(np.int64)
+  w1 = (src - i0).astype(np.float32)
+  low, high = i0 < 0, i0 >= in_size - 1
+  w1[low | high] = 0
+  i0 = np.clip(i0, 0, in_size - 1)
+  return i0, np.minimum(i0 + 1, in_size - 1), (np.float32(1) - w1).astype(np.float32), w1
+
+
+def _taps(in_size: int, out_size: int, out_len: int, out_offset: int, in_offset: int):
+  """``cv2_linear_taps`` as fixed-length arrays: output ``out_offset + j`` (``j <
+  out_size``) reads input ``in_offset + i0/i1``; every other of the ``out_len`` outputs has
+  zero weights (padding: zero is the mean after normalisation)."""
+  i0, i1, w0, w1 = cv2_linear_taps(in_size, out_size)
+  idx = np.full((2, out_len), in_offset, np.int32)
+  wts = np.zeros((2, out_len), np.float32)
+  sl = slice(out_offset, out_offset + out_size)
+  idx[0, sl], idx[1, sl] = i0 + in_offset, i1 + in_offset
+  wts[0, sl], wts[1, sl] = w0, w1
+  return idx, wts
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScaleShape:
+  """Static shapes of one scale in one bucket."""
+  canvas: tuple[int, int]
+  window: tuple[int, int]
+  batch: int                  # windows per network call
+  max_windows: int            # a multiple of ``batch``
+
+
+class Evaluator:
+  """Runs the protocol of ``config`` with ``model``'s weights; see the module docstring.
+
+  ``mesh``: optional; window batches are sharded over all its devices along the batch axis
+  (``window_batch`` is rounded up to a multiple of the device count). Multi-host input
+  splitting is not done here.
+
+  ``compilations`` counts the programs traced so far (one per bucket and entry point).
+  """
+
+  def __init__(self, model: PSPNet, config: EvalConfig = EvalConfig(), mesh: Mesh | None = None):
+    self.config = config
+    self.num_classes = model.config.num_classes
+    self.mesh = mesh
+    batch = config.window_batch
+    if mesh is not None:
+      batch = _round_up(batch, mesh.size)
+    self.window_batch = batch
+    self.compilations = 0
+    self.set_model(model)
+    self._probs = jax.jit(self._probs_program, static_argnames='key')
+    self._confusion = jax.jit(self._confusion_program, static_argnames='key')
+
+  def set_model(self, model: PSPNet):
+    """Takes new weights (e.g. after a training step); compiled programs are kept as long
+    as the architecture is the same. ``model`` itself is not switched to eval mode."""
+    graphdef, state = nnx.split(model)
+    copy = nnx.merge(graphdef, state)
+    copy.eval()
+    graphdef, self.state = nnx.split(copy)
+    if getattr(self, 'graphdef', graphdef) != graphdef:
+      raise ValueError('set_model: a different architecture; build a new Evaluator')
+    self.graphdef = graphdef
+
+  # ---- host side: shapes and per-image data ------------------------------------------
+
+  def bucket(self, h: int, w: int) -> tuple:
+    """The compilation key of an ``h x w`` image: padded size and per-scale shapes."""
+    m = self.config.bucket_multiple
+    return (_round_up(h, m), _round_up(w, m)) + tuple(self._scale_shape(h, w, s) for s in self.config.scales)
+
+  def _scale_shape(self, h: int, w: int, scale: float) -> _ScaleShape:
+    cfg = self.config
+    long_side = cfg.long_side(scale)
+    if cfg.mode == 'whole':
+      nh, nw = resized_size(h, w, long_side)
+      canvas = (min(_round_up(nh, cfg.whole_multiple), max(nh, long_side)),
+                min(_round_up(nw, cfg.whole_multiple), max(nw, long_side)))
+      batch = 1 if self.mesh is None else self.mesh.size  # one window per image and scale
+      return _ScaleShape(canvas, canvas, batch, batch)
+    side = max(long_side, cfg.crop_size)
+    g = len(window_starts(side, cfg.crop_size, cfg.stride))
+    b = self.window_batch
+    return _ScaleShape((side, side), (cfg.crop_size,) * 2, b, _round_up(g * g, b))
+
+  def _plan(self, h: int, w: int, bucket: tuple) -> list[dict]:
+    """Per-scale arrays (taps, window offsets, counts) for one image, as NumPy."""
+    cfg = self.config
+    hb, wb = bucket[:2]
+    plans = []
+    for scale, shape in zip(cfg.scales, bucket[2:]):
+      nh, nw = resized_size(h, w, cfg.long_side(scale))
+      ch, cw = shape.window
+      ph, pw = max(nh, ch), max(nw, cw)  # padded resized image
+      top, left = (ph - nh) // 2, (pw - nw) // 2
+      starts = [(y, x) for y in window_starts(ph, ch, cfg.stride if cfg.mode == 'slide' else ch)
+                for x in window_starts(pw, cw, cfg.stride if cfg.mode == 'slide' else cw)]
+      n = len(starts)
+      offsets = np.zeros((shape.max_windows, 2), np.int32)
+      offsets[:n] = starts
+      valid = np.zeros(shape.max_windows, np.float32)
+      valid[:n] = 1
+      plans.append({
+          'in_rows': _taps(h, nh, shape.canvas[0], top, 0),
+          'in_cols': _taps(w, nw, shape.canvas[1], left, 0),
+          'out_rows': _taps(nh, h, hb, 0, top),
+          'out_cols': _taps(nw, w, wb, 0, left),
+          'offsets': offsets, 'valid': valid,
+          'batches': np.int32(-(-n // shape.batch)),
+      })
+    return plans
+
+  def _inputs(self, image: np.ndarray):
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3:
+      raise ValueError(f'image must be [H, W, 3] RGB, got shape {image.shape}')
+    h, w = image.shape[:2]
+    key = self.bucket(h, w)
+    padded = np.zeros(key[:2] + (3,), np.uint8)
+    padded[:h, :w] = image
+    return key, padded, self._plan(h, w, key)
+
+  # ---- device side ---------------------------------------------------------------------
+
+  def _window_probs(self, state, windows: jax.Array) -> jax.Array:
+    """windows: [B, h, w, 3] normalised -> softmax [B, h, w, C], averaged with the flip."""
+    if self.mesh is not None:
+      spec = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names))
+      windows = jax.lax.with_sharding_constraint(windows, spec)
+    b = windows.shape[0]
+    if self.config.flip:  # semseg runs the window and its flip as one batch
+      windows = jnp.concatenate([windows, windows[:, :, ::-1]], axis=0)
+    probs = jax.nn.softmax(nnx.merge(self.graphdef, state)(windows), axis=-1)
+    if self.config.flip:
+      probs = (probs[:b] + probs[b:, :, ::-1]) / 2
+    return probs
+
+  def _scale_probs(self, state, x: jax.Array, plan: dict, shape: _ScaleShape) -> jax.Array:
+    """One scale: x [Hb, Wb, 3] normalised -> summed-over-windows probabilities resized to
+    [Hb, Wb, C] (rows/columns past the image are zero)."""
+    c = self.num_classes
+    b = shape.batch
+    wh, ww = shape.window
+
+    def gather(a, taps, axis):
+      (i0, i1), (w0, w1) = taps
+      bshape = [1] * a.ndim
+      bshape[axis] = -1
+      return (jnp.take(a, i0, axis=axis) * w0.reshape(bshape)
+              + jnp.take(a, i1, axis=axis) * w1.reshape(bshape))
+
+    canvas = gather(gather(x, plan['in_rows'], 0), plan['in_cols'], 1)  # [PH, PW, 3]
+
+    def body(i, carry):
+      acc, count = carry
+      offsets = jax.lax.dynamic_slice_in_dim(plan['offsets'], i * b, b)
+      valid = jax.lax.dynamic_slice_in_dim(plan['valid'], i * b, b)
+      windows = jax.vmap(lambda o: jax.lax.dynamic_slice(canvas, (o[0], o[1], 0), (wh, ww, 3)))(offsets)
+      probs = self._window_probs(state, windows)
+      for k in range(b):  # windows overlap: add them one after another
+        y, xx = offsets[k, 0], offsets[k, 1]
+        acc = jax.lax.dynamic_update_slice(
+            acc, jax.lax.dynamic_slice(acc, (y, xx, 0), (wh, ww, c)) + probs[k] * valid[k], (y, xx, 0))
+        count = jax.lax.dynamic_update_slice(
+            count, jax.lax.dynamic_slice(count, (y, xx), (wh, ww)) + valid[k], (y, xx))
+      return acc, count
+
+    acc = jnp.zeros(shape.canvas + (c,), jnp.float32)
+    count = jnp.zeros(shape.canvas, jnp.float32)
+    acc, count = jax.lax.fori_loop(0, plan['batches'], body, (acc, count))
+
+    # Average overlapping windows pixel by pixel, then resize (semseg divides, then
+    # resizes): gather rows of both, divide, interpolate; then the columns.
+    (r0, r1), (rw0, rw1) = plan['out_rows']
+    count = jnp.maximum(count, 1.0)[..., None]  # pixels outside all windows are never read
+    rows = (acc[r0] / count[r0]) * rw0[:, None, None] + (acc[r1] / count[r1]) * rw1[:, None, None]
+    return gather(rows, plan['out_cols'], 1)
+
+  def _image_probs(self, state, image: jax.Array, plans: Sequence[dict], key: tuple) -> jax.Array:
+    """image: [Hb, Wb, 3] uint8 -> probabilities [Hb, Wb, C] averaged over scales."""
+    x = (image.astype(jnp.float32) - jnp.asarray(MEAN)) / jnp.asarray(STD)
+    total = sum(self._scale_probs(state, x, plan, shape) for plan, shape in zip(plans, key[2:]))
+    return total / len(plans)
+
+  def _probs_program(self, state, image, plans, key):
+    self.compilations += 1  # runs once per trace, i.e. per compilation
+    return self._image_probs(state, image, plans, key)
+
+  def _confusion_program(self, state, image, label, plans, acc, key):
+    self.compilations += 1
+    pred = jnp.argmax(self._image_probs(state, image, plans, key), axis=-1)
+    pred = pred.astype(jnp.uint8 if self.num_classes <= 256 else jnp.int32)
+    counts = metrics.confusion_matrix(pred, label, self.num_classes, self.config.ignore_label)
+    return metrics.add_confusion(acc, counts), pred
+
+  # ---- public API ----------------------------------------------------------------------
+
+  def probabilities(self, image) -> np.ndarray:
+    """image: [H, W, 3] uint8 RGB -> class probabilities [H, W, C] float32 (protocol 1-7)."""
+    key, padded, plans = self._inputs(image)
+    h, w = np.asarray(image).shape[:2]
+    probs = self._probs(self.state, padded, plans, key=key)
+    return np.asarray(probs[:h, :w])
+
+  def predict(self, image) -> np.ndarray:
+    """image: [H, W, 3] uint8 RGB -> class ids [H, W] (argmax of ``probabilities``), uint8
+    up to 256 classes."""
+    pred = np.argmax(self.probabilities(image), axis=-1)
+    return pred.astype(np.uint8 if self.num_classes <= 256 else np.int32)
+
+  def evaluate_dataset(self, examples: Iterable[dict],
+                       on_prediction: Callable[[int, np.ndarray], None] | None = None):
+    """Confusion matrix of the set, accumulated on device and read back once.
+
+    examples: iterable of ``{'image': [H, W, 3] uint8, 'label': [H, W] uint8}`` (class ids,
+    ``ignore_label`` ignored). ``on_prediction(index, pred)``, if given, receives each
+    prediction ([H, W] uint8) on the host (e.g. to write PNGs); without it nothing but the
+    final matrix leaves the device.
+    Returns ``(confusion [C, C] int64, number of images, seconds)``.
+    """
+    acc = metrics.empty_confusion(self.num_classes)
+    start = time.perf_counter()
+    n = 0
+    for n, ex in enumerate(examples, start=1):
+      key, padded, plans = self._inputs(ex['image'])
+      label = np.asarray(ex['label'])
+      h, w = padded.shape[0], padded.shape[1]
+      ih, iw = np.asarray(ex['image']).shape[:2]
+      if label.shape != (ih, iw):
+        raise ValueError(f'example {n - 1}: label shape {label.shape} != image size {(ih, iw)}')
+      bad = (label != self.config.ignore_label) & (label >= self.num_classes)
+      if bad.any():
+        raise ValueError(f'example {n - 1}: label values {np.unique(label[bad])[:5].tolist()} are '
+                         f'neither class ids < {self.num_classes} nor {self.config.ignore_label}')
+      padded_label = np.full((h, w), self.config.ignore_label, np.uint8)
+      padded_label[:ih, :iw] = label
+      acc, pred = self._confusion(self.state, padded, padded_label, plans, acc, key=key)
+      if on_prediction is not None:
+        on_prediction(n - 1, np.asarray(pred[:ih, :iw]))
+    confusion = metrics.confusion_to_numpy(acc)  # the one device -> host transfer
+    return confusion, n, time.perf_counter() - start
+
+
+def evaluate(model: PSPNet, examples: Iterable[dict], num_classes: int | None = None,
+             eval_config: EvalConfig = EvalConfig(mode='whole'),
+             class_names: Sequence[str] | None = None, mesh: Mesh | None = None) -> dict:
+  """Validation in one call (the training loop's): metrics dict of
+  ``metrics.segmentation_metrics`` plus ``images``, ``seconds``, ``images_per_second``.
+
+  Evaluators are cached per architecture and protocol, so calling this every few thousand
+  steps with new weights compiles only the first time.
+  """
+  if num_classes is not None and num_classes != model.config.num_classes:
+    raise ValueError(f'num_classes={num_classes} but the model has {model.config.num_classes}')
+  graphdef = nnx.split(model)[0]
+  cache_key = (graphdef, eval_config, None if mesh is None else id(mesh))
+  evaluator = _EVALUATORS.get(cache_key)
+  if evaluator is None:
+    evaluator = _EVALUATORS[cache_key] = Evaluator(model, eval_config, mesh)
+  else:
+    evaluator.set_model(model)
+  confusion, n, seconds = evaluator.evaluate_dataset(examples)
+  result = metrics.segmentation_metrics(confusion, class_names)
+  result.update(images=n, seconds=seconds, images_per_second=n / seconds if seconds > 0 else 0.0)
+  return result
+
+
+_EVALUATORS: dict = {}

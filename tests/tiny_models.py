@@ -1,0 +1,31 @@
+"""Tiny PSPNets for fast tests, built without compiling an initialiser.
+
+``checkpoint.create_model`` compiles the random initialisation, which takes ~40 s on the
+shared 2-core CPU even for depth 18 / width 8; here the weights come from the PyTorch
+reference's ``randomize`` (fast, with calibrated BN statistics, so activations stay well
+scaled) and are copied with the strict port.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pspnet_jax import checkpoint
+from pspnet_jax.models import PSPNet, PSPNetConfig
+from pspnet_jax.port import load_state_dict
+from torch_reference import TorchPSPNet, randomize, state_dict_numpy
+
+TINY = PSPNetConfig(depth=18, base_width=8, num_classes=5, head_channels=16, aux_channels=8)
+
+
+def tiny_model(config: PSPNetConfig = TINY, seed: int = 0) -> PSPNet:
+  graphdef, state = nnx.split(checkpoint.abstract_model(config))
+  nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), nnx.to_pure_dict(state)))
+  model = nnx.merge(graphdef, state)
+  ref = TorchPSPNet(num_classes=config.num_classes, depth=config.depth, base_width=config.base_width,
+                    head_channels=config.head_channels, aux_channels=config.aux_channels,
+                    align_corners=config.align_corners, bins=config.bins)
+  load_state_dict(model, state_dict_numpy(randomize(ref, seed=seed)))
+  graphdef, state = nnx.split(model)
+  return nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))
