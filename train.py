@@ -7,7 +7,7 @@ jax.distributed; elsewhere pass --coordinator, --num_processes and --process_id.
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from pspnet_jax import train_lib
@@ -22,6 +22,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
   train_lib.maybe_initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   try:
     metrics = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)

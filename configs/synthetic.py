@@ -16,6 +16,9 @@ def get_config():
   c.dataset.name = 'synthetic_shapes'
   c.dataset.data_dir = 'runs/tfds'
   c.dataset.train_split, c.dataset.eval_split = 'train', 'val'
+  c.dataset.builder_kwargs.image_size = 96
+  c.dataset.builder_kwargs.num_train = 512
+  c.dataset.builder_kwargs.num_val = 64
   c.model.depth = 18
   c.model.base_width = 16
   c.model.head_channels = 64

@@ -115,14 +115,22 @@ def _steps(directory: str) -> list[int]:
                 if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
 
 
-class _FrozenIteratorState:
-  """The input iterator's state at save time (grain's handler calls get_state later)."""
+class _IteratorStateAdapter:
+  """Presents a JSON-dict iterator state the way grain's orbax handler expects from a
+  non-grain iterator: ``get_state() -> bytes``, ``set_state(bytes)``, ``start_prefetch()``.
+  On save it holds the state taken at save time (the handler may run later)."""
 
-  def __init__(self, state):
-    self._state = state
+  def __init__(self, state=None, iterator=None):
+    self._state, self._iterator = state, iterator
 
-  def get_state(self):
-    return self._state
+  def get_state(self) -> bytes:
+    return json.dumps(self._state, sort_keys=True).encode()
+
+  def set_state(self, state: bytes):
+    self._iterator.set_state(json.loads(state))
+
+  def start_prefetch(self):
+    pass
 
 
 class TrainCheckpointer:
@@ -158,7 +166,7 @@ class TrainCheckpointer:
         model=ocp.args.StandardSave(model_variables),
         opt_state=ocp.args.StandardSave(opt_state),
         meta=ocp.args.JsonSave(meta),
-        data=grain.checkpoint.CheckpointSave(_FrozenIteratorState(data_state)))
+        data=grain.checkpoint.CheckpointSave(_IteratorStateAdapter(state=data_state)))
     self.manager.save(step, args=args, metrics=metrics, force=True)
 
   def restore(self, step: int, *, model_target: dict, opt_target, data_iterator):
@@ -169,7 +177,7 @@ class TrainCheckpointer:
         model=ocp.args.StandardRestore(model_target),
         opt_state=ocp.args.StandardRestore(opt_target),
         meta=ocp.args.JsonRestore(),
-        data=grain.checkpoint.CheckpointRestore(data_iterator))
+        data=grain.checkpoint.CheckpointRestore(_IteratorStateAdapter(iterator=data_iterator)))
     try:
       r = self.manager.restore(step, args=args)
     except Exception as e:
