@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 run: $(BIN)/.installed
-	$(BIN)/python -m pspnet_jax.demo
+	$(BIN)/python train.py --config configs/synthetic.py --workdir runs/synthetic
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -rs tests

@@ -18,7 +18,6 @@ import os
 import signal
 import sys
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -164,14 +163,6 @@ def global_batch(local: dict, mesh: Mesh) -> dict:
 
 # ---------------------------------------------------------------------------------------
 # The loop
-
-@dataclasses.dataclass
-class _Run:
-  """What the loop carries between steps (host side)."""
-  start_step: int
-  total_steps: int
-  steps_per_epoch: int
-
 
 class _Preemption:
   """SIGTERM sets a flag; the loop saves at the next step boundary and exits cleanly."""

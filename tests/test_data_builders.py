@@ -6,7 +6,6 @@ import json
 import os
 import zipfile
 
-import cv2
 import numpy as np
 from PIL import Image
 import pytest

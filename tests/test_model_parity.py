@@ -7,7 +7,6 @@ strict semseg-layout mapping), and both models run on the same inputs.
 
 import copy
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -74,6 +74,11 @@ def _losses(workdir):
   return out
 
 
+def _finished_steps(workdir):
+  d = os.path.join(workdir, 'checkpoints')
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
 def _wait_for_step(workdir, step, proc, timeout=TIMEOUT):
   path = os.path.join(workdir, 'metrics.jsonl')
   t = time.time()
@@ -112,12 +117,18 @@ def test_kill_9_and_resume_equals_uninterrupted_bitwise(tmp_path, data_dir, refe
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     _wait_for_step(workdir, kill_at, proc)
+    # Saves are asynchronous: wait until one has been finalised (renamed from its temporary
+    # name) so that the restart has something to resume from.
+    t = time.time()
+    while not _finished_steps(workdir) and time.time() - t < 120 and proc.poll() is None:
+      time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
   finally:
     if proc.poll() is None:
       proc.kill()
   assert max(_losses(workdir)) < 12, 'the run finished before it could be killed'
+  assert _finished_steps(workdir), 'killed before any checkpoint was finalised'
   p = _train(workdir, data_dir)
   assert 'resumed from' in p.stdout
   # Same losses at every step (so the same batches: none skipped or repeated) ...
@@ -141,7 +152,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path, data_dir):
     if proc.poll() is None:
       proc.kill()
   assert proc.returncode == 0, out[-2000:]
-  steps = sorted(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit())
+  steps = _finished_steps(workdir)
   assert steps and 3 <= steps[-1] < 12, steps  # saved where it stopped, not at the end
   assert 'SIGTERM' in out
 
@@ -152,8 +163,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
              '--config.optimizer.warmup_steps=2', '--config.checkpoint_every_steps=1', check=False)
   assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
   assert 'loss is nan' in p.stderr.lower() or 'loss is inf' in p.stderr.lower(), p.stderr[-2000:]
-  steps = sorted(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit())
-  assert steps, 'no checkpoint was written before the divergence'
+  assert _finished_steps(workdir), 'no checkpoint was written before the divergence'
   for k, v in _variables(workdir).items():
     assert np.all(np.isfinite(v)), k
 
@@ -187,3 +197,19 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path, data_dir):
   a, b = _variables(single), _variables(multi)
   for k in a:
     np.testing.assert_allclose(b[k], a[k], atol=1e-5, rtol=0, err_msg=k)
+
+
+def test_eval_cli_on_the_trained_workdir(reference_run, data_dir, tmp_path):
+  workdir, _ = reference_run
+  out = tmp_path / 'eval'
+  cmd = [sys.executable, os.path.join(ROOT, 'eval.py'), '--config', os.path.join(ROOT, 'configs', 'synthetic.py'),
+         '--workdir', str(workdir), '--out', str(out), f'--config.dataset.data_dir={data_dir}',
+         '--config.dataset.builder_kwargs.image_size=32', '--config.eval.mode=slide',
+         '--config.eval.crop_size=33', '--config.eval.base_size=32', '--save_predictions']
+  p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+  assert p.returncode == 0, p.stderr[-3000:]
+  m = json.load(open(out / 'metrics.json'))
+  assert {'miou', 'macc', 'allacc', 'fwiou', 'per_class', 'images_per_second'} <= set(m)
+  assert [c['name'] for c in m['per_class']] == ['background', 'circle', 'square', 'triangle']
+  assert m['images'] == 8 and (out / 'per_class_iou.png').exists()
+  assert len(list((out / 'predictions').glob('*_color.png'))) == 8

@@ -6,7 +6,6 @@ dataset can be read on a machine that never saw the raw files.
 """
 
 import dataclasses
-import json
 import logging
 import os
 

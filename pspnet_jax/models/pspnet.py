@@ -18,7 +18,6 @@ and updates BN running statistics; ``model.eval()`` returns ``logits`` only.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -1,0 +1,42 @@
+"""Evaluate a checkpoint with the semseg protocol:
+
+  python eval.py --config configs/X.py --workdir DIR          # latest checkpoint in DIR
+  python eval.py --config configs/X.py --checkpoint PATH [--out DIR]
+      [--config.eval.mode=slide] ["--config.eval.scales=(0.5,0.75,1.0,1.25,1.5,1.75)"]
+      [--config.eval.flip=True] [--config.eval.crop_size=473] [--config.eval.base_size=512]
+      [--save_predictions]
+
+Writes DIR/eval/metrics.json (miou, macc, allacc, fwiou, per_class, images_per_second), a
+table and a per-class IoU chart; with --save_predictions also label / colour / overlay PNGs
+(label PNGs in the dataset's own ids, e.g. Cityscapes labelIds).
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from pspnet_jax import eval_lib
+
+config_flags.DEFINE_config_file('config', 'configs/synthetic.py', 'Configuration file.')
+flags.DEFINE_string('workdir', None, 'Training workdir: evaluates its latest checkpoint.')
+flags.DEFINE_string('checkpoint', None, 'A model directory (port CLI output) or a workdir.')
+flags.DEFINE_string('out', None, 'Output directory (default: WORKDIR/eval or CHECKPOINT/eval).')
+flags.DEFINE_bool('save_predictions', False, 'Write prediction PNGs under OUT/predictions.')
+flags.DEFINE_integer('max_examples', 0, 'Evaluate only the first N examples (0: all).')
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
+    raise app.UsageError('give exactly one of --workdir and --checkpoint')
+  path = FLAGS.workdir or FLAGS.checkpoint
+  out = FLAGS.out or os.path.join(path, 'eval')
+  eval_lib.evaluate_checkpoint(FLAGS.config, path, out, save_predictions=FLAGS.save_predictions,
+                               max_examples=FLAGS.max_examples)
+
+
+if __name__ == '__main__':
+  app.run(main)
