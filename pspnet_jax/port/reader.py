@@ -1,0 +1,121 @@
+"""Reads a PyTorch checkpoint file into a flat state dict of NumPy arrays.
+
+The one place that touches ``.pth`` / ``.safetensors`` files. torch is imported here only,
+lazily, when a pickle file is read: ``.safetensors`` files need no torch. Wrappers are
+removed the way the reference says every layout needs: a top-level ``state_dict`` entry is
+unwrapped (semseg's ``{'epoch', 'state_dict', 'optimizer'}``, mmseg's
+``{'meta', 'state_dict'}``) and a ``module.`` prefix (``nn.DataParallel``) is stripped.
+Renaming keys is each layout module's job, not this one's.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from typing import Mapping
+
+import numpy as np
+
+from pspnet_jax.port.mapping import PortError
+
+SAFETENSORS_SUFFIX = '.safetensors'
+DATA_PARALLEL_PREFIX = 'module.'
+
+
+def read_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> dict[str, np.ndarray]:
+  """``path`` -> {key: array} with the file's own key names (wrappers removed).
+
+  ``trust_pickle``: load ``.pth`` files with ``weights_only=False``, which runs arbitrary
+  code from the file; only needed for checkpoints holding Python objects other than
+  tensors and plain containers (e.g. mmengine's message hub), and only for trusted files.
+  Raises ``PortError`` with a one-line message naming the file when it cannot be read.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise PortError(f'{path}: no such file')
+  if path.endswith(SAFETENSORS_SUFFIX):
+    tensors = _read_safetensors(path)
+  else:
+    tensors = _read_torch(path, trust_pickle)
+  return _strip_data_parallel(tensors)
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  try:
+    from safetensors.numpy import load_file
+  except ImportError:
+    raise PortError(f'{path}: reading .safetensors files needs safetensors: '
+                    'pip install safetensors') from None
+  try:
+    return load_file(path)
+  except Exception as e:  # SafetensorError, OSError, ValueError (bfloat16): one line
+    raise PortError(f'{path}: not a readable .safetensors file ({_one_line(e)})') from None
+
+
+def _read_torch(path: str, trust_pickle: bool) -> dict[str, np.ndarray]:
+  try:
+    import torch
+  except ImportError:
+    raise PortError(f'{path}: reading a PyTorch .pth checkpoint needs torch: pip install torch '
+                    '(or convert the file to .safetensors, which needs no torch)') from None
+  with open(path, 'rb') as f:
+    magic = f.read(2)
+  # torch.save writes a zip archive (PK) or, before torch 1.6, a pickle (protocol byte
+  # 0x80). Anything else is not a checkpoint, and torch's weights-only unpickler would
+  # report it as an unsafe pickle, which misleads.
+  if magic[:2] != b'PK' and magic[:1] != b'\x80':
+    raise PortError(f'{path}: not a PyTorch checkpoint (a torch.save file starts with a zip '
+                    f'or pickle header; this one starts with {magic!r})')
+  try:
+    obj = torch.load(path, map_location='cpu', weights_only=not trust_pickle)
+  except pickle.UnpicklingError as e:
+    unsafe = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
+    if unsafe and not trust_pickle:
+      raise PortError(
+          f'{path}: holds a Python object of type {unsafe.group(1)}, which '
+          'torch.load(weights_only=True) refuses to unpickle; if you trust the file, pass '
+          'trust_pickle=True (CLI: --trust-pickle), or re-save only its state_dict') from None
+    # torch's message is a page of advice; its WeightsUnpickler line is the cause.
+    cause = re.search(r'WeightsUnpickler error:\s*(.+)', str(e))
+    raise PortError(f'{path}: not a readable PyTorch checkpoint, corrupt or truncated '
+                    f'({cause.group(1) if cause else _one_line(e)})') from None
+  except Exception as e:  # truncated zip, random bytes, EOF: torch raises many types
+    raise PortError(f'{path}: not a readable PyTorch checkpoint, truncated or not written by '
+                    f'torch.save ({type(e).__name__}: {_one_line(e)})') from None
+  state = _unwrap(obj, path)
+  out, not_tensors = {}, []
+  for key, value in state.items():
+    if not isinstance(value, torch.Tensor):
+      not_tensors.append(key)
+      continue
+    value = value.detach().cpu()
+    if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
+      value = value.float()  # NumPy has no bfloat16; half is widened once here
+    out[str(key)] = value.numpy()
+  if not_tensors:
+    raise PortError(f'{path}: the state dict holds non-tensor entries {sorted(map(str, not_tensors))[:5]}; '
+                    'expected a mapping of parameter names to tensors')
+  return out
+
+
+def _unwrap(obj, path: str) -> Mapping:
+  if isinstance(obj, Mapping) and isinstance(obj.get('state_dict'), Mapping):
+    obj = obj['state_dict']
+  if not isinstance(obj, Mapping):
+    raise PortError(f'{path}: holds a {type(obj).__name__}, not a state dict '
+                    '(save model.state_dict(), not the model object)')
+  if not obj:
+    raise PortError(f'{path}: the state dict is empty')
+  return obj
+
+
+def _strip_data_parallel(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  if tensors and all(k.startswith(DATA_PARALLEL_PREFIX) for k in tensors):
+    return {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in tensors.items()}
+  return tensors
+
+
+def _one_line(e: BaseException) -> str:
+  lines = str(e).strip().splitlines()
+  return lines[0] if lines else type(e).__name__
