@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -175,8 +176,8 @@ def test_mmseg_pspnet(mmseg_checkpoint, tmp_path):
   assert_logits_match([cli_model, api_model], ref)
 
 
-def backbone_checkpoint(path, stem, names, contract_dilation, seed):
-  ref = randomize(TorchResNet(depth=50, stem=stem, contract_dilation=contract_dilation,
+def backbone_checkpoint(path, depth, stem, names, contract_dilation, seed):
+  ref = randomize(TorchResNet(depth=depth, stem=stem, contract_dilation=contract_dilation,
                               base_width=8), seed=seed)
   torch.save(with_fc(rename(ref.state_dict(), names), ref.channels), path)
   return ref, str(path)
@@ -184,24 +185,26 @@ def backbone_checkpoint(path, stem, names, contract_dilation, seed):
 
 @pytest.mark.parity
 def test_semseg_imagenet_backbone(tmp_path):
-  ref, src = backbone_checkpoint(tmp_path / 'resnet50_v2.pth', 'deep', IMAGENET_NAMES, False, 13)
+  ref, src = backbone_checkpoint(tmp_path / 'resnet50_v2.pth', 50, 'deep', IMAGENET_NAMES, False, 13)
   cli_model, api_model, stdout = port_twice(src, tmp_path / 'out', '--num-classes', 7)
   assert 'layout:  semseg-imagenet (auto-detected' in stdout
   assert 'freshly initialised' in stdout and 'fc.bias, fc.weight' in stdout
   assert api_model.config == PSPNetConfig(num_classes=7, depth=50, base_width=8)
   assert_layer4_match([cli_model, api_model], lambda x: ref(x)[1])
-  logits = forward(api_model, jnp.zeros((1, 33, 33, 3)))
-  assert logits.shape == (1, 33, 33, 7)
+  logits = jax.eval_shape(api_model, jax.ShapeDtypeStruct((1, 33, 33, 3), jnp.float32))
+  assert logits.shape == (1, 33, 33, 7)  # eval mode: logits only, at input size
   meta = checkpoint.read_model_config(str(tmp_path / 'out'))[1]['port']
   assert meta['backbone_only'] and meta['heads_seed'] == 0
 
 
 @pytest.mark.parity
 def test_torchvision_layout_backbone(tmp_path):
-  ref, src = backbone_checkpoint(tmp_path / 'resnet50.pth', 'torchvision', TORCHVISION_NAMES, True, 14)
+  # Basic blocks here (bottlenecks in the other layouts): both block kinds are inferred.
+  ref, src = backbone_checkpoint(tmp_path / 'resnet18.pth', 18, 'torchvision', TORCHVISION_NAMES,
+                                 True, 14)
   cli_model, api_model, stdout = port_twice(src, tmp_path / 'out')
   assert 'layout:  torchvision (auto-detected' in stdout
-  assert api_model.config == PSPNetConfig(depth=50, base_width=8, stem='torchvision',
+  assert api_model.config == PSPNetConfig(depth=18, base_width=8, stem='torchvision',
                                           contract_dilation=True)
   assert_layer4_match([cli_model, api_model], lambda x: ref(x)[1])
 
