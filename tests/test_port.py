@@ -63,13 +63,16 @@ def with_fc(state_dict, channels, seed=0):
           'fc.bias': torch.randn(1000, generator=g)}
 
 
-def save_semseg(ref, path):
-  """As semseg's train.py saves: DataParallel keys, epoch and SGD state (momentum buffers)."""
+def save_semseg(ref, path, legacy=False):
+  """As semseg's train.py saves: DataParallel keys, epoch and SGD state (momentum buffers).
+
+  ``legacy``: torch.save's pre-1.6 pickle format, which the published semseg files predate.
+  """
   opt = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
   for p in list(ref.parameters())[:3]:
     opt.state[p]['momentum_buffer'] = torch.zeros_like(p)
   torch.save({'epoch': 50, 'state_dict': {'module.' + k: v for k, v in ref.state_dict().items()},
-              'optimizer': opt.state_dict()}, path)
+              'optimizer': opt.state_dict()}, path, _use_new_zipfile_serialization=not legacy)
   return str(path)
 
 
@@ -248,6 +251,15 @@ def test_backbone_only_port_of_a_full_checkpoint(mmseg_checkpoint):
   assert_same_variables(ported.model.backbone, full.backbone)
 
 
+@pytest.mark.parity
+def test_legacy_torch_save_format(small_semseg):
+  """semseg's published files predate torch 1.6's zip format."""
+  ref, src = small_semseg
+  model, config = load_torch(src)
+  assert config.num_classes == 5
+  assert_logits_match([model], ref)
+
+
 @pytest.mark.parametrize('depth,stem', [(18, 'deep'), (34, 'torchvision'), (101, 'deep'),
                                         (152, 'deep32')])
 def test_config_is_inferred_from_shapes(depth, stem):
@@ -268,7 +280,7 @@ def test_config_is_inferred_from_shapes(depth, stem):
 def small_semseg(tmp_path_factory):
   ref = randomize(TorchPSPNet(num_classes=5, depth=18, base_width=8, head_channels=16,
                               aux_channels=8), seed=16)
-  return ref, save_semseg(ref, tmp_path_factory.mktemp('semseg') / 'train_epoch_1.pth')
+  return ref, save_semseg(ref, tmp_path_factory.mktemp('semseg') / 'train_epoch_1.pth', legacy=True)
 
 
 def edited(ref, path, drop=(), replace=None):
