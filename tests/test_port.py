@@ -25,6 +25,7 @@ from pspnet_jax import checkpoint
 from pspnet_jax.models import PSPNetConfig
 from pspnet_jax.port import LAYOUTS, PortError, StateDictMismatch, expected_keys, load_torch, port_checkpoint
 from pspnet_jax.port.architecture import infer_config
+from pspnet_jax.port.reader import read_state_dict
 from test_model_parity import assert_logits_close, forward, run_torch
 from torch_reference import TorchPSPNet, TorchResNet, randomize
 
@@ -150,10 +151,11 @@ def test_semseg_pspnet50_real_size(tmp_path):
   src = save_semseg(ref, tmp_path / 'train_epoch_50.pth')
   cli_model, api_model, stdout = port_twice(src, tmp_path / 'out')
   assert 'layout:  semseg (auto-detected' in stdout and 'ported from the checkpoint' in stdout
+  assert "state_dict unwrapped, ignored epoch, optimizer; 'module.' prefix stripped" in stdout
   assert api_model.config == PSPNetConfig(num_classes=21, depth=50)
   assert_same_variables(cli_model, api_model)
   assert_logits_match([api_model], ref)
-  meta = checkpoint.read_model_config(str(tmp_path / 'out'))[1]['port']
+  meta = checkpoint.read_model_config(str(tmp_path / 'out'))[1]
   assert meta['layout'] == 'semseg' and not meta['backbone_only']
   n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in ref.modules())
   assert len(meta['dropped']['BN step counters (num_batches_tracked)']) == n_bn
@@ -196,7 +198,7 @@ def test_semseg_imagenet_backbone(tmp_path):
   assert_layer4_match([cli_model, api_model], lambda x: ref(x)[1])
   logits = jax.eval_shape(api_model, jax.ShapeDtypeStruct((1, 33, 33, 3), jnp.float32))
   assert logits.shape == (1, 33, 33, 7)  # eval mode: logits only, at input size
-  meta = checkpoint.read_model_config(str(tmp_path / 'out'))[1]['port']
+  meta = checkpoint.read_model_config(str(tmp_path / 'out'))[1]
   assert meta['backbone_only'] and meta['heads_seed'] == 0
 
 
@@ -238,6 +240,8 @@ def test_safetensors_needs_no_torch(mmseg_checkpoint, tmp_path, monkeypatch):
   got, config = load_torch(tmp_path / 'pspnet.safetensors')
   assert config == want.config
   assert_same_variables(got, want)
+  os.rename(tmp_path / 'pspnet.safetensors', tmp_path / 'pspnet.pth')  # recognised by its header
+  assert read_state_dict(tmp_path / 'pspnet.pth').kind == 'safetensors'
 
 
 def test_backbone_only_port_of_a_full_checkpoint(mmseg_checkpoint):

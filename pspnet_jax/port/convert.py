@@ -35,19 +35,23 @@ class Ported:
   layout: str
   recognised_by: str | None   # the key ``auto`` recognised the layout by; None if given
   source: str
+  read: str                    # how the file was read and unwrapped
   dropped: dict[str, list[str]]  # reason -> file keys
   backbone_only: bool
   seed: int | None             # seed of the fresh heads; None when the heads were ported
 
   def metadata(self) -> dict:
-    return {'port': {'layout': self.layout, 'source': self.source,
-                     'backbone_only': self.backbone_only, 'heads_seed': self.seed,
-                     'dropped': {why: sorted(keys) for why, keys in self.dropped.items()}}}
+    """Kept in the model directory's config. Flat: train_lib reads ``backbone_only`` to
+    initialise only the backbone from a backbone-only port."""
+    return {'ported_from': self.source, 'layout': self.layout,
+            'backbone_only': self.backbone_only, 'heads_seed': self.seed,
+            'dropped': {why: sorted(keys) for why, keys in self.dropped.items()}}
 
   def report(self) -> str:
     how = f'auto-detected from {self.recognised_by}' if self.recognised_by else 'as asked'
     c = self.config
     lines = [f'source:  {self.source}',
+             f'read:    {self.read}',
              f'layout:  {self.layout} ({how})',
              f'config:  depth={c.depth} stem={c.stem} base_width={c.base_width} '
              f'num_classes={c.num_classes} contract_dilation={c.contract_dilation} '
@@ -71,12 +75,12 @@ def port_checkpoint(path: str | os.PathLike, layout: str = AUTO, num_classes: in
                     trust_pickle: bool = False) -> Ported:
   """Ports a ``.pth`` / ``.safetensors`` file; see ``load_torch`` for the arguments."""
   source = os.path.abspath(os.fspath(path))
-  state_dict = read_state_dict(source, trust_pickle=trust_pickle)
+  read = read_state_dict(source, trust_pickle=trust_pickle)
+  state_dict = read.tensors
   chosen, recognised_by = _choose_layout(state_dict, layout, source)
   backbone_only = backbone_only or chosen.backbone_only
   canonical, file_keys, dropped = chosen.to_canonical(state_dict, backbone_only=backbone_only,
                                                       source=source)
-  del state_dict
   config = infer_config(canonical, chosen, with_heads=not backbone_only, num_classes=num_classes,
                         source=source)
   model = checkpoint.abstract_model(config)
@@ -86,7 +90,7 @@ def port_checkpoint(path: str | os.PathLike, layout: str = AUTO, num_classes: in
                   source=f'{source} ({chosen.name} layout)', source_names=file_keys)
   model.eval()
   return Ported(model=model, config=config, layout=chosen.name, recognised_by=recognised_by,
-                source=source, dropped=dropped, backbone_only=backbone_only,
+                source=source, read=read.describe(), dropped=dropped, backbone_only=backbone_only,
                 seed=seed if backbone_only else None)
 
 

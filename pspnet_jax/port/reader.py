@@ -10,6 +10,7 @@ Renaming keys is each layout module's job, not this one's.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import re
@@ -23,8 +24,25 @@ SAFETENSORS_SUFFIX = '.safetensors'
 DATA_PARALLEL_PREFIX = 'module.'
 
 
-def read_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> dict[str, np.ndarray]:
-  """``path`` -> {key: array} with the file's own key names (wrappers removed).
+@dataclasses.dataclass
+class SourceFile:
+  """What was read: tensors under the file's own key names, and what was set aside."""
+  tensors: dict[str, np.ndarray]
+  kind: str                  # 'safetensors' | 'torch.save'
+  ignored_entries: list[str]  # top-level entries beside 'state_dict' (epoch, optimizer, meta)
+  stripped_prefix: str | None
+
+  def describe(self) -> str:
+    parts = [self.kind]
+    if self.ignored_entries:
+      parts.append(f"state_dict unwrapped, ignored {', '.join(self.ignored_entries)}")
+    if self.stripped_prefix:
+      parts.append(f'{self.stripped_prefix!r} prefix stripped')
+    return '; '.join(parts)
+
+
+def read_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> SourceFile:
+  """``path`` -> its tensors with the file's own key names (wrappers removed).
 
   ``trust_pickle``: load ``.pth`` files with ``weights_only=False``, which runs arbitrary
   code from the file; only needed for checkpoints holding Python objects other than
@@ -34,11 +52,24 @@ def read_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> d
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise PortError(f'{path}: no such file')
-  if path.endswith(SAFETENSORS_SUFFIX):
-    tensors = _read_safetensors(path)
+  if _is_safetensors(path):
+    tensors, kind, ignored = _read_safetensors(path), 'safetensors', []
   else:
-    tensors = _read_torch(path, trust_pickle)
-  return _strip_data_parallel(tensors)
+    (tensors, ignored), kind = _read_torch(path, trust_pickle), 'torch.save'
+  stripped = None
+  if all(k.startswith(DATA_PARALLEL_PREFIX) for k in tensors):
+    tensors = {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in tensors.items()}
+    stripped = DATA_PARALLEL_PREFIX
+  return SourceFile(tensors, kind, ignored, stripped)
+
+
+def _is_safetensors(path: str) -> bool:
+  """By name, or by header (8-byte little-endian length, then JSON) whatever the name."""
+  if path.endswith(SAFETENSORS_SUFFIX):
+    return True
+  with open(path, 'rb') as f:
+    head = f.read(9)
+  return len(head) == 9 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') < 2**32
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -53,7 +84,7 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     raise PortError(f'{path}: not a readable .safetensors file ({_one_line(e)})') from None
 
 
-def _read_torch(path: str, trust_pickle: bool) -> dict[str, np.ndarray]:
+def _read_torch(path: str, trust_pickle: bool) -> tuple[dict[str, np.ndarray], list[str]]:
   try:
     import torch
   except ImportError:
@@ -83,7 +114,7 @@ def _read_torch(path: str, trust_pickle: bool) -> dict[str, np.ndarray]:
   except Exception as e:  # truncated zip, random bytes, EOF: torch raises many types
     raise PortError(f'{path}: not a readable PyTorch checkpoint, truncated or not written by '
                     f'torch.save ({type(e).__name__}: {_one_line(e)})') from None
-  state = _unwrap(obj, path)
+  state, ignored = _unwrap(obj, path)
   out, not_tensors = {}, []
   for key, value in state.items():
     if not isinstance(value, torch.Tensor):
@@ -96,24 +127,20 @@ def _read_torch(path: str, trust_pickle: bool) -> dict[str, np.ndarray]:
   if not_tensors:
     raise PortError(f'{path}: the state dict holds non-tensor entries {sorted(map(str, not_tensors))[:5]}; '
                     'expected a mapping of parameter names to tensors')
-  return out
+  return out, ignored
 
 
-def _unwrap(obj, path: str) -> Mapping:
+def _unwrap(obj, path: str) -> tuple[Mapping, list[str]]:
+  ignored = []
   if isinstance(obj, Mapping) and isinstance(obj.get('state_dict'), Mapping):
+    ignored = sorted(str(k) for k in obj if k != 'state_dict')
     obj = obj['state_dict']
   if not isinstance(obj, Mapping):
     raise PortError(f'{path}: holds a {type(obj).__name__}, not a state dict '
                     '(save model.state_dict(), not the model object)')
   if not obj:
     raise PortError(f'{path}: the state dict is empty')
-  return obj
-
-
-def _strip_data_parallel(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  if tensors and all(k.startswith(DATA_PARALLEL_PREFIX) for k in tensors):
-    return {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in tensors.items()}
-  return tensors
+  return obj, ignored
 
 
 def _one_line(e: BaseException) -> str:
