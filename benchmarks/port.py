@@ -42,14 +42,17 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument('--depth', type=int, default=101)
   ap.add_argument('--classes', type=int, default=150)
+  ap.add_argument('--backbone-only', action='store_true',
+                  help='port the backbone and initialise fresh heads (as for ImageNet weights)')
   args = ap.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
     src = os.path.join(tmp, 'train_epoch_100.pth')
     n_params = write_semseg_checkpoint(src, args.depth, args.classes)
     env = {**os.environ, 'PYTHONPATH': REPO + os.pathsep + os.environ.get('PYTHONPATH', '')}
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, '-m', 'pspnet_jax.port', src, '--out',
-                           os.path.join(tmp, 'model')], capture_output=True, text=True, env=env)
+    cmd = [sys.executable, '-m', 'pspnet_jax.port', src, '--out', os.path.join(tmp, 'model')]
+    cmd += ['--backbone-only'] * args.backbone_only
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall_s = time.perf_counter() - t
     if proc.returncode:
       sys.exit(proc.stderr)
@@ -57,6 +60,7 @@ def main():
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     print(json.dumps({
         'model': f'PSPNet-{args.depth}', 'classes': args.classes, 'parameters': n_params,
+        'backbone_only': args.backbone_only,
         'file_mib': round(os.path.getsize(src) / 2**20, 1), 'port_wall_s': round(wall_s, 1),
         'port_peak_rss_mib': round(peak_kib / 1024), 'cpus': os.cpu_count(),
         'load_average': [round(v, 1) for v in os.getloadavg()],
