@@ -15,7 +15,8 @@ from pspnet_jax.port.mapping import PortError
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog='python -m pspnet_jax.port', description=__doc__.splitlines()[2])
+  ap = argparse.ArgumentParser(prog='python -m pspnet_jax.port', description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument('src', help='.pth or .safetensors file')
   ap.add_argument('--out', required=True, help='model directory to write')
   ap.add_argument('--layout', default=AUTO, choices=[AUTO, *LAYOUTS])

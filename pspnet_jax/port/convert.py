@@ -88,6 +88,13 @@ def port_checkpoint(path: str | os.PathLike, layout: str = AUTO, num_classes: in
     _initialise_heads(model, seed)
   load_state_dict(model, canonical, only='backbone' if backbone_only else None,
                   source=f'{source} ({chosen.name} layout)', source_names=file_keys)
+  # The model started abstract: a variable neither the file nor the heads' init filled
+  # (a new kind of state in PSPNet, say) would otherwise fail far away, at the forward.
+  unfilled = [p for p, v in nnx.to_flat_state(nnx.state(model))
+              if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
+  if unfilled:
+    raise PortError(f'{source}: the port left model variables unset: {unfilled[:5]}; '
+                    'pspnet_jax.port.mapping does not cover them')
   model.eval()
   return Ported(model=model, config=config, layout=chosen.name, recognised_by=recognised_by,
                 source=source, read=read.describe(), dropped=dropped, backbone_only=backbone_only,
