@@ -23,7 +23,8 @@ from flax import nnx
 
 from pspnet_jax import checkpoint
 from pspnet_jax.models import PSPNetConfig
-from pspnet_jax.port import LAYOUTS, PortError, StateDictMismatch, expected_keys, load_torch, port_checkpoint
+from pspnet_jax.port import (LAYOUTS, PortError, StateDictMismatch, expected_keys, load_torch,
+                             port_checkpoint)
 from pspnet_jax.port.architecture import infer_config
 from pspnet_jax.port.reader import read_state_dict
 from test_model_parity import assert_logits_close, forward, run_torch
@@ -190,7 +191,8 @@ def backbone_checkpoint(path, depth, stem, names, contract_dilation, seed):
 
 @pytest.mark.parity
 def test_semseg_imagenet_backbone(tmp_path):
-  ref, src = backbone_checkpoint(tmp_path / 'resnet50_v2.pth', 50, 'deep', IMAGENET_NAMES, False, 13)
+  ref, src = backbone_checkpoint(tmp_path / 'resnet50_v2.pth', 50, 'deep', IMAGENET_NAMES,
+                                 False, 13)
   cli_model, api_model, stdout = port_twice(src, tmp_path / 'out', '--num-classes', 7)
   assert 'layout:  semseg-imagenet (auto-detected' in stdout
   assert 'freshly initialised' in stdout and 'fc.bias, fc.weight' in stdout
@@ -297,7 +299,8 @@ def edited(ref, path, drop=(), replace=None):
 def test_missing_key_is_named_with_its_shape(small_semseg, tmp_path):
   ref, _ = small_semseg
   src = edited(ref, tmp_path / 'm.pth', drop=['layer2.1.bn2.running_var'])
-  with pytest.raises(StateDictMismatch, match=r'missing keys \(1\):\n  layer2\.1\.bn2\.running_var: '
+  with pytest.raises(StateDictMismatch, match=r'missing keys \(1\):\n'
+                                              r'  layer2\.1\.bn2\.running_var: '
                                               r'model expects \(16,\)'):
     load_torch(src)
 
@@ -311,7 +314,8 @@ def test_misshaped_and_extra_keys_are_named_with_both_shapes(small_semseg, tmp_p
   msg = str(e.value)
   assert str(src) in msg
   assert 'layer9.weight: (2, 3), the model has no such key' in msg
-  assert 'layer3.0.conv2.weight: ' in msg and 'has (32, 32, 1, 1), model expects (32, 32, 3, 3)' in msg
+  assert 'layer3.0.conv2.weight: ' in msg
+  assert 'has (32, 32, 1, 1), model expects (32, 32, 3, 3)' in msg
 
 
 def test_mismatch_names_the_file_key_of_a_renamed_layout(mmseg_checkpoint, tmp_path):
@@ -366,7 +370,8 @@ def test_cli_error_is_one_line_without_traceback(small_semseg, tmp_path):
 def test_pickled_objects_need_trust(small_semseg, tmp_path):
   ref, _ = small_semseg
   torch.save({'state_dict': ref.state_dict(), 'meta': {'hub': Opaque()}}, tmp_path / 'obj.pth')
-  with pytest.raises(PortError, match=r'Opaque, which torch.load\(weights_only=True\) refuses.*--trust-pickle'):
+  refused = r'Opaque, which torch.load\(weights_only=True\) refuses.*--trust-pickle'
+  with pytest.raises(PortError, match=refused):
     load_torch(tmp_path / 'obj.pth')
   assert load_torch(tmp_path / 'obj.pth', trust_pickle=True)[1].num_classes == 5
 

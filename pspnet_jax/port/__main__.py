@@ -21,7 +21,7 @@ def main(argv=None) -> int:
   ap.add_argument('--out', required=True, help='model directory to write')
   ap.add_argument('--layout', default=AUTO, choices=[AUTO, *LAYOUTS])
   ap.add_argument('--num-classes', type=int, default=None,
-                  help='checked against the checkpoint; sets the fresh heads of a backbone-only port')
+                  help='checked against the checkpoint; sets the classes of fresh heads')
   ap.add_argument('--backbone-only', action='store_true',
                   help='port layer0..layer4 only and initialise new heads')
   ap.add_argument('--seed', type=int, default=0, help='initialisation seed of fresh heads')

@@ -75,7 +75,8 @@ def _stem(shape, base_width: int, source: str) -> str:
   if out == base_width:
     return 'deep32'
   raise PortError(f'{source}: stem output {out} channels fits neither the deep stem '
-                  f'({2 * base_width}) nor the deep32 stem ({base_width}) for layer1 width {base_width}')
+                  f'({2 * base_width}) nor the deep32 stem ({base_width}) for layer1 width '
+                  f'{base_width}')
 
 
 def _count(state_dict, pattern: str) -> int:

@@ -46,7 +46,7 @@ class Layout:
   recognise: Callable[[Mapping[str, np.ndarray]], str | None]
 
   def to_canonical(self, state_dict: Mapping[str, np.ndarray], *, backbone_only: bool, source: str):
-    """File keys -> (canonical state dict, canonical key -> file key, reason -> dropped file keys)."""
+    """-> (canonical state dict, canonical key -> file key, reason -> dropped file keys)."""
     canonical, file_keys, dropped = {}, {}, {}
     rules = [(re.compile(p), r) for p, r in self.renames]
     drops = [(re.compile(p), why) for p, why in self.drops]

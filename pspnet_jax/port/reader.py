@@ -56,6 +56,8 @@ def read_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> S
     tensors, kind, ignored = _read_safetensors(path), 'safetensors', []
   else:
     (tensors, ignored), kind = _read_torch(path, trust_pickle), 'torch.save'
+  if not tensors:
+    raise PortError(f'{path}: the state dict is empty')
   stripped = None
   if all(k.startswith(DATA_PARALLEL_PREFIX) for k in tensors):
     tensors = {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in tensors.items()}
@@ -125,8 +127,8 @@ def _read_torch(path: str, trust_pickle: bool) -> tuple[dict[str, np.ndarray], l
       value = value.float()  # NumPy has no bfloat16; half is widened once here
     out[str(key)] = value.numpy()
   if not_tensors:
-    raise PortError(f'{path}: the state dict holds non-tensor entries {sorted(map(str, not_tensors))[:5]}; '
-                    'expected a mapping of parameter names to tensors')
+    raise PortError(f'{path}: the state dict holds non-tensor entries '
+                    f'{sorted(map(str, not_tensors))[:5]}; expected parameter names -> tensors')
   return out, ignored
 
 
@@ -138,8 +140,6 @@ def _unwrap(obj, path: str) -> tuple[Mapping, list[str]]:
   if not isinstance(obj, Mapping):
     raise PortError(f'{path}: holds a {type(obj).__name__}, not a state dict '
                     '(save model.state_dict(), not the model object)')
-  if not obj:
-    raise PortError(f'{path}: the state dict is empty')
   return obj, ignored
 
 

@@ -6,7 +6,8 @@ The stem becomes ``layer0.{0,1}`` of the ``torchvision`` stem. torchvision dilat
 previous layer's dilation, i.e. ``contract_dilation=True``. Backbone only.
 """
 
-from pspnet_jax.port.layout import IMAGENET_CLASSIFIER, NUM_BATCHES_TRACKED, Layout, conv_kernel_size
+from pspnet_jax.port.layout import (IMAGENET_CLASSIFIER, NUM_BATCHES_TRACKED, Layout,
+                                    conv_kernel_size)
 
 
 def _recognise(state_dict):
