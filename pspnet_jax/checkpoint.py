@@ -92,7 +92,17 @@ def restore_variables(state_dir: str, config: PSPNetConfig) -> PSPNet:
 
 
 def load_model(path: str | os.PathLike) -> PSPNet:
-  """Loads a model directory, a training workdir (latest step) or a workdir's step dir."""
+  """Loads a model directory, a training workdir (latest step) or a workdir's step dir.
+
+  The model is returned in eval mode (``model(x)`` gives logits); call ``.train()`` to
+  fine-tune it.
+  """
+  model = _load_model(path)
+  model.eval()
+  return model
+
+
+def _load_model(path) -> PSPNet:
   path = os.path.abspath(os.fspath(path))
   if not os.path.isdir(path):
     raise CheckpointError(f'{path}: no such directory')

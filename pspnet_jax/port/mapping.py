@@ -17,13 +17,18 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 BACKBONE_PREFIX = 'backbone.'
 
 
-class StateDictMismatch(ValueError):
+class PortError(ValueError):
+  """A foreign checkpoint cannot be ported; the message names the file or key and what to do."""
+
+
+class StateDictMismatch(PortError):
   """A state dict does not fit the model; the message lists every offending key."""
 
 
@@ -65,20 +70,28 @@ def expected_keys(model: nnx.Module) -> dict[str, tuple[int, ...]]:
 
 def export_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
   """The model's variables as a semseg-layout state dict of float32 NumPy arrays."""
-  return {torch_key(p): np.asarray(to_torch_layout(p, np.asarray(v[...])))
+  return {torch_key(p): np.asarray(to_torch_layout(p, np.asarray(v.get_value())))
           for p, v in _variables(model, None)}
 
 
 def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *,
-                    only: str | None = None, source: str = 'state dict') -> list[str]:
+                    only: str | None = None, source: str = 'state dict',
+                    source_names: Mapping[str, str] | None = None) -> list[str]:
   """Copies a canonical (semseg-layout) state dict into ``model``, strictly.
 
   ``only``: restrict the target to variables whose NNX path starts with it (``'backbone'``
   for a backbone-only port); the rest keep their initial values.
   Every source key must fill exactly one target and every target must be filled, with
   matching shapes; otherwise one ``StateDictMismatch`` lists all problems at once.
+  ``source_names``: canonical key -> the key in the file it was renamed from, so that the
+  error names the keys the user can find in their file.
   Returns the list of keys filled.
   """
+  names = source_names or {}
+
+  def name(key):
+    return f'{key} (file key {names[key]})' if names.get(key, key) != key else key
+
   targets = {torch_key(p): (p, v) for p, v in _variables(model, only)}
   missing = sorted(set(targets) - set(state_dict))
   unexpected = sorted(set(state_dict) - set(targets))
@@ -87,7 +100,7 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *,
     want = _torch_shape(targets[key])
     got = tuple(np.shape(state_dict[key]))
     if want != got:
-      misshaped.append(f'  {key}: {source} has {got}, model expects {want}')
+      misshaped.append(f'  {name(key)}: {source} has {got}, model expects {want}')
   if missing or unexpected or misshaped:
     lines = [f'{source} does not fit the model:']
     if missing:
@@ -95,18 +108,21 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *,
       lines += [f'  {k}: model expects {_torch_shape(targets[k])}' for k in missing]
     if unexpected:
       lines.append(f'unexpected keys ({len(unexpected)}):')
-      lines += [f'  {k}: {tuple(np.shape(state_dict[k]))}' for k in unexpected]
+      lines += [f'  {name(k)}: {tuple(np.shape(state_dict[k]))}, the model has no such key'
+                for k in unexpected]
     if misshaped:
       lines.append(f'mis-shaped keys ({len(misshaped)}):')
       lines += misshaped
     raise StateDictMismatch('\n'.join(lines))
   for key, (path, var) in targets.items():
     value = from_torch_layout(path, np.asarray(state_dict[key], dtype=np.float32))
-    var[...] = value.astype(var[...].dtype)
+    # set_value, not var[...] =: the model may be abstract (ShapeDtypeStruct leaves, see
+    # checkpoint.abstract_model), and a whole replacement skips a copy of every tensor.
+    var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
   return sorted(targets)
 
 
 def _torch_shape(target) -> tuple[int, ...]:
   path, var = target
-  shape = tuple(var[...].shape)
+  shape = tuple(var.get_value().shape)
   return (shape[3], shape[2], shape[0], shape[1]) if _is_conv_kernel(path) else shape
