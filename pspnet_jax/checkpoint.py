@@ -81,7 +81,10 @@ def restore_variables(state_dir: str, config: PSPNetConfig) -> PSPNet:
   """Builds a PSPNet of ``config`` holding the variables saved in orbax dir ``state_dir``."""
   model = abstract_model(config)
   graphdef, state = nnx.split(model)
-  target = nnx.to_pure_dict(state)
+  # Restore onto this process's first device, whatever topology wrote the checkpoint.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        nnx.to_pure_dict(state))
   try:
     with ocp.StandardCheckpointer() as ckptr:
       restored = ckptr.restore(state_dir, target)

@@ -294,6 +294,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                  global_batch_size=config.global_batch_size, augment=augment,
                                  seed=config.seed, worker_count=int(config.get('worker_count', 0)))
   ckpt = ckpt_lib.TrainCheckpointer(workdir, model_config, keep=int(config.get('keep_checkpoints', 3)))
+  state = jax.device_put(state, replicated)
   start = ckpt.latest_step() or 0
   if start:
     model_vars, opt_state, meta = ckpt.restore(
@@ -304,7 +305,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
                  step=jnp.asarray(meta['step'], jnp.int32))
     if is_main:
       print(f'resumed from {workdir} at step {start}', flush=True)
-  state = jax.device_put(state, replicated)
 
   train_step = jax.jit(
       make_train_step(graphdef, tx, aux_weight=config.aux_weight, ignore_label=info.ignore_label,
@@ -400,8 +400,9 @@ def _split_variables(graphdef, params, batch_stats, variables: dict):
 
 
 def _abstract(tree):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype)
-                      if not isinstance(x, jax.ShapeDtypeStruct) else x, tree)
+  """Restore targets with the shardings of ``tree``'s arrays: a checkpoint written on one
+  topology (devices, hosts) restores onto the current one."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 class _progress:

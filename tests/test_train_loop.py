@@ -196,7 +196,8 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path, data_dir):
     assert p.returncode == 0, out[-3000:]
   a, b = _variables(single), _variables(multi)
   for k in a:
-    np.testing.assert_allclose(b[k], a[k], atol=1e-5, rtol=0, err_msg=k)
+    # float32 all-reduces sum in a different order across processes: ~1e-6 relative
+    np.testing.assert_allclose(b[k], a[k], atol=1e-5, rtol=2e-5, err_msg=k)
 
 
 def test_eval_cli_on_the_trained_workdir(reference_run, data_dir, tmp_path):
