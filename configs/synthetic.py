@@ -27,11 +27,11 @@ def get_config():
   c.augment.scale_min, c.augment.scale_max = 0.75, 1.5
   c.optimizer.learning_rate = 0.02
   c.global_batch_size = 16
-  c.num_steps = 400
+  c.num_steps = 600
   c.worker_count = 0
   c.log_every_steps = 10
   c.checkpoint_every_steps = 100
-  c.eval_every_steps = 200
+  c.eval_every_steps = 300
   c.eval_num_examples = 32
   c.eval.mode = 'whole'
   c.eval.crop_size = 96
