@@ -154,12 +154,12 @@ class TrainCheckpointer:
   """
 
   def __init__(self, workdir: str, model_config: PSPNetConfig, *, keep: int = 3,
-               async_save: bool = True):
+               async_save: bool = True, metadata: dict | None = None):
     import grain  # noqa: F401  registers grain's orbax handler for the data item
     self.workdir = os.path.abspath(workdir)
     os.makedirs(self.workdir, exist_ok=True)
     if jax.process_index() == 0:
-      write_model_config(self.workdir, model_config)
+      write_model_config(self.workdir, model_config, metadata)
     policy = ocp_policy.AnyPreservationPolicy([
         ocp_policy.LatestN(keep),
         ocp_policy.BestN(get_metric_fn=lambda m: m['miou'], n=1,

@@ -33,7 +33,8 @@ are bounded by the number of distinct buckets, never by the number of images.
 'whole' mode runs the whole resized image in one forward, per scale: the canvas is the
 resized image padded (centred, mean) to a multiple of ``whole_multiple`` on its short side
 (its long side is exactly ``round(s * base_size)``); ``whole_multiple=1`` is unpadded
-whole-image inference, at one compilation per distinct resized shape. A slide-mode run
+whole-image inference, at one compilation per distinct resized shape (the canvas shapes are
+part of the bucket, ``Evaluator.bucket``). A slide-mode run
 whose single window covers that canvas computes the same thing.
 """
 

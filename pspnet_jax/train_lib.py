@@ -293,7 +293,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   loader = data_lib.train_loader(ds.name, ds.train_split, data_dir,
                                  global_batch_size=config.global_batch_size, augment=augment,
                                  seed=config.seed, worker_count=int(config.get('worker_count', 0)))
-  ckpt = ckpt_lib.TrainCheckpointer(workdir, model_config, keep=int(config.get('keep_checkpoints', 3)))
+  ckpt = ckpt_lib.TrainCheckpointer(
+      workdir, model_config, keep=int(config.get('keep_checkpoints', 3)),
+      metadata={'dataset': ds.name, 'class_names': list(info.class_names),
+                'palette': [list(c) for c in info.palette]})
   state = jax.device_put(state, replicated)
   start = ckpt.latest_step() or 0
   if start:

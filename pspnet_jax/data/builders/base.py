@@ -35,17 +35,8 @@ class ManualDirError(FileNotFoundError):
 
 def bitwise_palette(n: int) -> tuple[tuple[int, int, int], ...]:
   """The Pascal VOC colour map (bits of the class index spread over R, G, B)."""
-  out = []
-  for i in range(n):
-    r = g = b = 0
-    c = i
-    for j in range(8):
-      r |= ((c >> 0) & 1) << (7 - j)
-      g |= ((c >> 1) & 1) << (7 - j)
-      b |= ((c >> 2) & 1) << (7 - j)
-      c >>= 3
-    out.append((r, g, b))
-  return tuple(out)
+  from pspnet_jax.prediction_images import default_palette
+  return tuple(tuple(int(v) for v in rgb) for rgb in default_palette(n))
 
 
 def read_file(path: str) -> bytes:
