@@ -50,7 +50,8 @@ def read_rgb(path: str) -> np.ndarray:
 def _metadata_value(metadata: dict, key: str):
   if key in metadata:
     return metadata[key]
-  return (metadata.get('dataset') or {}).get(key)
+  dataset = metadata.get('dataset')
+  return dataset.get(key) if isinstance(dataset, dict) else None
 
 
 def parse_scales(text: str) -> tuple[float, ...]:
