@@ -114,3 +114,16 @@ def test_pyramid_pool_matches_torch_ppm(align_corners):
   want = _nhwc(torch.cat(outs, 1))
   assert y.shape == (2, 11, 14, 8 + 3 * len(BINS))
   np.testing.assert_allclose(y, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('align_corners', [True, False])
+@pytest.mark.parametrize('src,dst', [((6, 9), (47, 33)), ((20, 7), (5, 3)), ((1, 4), (3, 1))])
+def test_resize_bilinear_gradient_matches_torch(src, dst, align_corners):
+  """The custom backward (transposed interpolation matrix) is PyTorch's gradient."""
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((2, *src, 3)).astype(np.float32)
+  g = rng.standard_normal((2, *dst, 3)).astype(np.float32)
+  got = jax.grad(lambda x: jnp.sum(ops.resize_bilinear(x, dst, align_corners) * g))(jnp.asarray(x))
+  xt = _nchw(x).requires_grad_(True)
+  (F.interpolate(xt, dst, mode='bilinear', align_corners=align_corners) * _nchw(g)).sum().backward()
+  np.testing.assert_allclose(np.asarray(got), _nhwc(xt.grad), atol=1e-5, rtol=0)
