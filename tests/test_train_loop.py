@@ -214,3 +214,26 @@ def test_eval_cli_on_the_trained_workdir(reference_run, data_dir, tmp_path):
   assert [c['name'] for c in m['per_class']] == ['background', 'circle', 'square', 'triangle']
   assert m['images'] == 8 and (out / 'per_class_iou.png').exists()
   assert len(list((out / 'predictions').glob('*_color.png'))) == 8
+
+
+def test_init_checkpoint_full_and_backbone_only(tmp_path, data_dir):
+  """train.py starts from a model directory (the port CLI's output): a full checkpoint
+  fills every parameter, a backbone-only one only the backbone. With lr 0 the parameters
+  after training are the initial ones."""
+  from pspnet_jax.models import PSPNetConfig
+  cfg = PSPNetConfig(depth=18, num_classes=4, base_width=8, head_channels=16, aux_channels=8)
+  source = checkpoint.create_model(cfg, seed=123)
+  full = checkpoint.save_model(tmp_path / 'full', source)
+  backbone = checkpoint.save_model(tmp_path / 'backbone', source, metadata={'backbone_only': True})
+  src = {'.'.join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(source, nnx.Param))}
+  for name, path in (('full', full), ('backbone', backbone)):
+    workdir = tmp_path / f'run_{name}'
+    _train(workdir, data_dir, f'--config.init_checkpoint={path}', '--config.optimizer.learning_rate=0.0',
+           '--config.num_steps=2', '--config.checkpoint_every_steps=1000')
+    got = {'.'.join(map(str, k)): np.asarray(v[...]) for k, v in
+           nnx.to_flat_state(nnx.state(checkpoint.load_model(workdir), nnx.Param))}
+    for k, v in src.items():
+      if name == 'full' or k.startswith('backbone.'):
+        np.testing.assert_array_equal(got[k], v, err_msg=f'{name}: {k}')
+    heads_equal = all(np.array_equal(got[k], v) for k, v in src.items() if k.startswith('cls.'))
+    assert heads_equal == (name == 'full')
