@@ -368,6 +368,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if step < total_steps and (step % config.checkpoint_every_steps == 0 or eval_metrics is not None):
         save(step, {'miou': eval_metrics['miou']} if eval_metrics else None)
         last_good = step
+      _maybe_inject_signal(step)
       if preempt.any_process():
         save(step)
         ckpt.wait()
@@ -388,6 +389,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
     from pspnet_jax.eval_outputs import write_eval_outputs
     write_eval_outputs(os.path.join(workdir, 'eval'), final, eval_config=eval_cfg)
   return final
+
+
+def _maybe_inject_signal(step: int):
+  """Fault injection for tests: ``PSPNET_SIGNAL_AT_STEP=7:KILL`` (or ``:TERM``) sends
+  that signal to this process right after step 7, wherever the asynchronous checkpoint
+  writer is. Tests use it because an outside signal races a fast machine."""
+  spec = os.environ.get('PSPNET_SIGNAL_AT_STEP')
+  if spec:
+    at, name = spec.split(':')
+    if step == int(at):
+      os.kill(os.getpid(), getattr(signal, 'SIG' + name))
 
 
 def _model_variables(state) -> dict:
