@@ -229,10 +229,9 @@ def initial_model(config, model_config: PSPNetConfig) -> PSPNet:
   A full checkpoint must have the same architecture; a backbone-only one (ImageNet
   weights) fills the backbone and leaves the new layers freshly initialised.
   """
-  model = ckpt_lib.create_model(model_config, seed=config.seed)
   path = config.get('init_checkpoint') or ''
   if not path:
-    return model
+    return ckpt_lib.create_model(model_config, seed=config.seed)
   source = ckpt_lib.load_model(path)
   src_cfg, dst_cfg = source.config, model_config
   _, meta = ckpt_lib.read_model_config(path) if os.path.exists(
@@ -245,12 +244,16 @@ def initial_model(config, model_config: PSPNetConfig) -> PSPNet:
             if getattr(src_cfg, k) != getattr(dst_cfg, k)}
     if diff:
       raise ValueError(f'init_checkpoint {path}: backbone differs from config.model: {diff}')
+    model = ckpt_lib.create_model(model_config, seed=config.seed)
     nnx.update(model.backbone, nnx.state(source.backbone))
-  else:
-    if arch(src_cfg) != arch(dst_cfg):
-      raise ValueError(f'init_checkpoint {path}: architecture {arch(src_cfg)} differs from '
-                       f'config.model {arch(dst_cfg)}')
-    nnx.update(model, nnx.state(source))
+    return model
+  if arch(src_cfg) != arch(dst_cfg):
+    raise ValueError(f'init_checkpoint {path}: architecture {arch(src_cfg)} differs from '
+                     f'config.model {arch(dst_cfg)}')
+  # Every variable comes from the checkpoint: fill an abstract model (no initialisation
+  # compile) built from this config, so its dtype and dropout are the config's.
+  model = ckpt_lib.abstract_model(model_config)
+  nnx.update(model, nnx.state(source))
   return model
 
 
