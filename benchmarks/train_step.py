@@ -61,7 +61,8 @@ def run_jax(args):
     state, m = compiled(state, batch)
     float(m['loss'])
     times.append(time.perf_counter() - t)
-  out = {'framework': 'jax', 'wgrad': os.environ.get('PSPNET_CONV_WGRAD', 'auto'),
+  out = {'framework': 'jax', 'conv': os.environ.get('PSPNET_CONV', 'auto'),
+         'wgrad': os.environ.get('PSPNET_CONV_WGRAD', 'auto'),
          'device': str(jax.devices()[0]), 'compile_s': compile_s, 'step_s': statistics.median(times),
          'all_s': times, 'flops': cost.get('flops'), 'xla_temp_bytes': getattr(mem, 'temp_size_in_bytes', None)}
   if jax.default_backend() == 'gpu':
@@ -130,7 +131,9 @@ def main():
   ap.add_argument('--steps', type=int, default=3)
   ap.add_argument('--rounds', type=int, default=2)
   ap.add_argument('--dtype', default='float32')
-  ap.add_argument('--frameworks', default='jax,jax-xla-wgrad,torch-eager,torch-compile')
+  ap.add_argument('--frameworks', default='jax,torch-eager,jax-xla-conv,torch-compile',
+                  help='jax-xla-conv: XLA\'s plain convolutions (PSPNET_CONV=xla), i.e. without '
+                       'the CPU rewrites of models/layers.py; jax-xla-wgrad: only its weight gradients')
   ap.add_argument('--peak-tflops', type=float, default=0.0, help='for MFU on accelerators')
   ap.add_argument('--timeout', type=int, default=1200)
   ap.add_argument('--child', default=None)
@@ -144,6 +147,8 @@ def main():
       name = fw
       if fw == 'jax-xla-wgrad':
         env['PSPNET_CONV_WGRAD'], fw = 'xla', 'jax'
+      elif fw == 'jax-xla-conv':
+        env['PSPNET_CONV'], fw = 'xla', 'jax'
       cmd = [sys.executable, __file__, '--child', fw] + [
           f'--{k}={v}' for k, v in vars(args).items() if k in ('depth', 'classes', 'batch', 'size', 'steps', 'dtype')]
       try:

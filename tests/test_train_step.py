@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 import torch
+from flax import nnx
 
 from pspnet_jax import train_lib
 from pspnet_jax.optimizer import OptimizerConfig, make_optimizer, param_groups, poly_schedule
@@ -114,24 +115,42 @@ def test_batch_size_must_divide_devices():
     train_lib.check_batch_size(3, grad_accum_steps=2)
 
 
+@pytest.mark.parametrize('strategy', ['xla', 'taps', 'shifted'])
 @pytest.mark.parametrize('k,ci,co,stride,dilation,size', [
     (1, 32, 16, 1, 1, 9), (1, 16, 32, 2, 1, 11), (3, 8, 12, 1, 2, 13), (3, 8, 8, 1, 4, 17),
-    (3, 6, 10, 2, 1, 10)])
-def test_matmul_weight_gradient_equals_xla_gradient(k, ci, co, stride, dilation, size):
-  """The custom-VJP convolution has XLA's forward and both of XLA's gradients."""
+    (3, 6, 10, 2, 1, 10), (3, 20, 6, 1, 1, 8), (7, 3, 8, 2, 1, 15)])
+def test_cpu_conv_equals_xla_convolution(k, ci, co, stride, dilation, size, strategy, monkeypatch):
+  """`cpu_conv` (1x1 as matmul, wide inputs split, each weight-gradient strategy) has XLA's
+  convolution's output and both gradients, on odd sizes, strides and dilations."""
   from jax import lax
   from pspnet_jax import ops
-  from pspnet_jax.models.layers import conv_matmul_wgrad
+  from pspnet_jax.models import layers
+  monkeypatch.setenv('PSPNET_CONV_WGRAD', strategy)
+  monkeypatch.setattr(layers, 'CIN_CHUNK', 8)  # ci=20 splits into 8 + 8 + 4
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((2, size, size + 3, ci)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((k, k, ci, co)), jnp.float32)
   pad = ops.conv_padding(k, dilation)
   ref = lambda x, w: lax.conv_general_dilated(x, w, (stride, stride), pad, rhs_dilation=(dilation, dilation),
                                               dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  mine = lambda x, w: conv_matmul_wgrad(x, w, (stride, stride), pad, (dilation, dilation))
-  np.testing.assert_array_equal(np.asarray(mine(x, w)), np.asarray(ref(x, w)))
+  mine = lambda x, w: layers.cpu_conv(x, w, (stride, stride), pad, (dilation, dilation))
+  y, r = np.asarray(jax.jit(mine)(x, w)), np.asarray(ref(x, w))
+  assert y.shape == r.shape
+  np.testing.assert_allclose(y, r, rtol=1e-5, atol=1e-5 * float(np.abs(r).max()))
   loss = lambda f: (lambda x, w: jnp.sum(jnp.sin(f(x, w))))
-  gx, gw = jax.grad(loss(mine), argnums=(0, 1))(x, w)
+  gx, gw = jax.jit(jax.grad(loss(mine), argnums=(0, 1)))(x, w)
   rx, rw = jax.grad(loss(ref), argnums=(0, 1))(x, w)
-  np.testing.assert_allclose(gx, rx, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(gw, rw, rtol=1e-5, atol=1e-4 * float(jnp.abs(rw).max()))
+  np.testing.assert_allclose(gx, rx, rtol=1e-5, atol=1e-5 * float(jnp.abs(rx).max()))
+  np.testing.assert_allclose(gw, rw, rtol=1e-5, atol=1e-5 * float(jnp.abs(rw).max()))
+
+
+def test_models_use_cpu_conv_on_cpu_only_unless_disabled(monkeypatch):
+  """The CPU rewrites are what the benchmarks measure: every conv of a model built on CPU
+  goes through `cpu_conv`; PSPNET_CONV=xla builds XLA's plain convolutions."""
+  from pspnet_jax.models import layers
+  rngs = nnx.Rngs(0)
+  assert jax.default_backend() == 'cpu'
+  conv = layers.conv2d(8, 8, 3, rngs=rngs)
+  assert conv.conv_general_dilated is layers._cpu_conv_general_dilated
+  monkeypatch.setenv('PSPNET_CONV', 'xla')
+  assert layers.conv2d(8, 8, 3, rngs=rngs).conv_general_dilated is not layers._cpu_conv_general_dilated

@@ -73,29 +73,32 @@ def _conv(x, w, strides, padding, dilation):
                                   dimension_numbers=_NHWC)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def conv_matmul_wgrad(x, w, strides, padding, dilation):
-  """A convolution whose weight gradient is computed as one matmul per kernel tap.
+# --- Convolutions on CPU --------------------------------------------------------------------
+# XLA's CPU convolution (Eigen) runs well below its own matmul speed for three things PSPNet
+# is made of (measured per layer against PyTorch's oneDNN in benchmarks/conv_cpu.py):
+# 1x1 convolutions, the weight gradient of most 3x3 convolutions, and 3x3 convolutions
+# with a very wide input (the 4096-channel classifier conv). `cpu_conv` rewrites those as
+# matmuls that XLA runs at full speed; the sums are the same, so the numbers agree up to
+# float reassociation. GPUs and TPUs keep XLA's convolution unchanged.
 
-  Forward and input gradient are XLA's. The weight gradient
-  ``dW[i, j] = sum_{b,h,w} x_pad[b, h*s + i*d, w*s + j*d, :]^T dy[b, h, w, :]`` is
-  ``k*k`` matmuls over (batch x space): on CPU, XLA's own weight-gradient convolution runs
-  2-4x slower than that for the 1x1 and wide 3x3 convolutions that dominate PSPNet
-  (benchmarks/train_step.py measures it). Same sum, so the same numbers up to float
-  reassociation.
-  """
-  return _conv(x, w, strides, padding, dilation)
+CIN_CHUNK = 1024  # XLA CPU convs with a wider input run at ~60% speed; split and sum
 
 
-def _conv_fwd(x, w, strides, padding, dilation):
-  return _conv(x, w, strides, padding, dilation), (x, w)
+def _split_conv(x, w, strides, padding, dilation):
+  """Forward 3x3 conv, split over input channels in chunks of ``CIN_CHUNK``."""
+  ci = w.shape[2]
+  if ci <= CIN_CHUNK:
+    return _conv(x, w, strides, padding, dilation)
+  y = None
+  for c0 in range(0, ci, CIN_CHUNK):
+    part = _conv(x[..., c0:c0 + CIN_CHUNK], w[:, :, c0:c0 + CIN_CHUNK], strides, padding, dilation)
+    y = part if y is None else y + part
+  return y
 
 
-def _conv_bwd(strides, padding, dilation, res, dy):
-  x, w = res
-  _, x_vjp = jax.vjp(lambda x_: _conv(x_, w, strides, padding, dilation), x)
-  (dx,) = x_vjp(dy)
-  kh, kw, ci, co = w.shape
+def _wgrad_taps(x, dy, w_shape, strides, padding, dilation):
+  """dW[i, j] = x_pad[taps (i, j)]^T dy: one matmul per kernel tap (slices of x)."""
+  kh, kw, ci, co = w_shape
   (pt, pb), (pl, pr) = padding
   xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0))) if (pt or pb or pl or pr) else x
   b, ho, wo, _ = dy.shape
@@ -108,33 +111,103 @@ def _conv_bwd(strides, padding, dilation, res, dy):
                       (b, i * dh + (ho - 1) * sh + 1, j * dw_ + (wo - 1) * sw + 1, ci),
                       (1, sh, sw, 1))
       taps.append(jnp.dot(tap.reshape(-1, ci).T, dyf, preferred_element_type=jnp.float32))
-  dw = jnp.stack(taps).reshape(kh, kw, ci, co).astype(w.dtype)
-  return dx, dw
+  return jnp.stack(taps).reshape(kh, kw, ci, co)
 
 
-conv_matmul_wgrad.defvjp(_conv_fwd, _conv_bwd)
+def _wgrad_shifted(x, dy, w_shape, padding, dilation):
+  """Stride 1: dW = x^T [dy shifted by each tap]: one matmul against k*k shifted copies of
+  dy (the narrower tensor) instead of k*k slices of x."""
+  kh, kw, ci, co = w_shape
+  (pt, _), (pl, _) = padding
+  dh, dw_ = dilation
+  b, h, wd, _ = x.shape
+  _, ho, wo, _ = dy.shape
+  top, left = (kh - 1) * dh, (kw - 1) * dw_
+  dyp = jnp.pad(dy, ((0, 0), (top, max(0, h + pt - ho)), (left, max(0, wd + pl - wo)), (0, 0)))
+  shifted = [dyp[:, top + pt - i * dh:top + pt - i * dh + h, left + pl - j * dw_:left + pl - j * dw_ + wd]
+             for i in range(kh) for j in range(kw)]
+  d = jnp.concatenate(shifted, axis=-1).reshape(-1, kh * kw * co)
+  dw = lax.dot_general(x.reshape(-1, ci), d, (((0,), (0,)), ((), ())),
+                       preferred_element_type=jnp.float32)
+  return dw.reshape(ci, kh, kw, co).transpose(1, 2, 0, 3)
 
 
-def _matmul_wgrad_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                                       rhs_dilation=None, dimension_numbers=None,
-                                       feature_group_count=1, precision=None, **unused):
-  """``lax.conv_general_dilated``'s signature (what ``nnx.Conv`` calls) for NHWC convs."""
-  del lhs_dilation, dimension_numbers, feature_group_count, precision, unused
-  return conv_matmul_wgrad(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding),
-                           tuple(rhs_dilation or (1, 1)))
+def wgrad_strategy(x_shape, w_shape, strides) -> str:
+  """Which weight gradient is fastest on CPU for this conv (measured, benchmarks/conv_cpu.py).
 
-
-def use_matmul_wgrad(kernel_size: int, in_ch: int, stride: int) -> bool:
-  """Where the tap-matmul weight gradient beats XLA's on CPU (measured): 1x1 convs, and
-  stride-1 3x3 convs with >= 256 input channels (layer3/4, the heads). On GPU/TPU the
-  vendor convolution kernels are used unchanged. ``PSPNET_CONV_WGRAD=xla`` (or ``matmul``)
-  overrides the choice, for benchmarking."""
+  ``PSPNET_CONV_WGRAD=xla|taps|shifted`` forces one, for benchmarking."""
   forced = os.environ.get('PSPNET_CONV_WGRAD', 'auto')
   if forced != 'auto':
-    return forced == 'matmul'
-  if jax.default_backend() != 'cpu':
+    return 'taps' if forced == 'shifted' and strides != (1, 1) else forced
+  _, h, wd, _ = x_shape
+  _, _, ci, _ = w_shape
+  if strides != (1, 1):
+    return 'xla'
+  if ci >= 2048:
+    return 'shifted'
+  if h * wd >= 150 * 150 or ci == 512:
+    return 'taps'
+  return 'xla'
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_kxk(x, w, strides, padding, dilation):
+  return _split_conv(x, w, strides, padding, dilation)
+
+
+def _conv_kxk_fwd(x, w, strides, padding, dilation):
+  return _split_conv(x, w, strides, padding, dilation), (x, w)
+
+
+def _conv_kxk_bwd(strides, padding, dilation, res, dy):
+  x, w = res
+  _, vjp = jax.vjp(lambda x_, w_: _split_conv(x_, w_, strides, padding, dilation), x, w)
+  strategy = wgrad_strategy(x.shape, w.shape, strides)
+  if strategy == 'xla':
+    return vjp(dy)
+  _, x_vjp = jax.vjp(lambda x_: _split_conv(x_, w, strides, padding, dilation), x)
+  (dx,) = x_vjp(dy)
+  if strategy == 'shifted':
+    dw = _wgrad_shifted(x, dy, w.shape, padding, dilation)
+  else:
+    dw = _wgrad_taps(x, dy, w.shape, strides, padding, dilation)
+  return dx, dw.astype(w.dtype)
+
+
+_conv_kxk.defvjp(_conv_kxk_fwd, _conv_kxk_bwd)
+
+
+def cpu_conv(x, w, strides, padding, dilation):
+  """NHWC x HWIO convolution, fast on XLA:CPU, with XLA's convolution's values and
+  gradients (up to float reassociation).
+
+  1x1 convolutions are a (strided) slice and a matmul, differentiated as such; larger
+  kernels run XLA's convolution split over wide inputs (``_split_conv``) with the weight
+  gradient picked by ``wgrad_strategy``.
+  """
+  strides, dilation = tuple(strides), tuple(dilation)
+  padding = tuple(tuple(p) for p in padding)
+  kh, kw, ci, co = w.shape
+  if (kh, kw) == (1, 1) and not any(sum(padding, ())):
+    xs = x[:, ::strides[0], ::strides[1]] if strides != (1, 1) else x
+    b, h, wd, _ = xs.shape
+    return jnp.dot(xs.reshape(-1, ci), w.reshape(ci, co)).reshape(b, h, wd, co)
+  return _conv_kxk(x, w, strides, padding, dilation)
+
+
+def _cpu_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                              rhs_dilation=None, dimension_numbers=None,
+                              feature_group_count=1, precision=None, **unused):
+  """``lax.conv_general_dilated``'s signature (what ``nnx.Conv`` calls) for NHWC convs."""
+  del lhs_dilation, dimension_numbers, feature_group_count, precision, unused
+  return cpu_conv(lhs, rhs, window_strides, padding, rhs_dilation or (1, 1))
+
+
+def use_cpu_conv() -> bool:
+  """On the CPU backend, unless ``PSPNET_CONV=xla`` asks for XLA's plain convolution."""
+  if os.environ.get('PSPNET_CONV', 'auto') == 'xla':
     return False
-  return kernel_size == 1 or (stride == 1 and in_ch >= 256)
+  return jax.default_backend() == 'cpu'
 
 
 def conv2d(in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1, dilation: int = 1,
@@ -145,8 +218,8 @@ def conv2d(in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1, dilati
   half a pixel relative to PyTorch.
   """
   extra = {}
-  if use_matmul_wgrad(kernel_size, in_ch, stride):
-    extra['conv_general_dilated'] = _matmul_wgrad_conv_general_dilated
+  if use_cpu_conv():
+    extra['conv_general_dilated'] = _cpu_conv_general_dilated
   return nnx.Conv(
       in_ch, out_ch, (kernel_size, kernel_size), strides=stride,
       padding=ops.conv_padding(kernel_size, dilation), kernel_dilation=dilation,
