@@ -60,63 +60,84 @@ def run_jax(args):
   sys.path.insert(0, ROOT)
   from pspnet_jax.models import layers
 
-  for name, (n, h, w_, ci, co, k, d, s), count in SHAPES:
-    if args.only and name not in args.only:
-      continue
-    pad = ((d * (k - 1) // 2,) * 2,) * 2
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((n, h, w_, ci), np.float32))
-    w = jnp.asarray(rng.standard_normal((k, k, ci, co), np.float32) * 0.05)
-    plain = lambda x, w: lax.conv_general_dilated(x, w, (s, s), pad, rhs_dilation=(d, d),
-                                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    mine = lambda x, w: layers.cpu_conv(x, w, (s, s), pad, (d, d))
-    dy = jnp.asarray(rng.standard_normal(plain(x, w).shape, np.float32))
-    row = {'name': name, 'count': count}
+  for name, shape, count in SHAPES:
+    if not args.only or name in args.only:
+      print(json.dumps(_jax_row(name, shape, count, args.reps, jax, jnp, np, lax, layers)), flush=True)
 
-    def parts(f, tag):
-      fwd = jax.jit(f)
-      dgrad = jax.jit(lambda x, w, dy: jax.vjp(lambda x_: f(x_, w), x)[1](dy))
-      wgrad = jax.jit(lambda x, w, dy: jax.vjp(lambda w_: f(x, w_), w)[1](dy))
-      row[f'{tag}_fwd'] = _time(lambda: jax.block_until_ready(fwd(x, w)), args.reps)
-      row[f'{tag}_dgrad'] = _time(lambda: jax.block_until_ready(dgrad(x, w, dy)), args.reps)
-      row[f'{tag}_wgrad'] = _time(lambda: jax.block_until_ready(wgrad(x, w, dy)), args.reps)
 
-    parts(plain, 'xla')
-    if k == 1:
-      parts(mine, 'matmul')
-    else:
-      row['auto'] = layers.wgrad_strategy(x.shape, w.shape, (s, s))
-      for strategy in ('taps', 'shifted') if s == 1 else ('taps',):
-        os.environ['PSPNET_CONV_WGRAD'] = strategy
-        wgrad = jax.jit(lambda x, w, dy: jax.vjp(lambda w_: mine(x, w_), w)[1](dy))
-        row[f'{strategy}_wgrad'] = _time(lambda: jax.block_until_ready(wgrad(x, w, dy)), args.reps)
-      os.environ.pop('PSPNET_CONV_WGRAD')
-      if ci > layers.CIN_CHUNK:
-        parts(lambda x, w: layers._split_conv(x, w, (s, s), pad, (d, d)), 'split')
-    print(json.dumps(row), flush=True)
+def _jax_row(name, shape, count, reps, jax, jnp, np, lax, layers):
+  n, h, w_, ci, co, k, d, s = shape
+  pad = ((d * (k - 1) // 2,) * 2,) * 2
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((n, h, w_, ci), np.float32))
+  w = jnp.asarray(rng.standard_normal((k, k, ci, co), np.float32) * 0.05)
+
+  def plain(x, w):
+    return lax.conv_general_dilated(x, w, (s, s), pad, rhs_dilation=(d, d),
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  def mine(x, w):
+    return layers.cpu_conv(x, w, (s, s), pad, (d, d))
+
+  def split(x, w):
+    return layers._split_conv(x, w, (s, s), pad, (d, d))
+
+  dy = jnp.asarray(rng.standard_normal(plain(x, w).shape, np.float32))
+  row = {'name': name, 'count': count}
+
+  def wgrad_fn(f):
+    return jax.jit(lambda x, w, dy: jax.vjp(lambda w_: f(x, w_), w)[1](dy))
+
+  def parts(f, tag):
+    fwd = jax.jit(f)
+    dgrad = jax.jit(lambda x, w, dy: jax.vjp(lambda x_: f(x_, w), x)[1](dy))
+    wgrad = wgrad_fn(f)
+    row[f'{tag}_fwd'] = _time(lambda: jax.block_until_ready(fwd(x, w)), reps)
+    row[f'{tag}_dgrad'] = _time(lambda: jax.block_until_ready(dgrad(x, w, dy)), reps)
+    row[f'{tag}_wgrad'] = _time(lambda: jax.block_until_ready(wgrad(x, w, dy)), reps)
+
+  parts(plain, 'xla')
+  if k == 1:
+    parts(mine, 'matmul')
+    return row
+  row['auto'] = layers.wgrad_strategy(x.shape, w.shape, (s, s))
+  for strategy in ('taps', 'shifted') if s == 1 else ('taps',):
+    os.environ['PSPNET_CONV_WGRAD'] = strategy  # read when the gradient is traced
+    wgrad = wgrad_fn(mine)
+    row[f'{strategy}_wgrad'] = _time(lambda wgrad=wgrad: jax.block_until_ready(wgrad(x, w, dy)), reps)
+  os.environ.pop('PSPNET_CONV_WGRAD')
+  if ci > layers.CIN_CHUNK:
+    parts(split, 'split')
+  return row
 
 
 def run_torch(args):
   import torch
-  import torch.nn.functional as F
   torch.set_num_threads(os.cpu_count())
-  for name, (n, h, w_, ci, co, k, d, s), count in SHAPES:
-    if args.only and name not in args.only:
-      continue
-    x = torch.randn(n, ci, h, w_, requires_grad=True)
-    w = (torch.randn(co, ci, k, k) * 0.05).requires_grad_()
-    conv = lambda: F.conv2d(x, w, stride=s, padding=d * (k - 1) // 2, dilation=d)
-    dy = torch.randn_like(conv())
+  for name, shape, count in SHAPES:
+    if not args.only or name in args.only:
+      print(json.dumps(_torch_row(name, shape, count, args.reps, torch)), flush=True)
 
-    def fwd():
-      with torch.no_grad():
-        conv()
 
-    f = _time(fwd, args.reps)
-    both = _time(lambda: torch.autograd.grad(conv(), (x, w), dy), args.reps)
-    dx_only = _time(lambda: torch.autograd.grad(conv(), (x,), dy), args.reps)
-    print(json.dumps({'name': name, 'count': count, 'torch_fwd': f, 'torch_dgrad': round(dx_only - f, 1),
-                      'torch_wgrad': round(both - dx_only, 1)}), flush=True)
+def _torch_row(name, shape, count, reps, torch):
+  import torch.nn.functional as F
+  n, h, w_, ci, co, k, d, s = shape
+  x = torch.randn(n, ci, h, w_, requires_grad=True)
+  w = (torch.randn(co, ci, k, k) * 0.05).requires_grad_()
+
+  def conv():
+    return F.conv2d(x, w, stride=s, padding=d * (k - 1) // 2, dilation=d)
+
+  def fwd():
+    with torch.no_grad():
+      conv()
+
+  dy = torch.randn_like(conv())
+  f = _time(fwd, reps)
+  both = _time(lambda: torch.autograd.grad(conv(), (x, w), dy), reps)
+  dx_only = _time(lambda: torch.autograd.grad(conv(), (x,), dy), reps)
+  return {'name': name, 'count': count, 'torch_fwd': f, 'torch_dgrad': round(dx_only - f, 1),
+          'torch_wgrad': round(both - dx_only, 1)}
 
 
 def main():
