@@ -38,3 +38,34 @@ def test_load_errors_name_the_path(tmp_path):
   (tmp_path / 'bad' / 'model_config.json').write_text(json.dumps({'model': {'depth': 18}}))
   with pytest.raises(checkpoint.CheckpointError, match='cannot restore'):
     checkpoint.load_model(tmp_path / 'bad')
+
+
+def test_train_checkpoints_keep_the_latest_k_and_the_best_miou(tmp_path):
+  """keep=2: after saving steps 1-6 (validation mIoU at 1-5, none at 6, as a preemption
+  save has none) the latest two (5, 6) and the best by mIoU (2) remain, and that best
+  step restores its own values."""
+  import jax.numpy as jnp
+  import optax
+  ckpt = checkpoint.TrainCheckpointer(str(tmp_path), PSPNetConfig(depth=18), keep=2)
+  tx = optax.sgd(0.1, momentum=0.9)
+  mious = {1: 0.1, 2: 0.9, 3: 0.3, 4: 0.2, 5: 0.4}
+  for step in range(1, 7):
+    variables = {'params': {'w': jnp.full((3,), float(step))}}
+    ckpt.save(step, model_variables=variables, opt_state=tx.init(variables['params']),
+              meta={'step': step}, data_state={'step': step},
+              metrics={'miou': mious[step]} if step in mious else None)
+  ckpt.wait()
+  assert sorted(ckpt.manager.all_steps()) == [2, 5, 6]
+  assert ckpt.latest_step() == 6
+
+  class Iterator:
+    def set_state(self, state):
+      self.state = state
+
+  it = Iterator()
+  target = {'params': {'w': jnp.zeros((3,))}}
+  model, _, meta = ckpt.restore(2, model_target=target, opt_target=tx.init(target['params']),
+                                data_iterator=it)
+  np.testing.assert_array_equal(np.asarray(model['params']['w']), [2.0, 2.0, 2.0])
+  assert meta == {'step': 2} and it.state == {'step': 2}
+  ckpt.close()
