@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from flax import nnx
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))  # run from a checkout, installed or not
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tests'))
 from torch_reference import TorchPSPNet, randomize, state_dict_numpy  # noqa: E402
 

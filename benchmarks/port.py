@@ -21,6 +21,7 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))  # run from a checkout, installed or not
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tests'))
 from torch_reference import TorchPSPNet  # noqa: E402
 

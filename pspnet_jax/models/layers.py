@@ -133,7 +133,14 @@ def _wgrad_shifted(x, dy, w_shape, padding, dilation):
 
 
 def wgrad_strategy(x_shape, w_shape, strides) -> str:
-  """Which weight gradient is fastest on CPU for this conv (measured, benchmarks/conv_cpu.py).
+  """Which weight gradient is fastest on CPU for this conv, from per-layer timings of
+  PSPNet-50 at batch 2 x 473 on 2 cores (benchmarks/conv_cpu.py; XLA / taps / shifted, ms):
+
+  - very wide inputs, the 4096-channel classifier: 3746 / 2409 / 1468 -> shifted;
+  - large maps with few channels, the deep stem at 237x237: 934 / 244 / 646 -> taps;
+  - layer4's 512-channel dilation-4 convs: 510 / 299 / 308 -> taps;
+  - everything else (layer1-3, the aux head) XLA's own is as fast or faster, e.g.
+    layer3 84 / 94 / 114, aux 227 / 418 / 226.
 
   ``PSPNET_CONV_WGRAD=xla|taps|shifted`` forces one, for benchmarking."""
   forced = os.environ.get('PSPNET_CONV_WGRAD', 'auto')
