@@ -53,21 +53,22 @@ def _time(fn, reps):
 
 
 def run_jax(args):
+  sys.path.insert(0, ROOT)
+  for name, shape, count in SHAPES:
+    if not args.only or name in args.only:
+      print(json.dumps(_jax_row(name, shape, count, args.reps)), flush=True)
+
+
+def _jax_row(name, shape, count, reps):
   import jax
   import jax.numpy as jnp
   import numpy as np
   from jax import lax
-  sys.path.insert(0, ROOT)
+
+  from pspnet_jax import ops
   from pspnet_jax.models import layers
-
-  for name, shape, count in SHAPES:
-    if not args.only or name in args.only:
-      print(json.dumps(_jax_row(name, shape, count, args.reps, jax, jnp, np, lax, layers)), flush=True)
-
-
-def _jax_row(name, shape, count, reps, jax, jnp, np, lax, layers):
   n, h, w_, ci, co, k, d, s = shape
-  pad = ((d * (k - 1) // 2,) * 2,) * 2
+  pad = ops.conv_padding(k, d)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((n, h, w_, ci), np.float32))
   w = jnp.asarray(rng.standard_normal((k, k, ci, co), np.float32) * 0.05)
@@ -116,10 +117,11 @@ def run_torch(args):
   torch.set_num_threads(os.cpu_count())
   for name, shape, count in SHAPES:
     if not args.only or name in args.only:
-      print(json.dumps(_torch_row(name, shape, count, args.reps, torch)), flush=True)
+      print(json.dumps(_torch_row(name, shape, count, args.reps)), flush=True)
 
 
-def _torch_row(name, shape, count, reps, torch):
+def _torch_row(name, shape, count, reps):
+  import torch
   import torch.nn.functional as F
   n, h, w_, ci, co, k, d, s = shape
   x = torch.randn(n, ci, h, w_, requires_grad=True)

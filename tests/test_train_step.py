@@ -214,7 +214,7 @@ def test_train_steps_match_torch_semseg_step(accum):
   for _ in range(steps):
     state, _ = step(state, batch)
   mine = export_state_dict(nnx.merge(graphdef, state['params'], state['batch_stats']))
-  kw = dict(steps=steps, accum=accum, lr=lr, total=total)
+  kw = {'steps': steps, 'accum': accum, 'lr': lr, 'total': total}
   s64 = _torch_train(ref, images, labels, dtype=torch.float64, **kw)
   s32 = _torch_train(ref, images, labels, dtype=torch.float32, **kw)
   checked, worst_jax, worst_torch = 0, 0.0, 0.0

@@ -168,12 +168,11 @@ def _conv_kxk_fwd(x, w, strides, padding, dilation):
 
 def _conv_kxk_bwd(strides, padding, dilation, res, dy):
   x, w = res
-  _, vjp = jax.vjp(lambda x_, w_: _split_conv(x_, w_, strides, padding, dilation), x, w)
+  conv = functools.partial(_split_conv, strides=strides, padding=padding, dilation=dilation)
   strategy = wgrad_strategy(x.shape, w.shape, strides)
   if strategy == 'xla':
-    return vjp(dy)
-  _, x_vjp = jax.vjp(lambda x_: _split_conv(x_, w, strides, padding, dilation), x)
-  (dx,) = x_vjp(dy)
+    return jax.vjp(conv, x, w)[1](dy)
+  (dx,) = jax.vjp(lambda x_: conv(x_, w), x)[1](dy)
   if strategy == 'shifted':
     dw = _wgrad_shifted(x, dy, w.shape, padding, dilation)
   else:
