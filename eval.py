@@ -16,7 +16,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pspnet_jax import eval_lib
+from pspnet_jax.evaluation import evaluate_checkpoint
 
 config_flags.DEFINE_config_file('config', 'configs/synthetic.py', 'Configuration file.')
 flags.DEFINE_string('workdir', None, 'Training workdir: evaluates its latest checkpoint.')
@@ -34,7 +34,7 @@ def main(argv):
     raise app.UsageError('give exactly one of --workdir and --checkpoint')
   path = FLAGS.workdir or FLAGS.checkpoint
   out = FLAGS.out or os.path.join(path, 'eval')
-  eval_lib.evaluate_checkpoint(FLAGS.config, path, out, save_predictions=FLAGS.save_predictions,
+  evaluate_checkpoint(FLAGS.config, path, out, save_predictions=FLAGS.save_predictions,
                                max_examples=FLAGS.max_examples)
 
 

@@ -10,7 +10,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pspnet_jax import train_lib
+from pspnet_jax import mesh
+from pspnet_jax.train import TrainingDiverged, train_and_evaluate
 
 config_flags.DEFINE_config_file('config', 'configs/synthetic.py', 'Training configuration file.')
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and evaluation.', required=True)
@@ -23,10 +24,10 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
-  train_lib.maybe_initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+  mesh.maybe_initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   try:
-    metrics = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except train_lib.TrainingDiverged as e:
+    metrics = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except TrainingDiverged as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   if metrics:

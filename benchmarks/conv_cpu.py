@@ -4,7 +4,7 @@ weight-gradient strategy, and in PyTorch (oneDNN), same shapes, one invocation.
 
   python benchmarks/conv_cpu.py [--only cls l4_3x3] [--reps 3]
 
-This is where `models/layers.py` gets its CPU rules (which weight gradient, when to split
+This is where `pspnet_jax/ops/cpu_conv.py` gets its CPU rules (which weight gradient, when to split
 wide inputs, 1x1 as matmul). Prints one JSON line per layer (milliseconds, min over reps)
 and totals weighted by how often each shape occurs in the network.
 """
@@ -66,7 +66,7 @@ def _jax_row(name, shape, count, reps):
   from jax import lax
 
   from pspnet_jax import ops
-  from pspnet_jax.models import layers
+  from pspnet_jax.ops import cpu_conv
   n, h, w_, ci, co, k, d, s = shape
   pad = ops.conv_padding(k, d)
   rng = np.random.default_rng(0)
@@ -78,10 +78,10 @@ def _jax_row(name, shape, count, reps):
                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
   def mine(x, w):
-    return layers.cpu_conv(x, w, (s, s), pad, (d, d))
+    return cpu_conv.cpu_conv(x, w, (s, s), pad, (d, d))
 
   def split(x, w):
-    return layers._split_conv(x, w, (s, s), pad, (d, d))
+    return cpu_conv.split_conv(x, w, (s, s), pad, (d, d))
 
   dy = jnp.asarray(rng.standard_normal(plain(x, w).shape, np.float32))
   row = {'name': name, 'count': count}
@@ -101,13 +101,13 @@ def _jax_row(name, shape, count, reps):
   if k == 1:
     parts(mine, 'matmul')
     return row
-  row['auto'] = layers.wgrad_strategy(x.shape, w.shape, (s, s))
+  row['auto'] = cpu_conv.wgrad_strategy(x.shape, w.shape, (s, s))
   for strategy in ('taps', 'shifted') if s == 1 else ('taps',):
     os.environ['PSPNET_CONV_WGRAD'] = strategy  # read when the gradient is traced
     wgrad = wgrad_fn(mine)
     row[f'{strategy}_wgrad'] = _time(lambda wgrad=wgrad: jax.block_until_ready(wgrad(x, w, dy)), reps)
   os.environ.pop('PSPNET_CONV_WGRAD')
-  if ci > layers.CIN_CHUNK:
+  if ci > cpu_conv.CIN_CHUNK:
     parts(split, 'split')
   return row
 

@@ -28,24 +28,24 @@ def run_jax(args):
   from flax import nnx
   from jax.sharding import NamedSharding, PartitionSpec as P
   sys.path.insert(0, ROOT)
-  from pspnet_jax import checkpoint, train_lib
+  from pspnet_jax import checkpoint, mesh as mesh_lib
   from pspnet_jax.models import PSPNetConfig
-  from pspnet_jax.optimizer import OptimizerConfig, make_optimizer
+  from pspnet_jax.train import OptimizerConfig, make_optimizer, make_train_step
 
   cfg = PSPNetConfig(depth=args.depth, num_classes=args.classes, dtype=args.dtype)
   model = checkpoint.create_model(cfg)
   graphdef, params, bstats = nnx.split(model, nnx.Param, nnx.BatchStat)
   tx = make_optimizer(OptimizerConfig(), 1000)
-  mesh = train_lib.data_mesh()
+  mesh = mesh_lib.data_mesh()
   rep = NamedSharding(mesh, P())
   state = jax.device_put({'params': params, 'batch_stats': bstats, 'opt_state': tx.init(params),
                           'step': jnp.zeros((), jnp.int32),
                           'rng': jax.random.key_data(jax.random.key(0))}, rep)
   rng = np.random.default_rng(0)
-  batch = train_lib.global_batch({
+  batch = mesh_lib.global_batch({
       'image': rng.standard_normal((args.batch, args.size, args.size, 3)).astype(np.float32),
       'label': rng.integers(0, args.classes, (args.batch, args.size, args.size)).astype(np.int32)}, mesh)
-  step = jax.jit(train_lib.make_train_step(graphdef, tx, aux_weight=0.4, ignore_label=255),
+  step = jax.jit(make_train_step(graphdef, tx, aux_weight=0.4, ignore_label=255),
                  in_shardings=(rep, NamedSharding(mesh, P('data'))), out_shardings=(rep, rep),
                  donate_argnums=(0,))
   t = time.perf_counter()
@@ -133,7 +133,7 @@ def main():
   ap.add_argument('--dtype', default='float32')
   ap.add_argument('--frameworks', default='jax,torch-eager,jax-xla-conv,torch-compile',
                   help='jax-xla-conv: XLA\'s plain convolutions (PSPNET_CONV=xla), i.e. without '
-                       'the CPU rewrites of models/layers.py; jax-xla-wgrad: only its weight gradients')
+                       'the CPU rewrites of ops/cpu_conv.py; jax-xla-wgrad: only its weight gradients')
   ap.add_argument('--peak-tflops', type=float, default=0.0, help='for MFU on accelerators')
   ap.add_argument('--timeout', type=int, default=1200)
   ap.add_argument('--child', default=None)

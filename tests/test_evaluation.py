@@ -13,9 +13,10 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from pspnet_jax import checkpoint, eval_outputs, metrics, prediction_images
-from pspnet_jax.evaluation import EvalConfig, Evaluator, evaluate
+from pspnet_jax import checkpoint, ops
+from pspnet_jax.evaluation import EvalConfig, Evaluator, evaluate, metrics, outputs
 from pspnet_jax.normalize import MEAN, STD
+from pspnet_jax.palette import default_palette
 from tiny_models import TINY, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -176,7 +177,7 @@ def test_write_eval_outputs(tmp_path, capsys):
   conf = np.array([[5, 1, 0], [2, 4, 0], [0, 0, 0]])
   m = metrics.segmentation_metrics(conf, ['sky', 'road', 'boat'])
   m.update(images=2, seconds=4.0, images_per_second=0.5)
-  paths = eval_outputs.write_eval_outputs(str(tmp_path), m, eval_config=EvalConfig())
+  paths = outputs.write_eval_outputs(str(tmp_path), m, eval_config=EvalConfig())
   saved = json.loads(open(paths['metrics']).read())
   assert {'miou', 'macc', 'allacc', 'fwiou', 'per_class', 'images_per_second', 'seconds'} <= set(saved)
   assert saved['per_class'][2] == {'name': 'boat', 'iou': None, 'precision': None, 'recall': None, 'f1': None}
@@ -216,22 +217,21 @@ def test_predict_cli_writes_promised_files(tmp_path, model):
 
 def test_label_png_id_mapping(tmp_path):
   pred = np.array([[0, 1], [2, 1]])
-  pal = prediction_images.default_palette(3)
-  prediction_images.write_prediction(str(tmp_path), 'x', pred, palette=pal, id_map=[7, 8, 11])
+  pal = default_palette(3)
+  outputs.write_prediction(str(tmp_path), 'x', pred, palette=pal, id_map=[7, 8, 11])
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'x.png')), [[7, 8], [11, 8]])
   assert pal[1].tolist() == [128, 0, 0]  # Pascal VOC colours by default
   with pytest.raises(ValueError, match='id_map'):
-    prediction_images.map_ids(np.array([[3]]), [7, 8, 11])
+    outputs.map_ids(np.array([[3]]), [7, 8, 11])
 
 
 def test_resize_taps_match_opencv():
-  cv2 = pytest.importorskip('cv2')
-  from pspnet_jax.evaluation import cv2_linear_taps
+  import cv2
   rng = np.random.default_rng(0)
   for (h, w), (nh, nw) in [((512, 683), (384, 512)), ((512, 683), (672, 896)), ((37, 5), (5, 37))]:
     a = (rng.random((h, w, 3)) * 255).astype(np.float32)
-    r0, r1, rw0, rw1 = cv2_linear_taps(h, nh)
-    c0, c1, cw0, cw1 = cv2_linear_taps(w, nw)
+    r0, r1, rw0, rw1 = ops.linear_taps(h, nh, convention='opencv')
+    c0, c1, cw0, cw1 = ops.linear_taps(w, nw, convention='opencv')
     rows = a[r0] * rw0[:, None, None] + a[r1] * rw1[:, None, None]
     got = rows[:, c0] * cw0[None, :, None] + rows[:, c1] * cw1[None, :, None]
     np.testing.assert_allclose(got, cv2.resize(a, (nw, nh), interpolation=cv2.INTER_LINEAR), atol=1e-4)

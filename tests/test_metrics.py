@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pspnet_jax import metrics
+from pspnet_jax.evaluation import metrics
 
 
 def numpy_confusion(pred, label, c, ignore=255):

@@ -1,4 +1,4 @@
-"""ops.py against PyTorch: adaptive average pooling, bilinear resizing, pyramid pooling."""
+"""pspnet_jax.ops against PyTorch: adaptive average pooling, bilinear resizing, pyramid pooling."""
 
 import jax
 import jax.numpy as jnp

@@ -13,8 +13,9 @@ import pytest
 import torch
 from flax import nnx
 
-from pspnet_jax import train_lib
-from pspnet_jax.optimizer import OptimizerConfig, make_optimizer, param_groups, poly_schedule
+from pspnet_jax import mesh as mesh_lib
+from pspnet_jax.train import (OptimizerConfig, cross_entropy, make_optimizer, make_train_step,
+                              param_groups, poly_schedule)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,23 +97,23 @@ def test_cross_entropy_ignores_255_like_torch():
   logits = rng.standard_normal((2, 5, 6, 4)).astype(np.float32)
   labels = rng.integers(0, 4, (2, 5, 6))
   labels[0, :2] = 255
-  got = float(train_lib.cross_entropy(jnp.asarray(logits), jnp.asarray(labels)))
+  got = float(cross_entropy(jnp.asarray(logits), jnp.asarray(labels)))
   want = torch.nn.functional.cross_entropy(torch.from_numpy(logits.transpose(0, 3, 1, 2)),
                                            torch.from_numpy(labels), ignore_index=255).item()
   assert got == pytest.approx(want, rel=1e-6)
 
 
 def test_batch_size_must_divide_devices():
-  code = ('from pspnet_jax import train_lib\n'
-          'try:\n  train_lib.check_batch_size(6)\nexcept ValueError as e:\n  print(e)\n'
-          'train_lib.check_batch_size(8)\n')
+  code = ('from pspnet_jax import mesh\n'
+          'try:\n  mesh.check_batch_size(6)\nexcept ValueError as e:\n  print(e)\n'
+          'mesh.check_batch_size(8)\n')
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
              PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
   out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
                        timeout=120, check=True).stdout
   assert 'global_batch_size=6 does not divide over 4 devices' in out
   with pytest.raises(ValueError, match='micro-batches'):
-    train_lib.check_batch_size(3, grad_accum_steps=2)
+    mesh_lib.check_batch_size(3, grad_accum_steps=2)
 
 
 @pytest.mark.parametrize('strategy', ['xla', 'taps', 'shifted'])
@@ -124,16 +125,16 @@ def test_cpu_conv_equals_xla_convolution(k, ci, co, stride, dilation, size, stra
   convolution's output and both gradients, on odd sizes, strides and dilations."""
   from jax import lax
   from pspnet_jax import ops
-  from pspnet_jax.models import layers
+  from pspnet_jax.ops import cpu_conv
   monkeypatch.setenv('PSPNET_CONV_WGRAD', strategy)
-  monkeypatch.setattr(layers, 'CIN_CHUNK', 8)  # ci=20 splits into 8 + 8 + 4
+  monkeypatch.setattr(cpu_conv, 'CIN_CHUNK', 8)  # ci=20 splits into 8 + 8 + 4
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((2, size, size + 3, ci)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((k, k, ci, co)), jnp.float32)
   pad = ops.conv_padding(k, dilation)
   ref = lambda x, w: lax.conv_general_dilated(x, w, (stride, stride), pad, rhs_dilation=(dilation, dilation),
                                               dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  mine = lambda x, w: layers.cpu_conv(x, w, (stride, stride), pad, (dilation, dilation))
+  mine = lambda x, w: cpu_conv.cpu_conv(x, w, (stride, stride), pad, (dilation, dilation))
   y, r = np.asarray(jax.jit(mine)(x, w)), np.asarray(ref(x, w))
   assert y.shape == r.shape
   np.testing.assert_allclose(y, r, rtol=1e-5, atol=1e-5 * float(np.abs(r).max()))
@@ -144,16 +145,38 @@ def test_cpu_conv_equals_xla_convolution(k, ci, co, stride, dilation, size, stra
   np.testing.assert_allclose(gw, rw, rtol=1e-5, atol=1e-5 * float(jnp.abs(rw).max()))
 
 
-def test_models_use_cpu_conv_on_cpu_only_unless_disabled(monkeypatch):
-  """The CPU rewrites are what the benchmarks measure: every conv of a model built on CPU
-  goes through `cpu_conv`; PSPNET_CONV=xla builds XLA's plain convolutions."""
+def _lowered_ops(fn, *args, platforms):
+  """(convolutions, dot_generals) in the StableHLO of ``fn`` exported for ``platforms``."""
+  text = jax.export.export(jax.jit(fn), platforms=platforms)(*args).mlir_module()
+  return text.count('stablehlo.convolution'), text.count('stablehlo.dot_general')
+
+
+def test_cpu_kernels_follow_the_lowering_platform_not_the_host(monkeypatch):
+  """On this CPU host, a conv layer lowered for the CPU runs the CPU kernels (1x1 as a
+  matmul); the same layer lowered for a GPU or a TPU, forward and backward, holds XLA's
+  convolutions only; PSPNET_CONV=xla selects XLA's on the CPU too."""
+  from pspnet_jax import ops
   from pspnet_jax.models import layers
-  rngs = nnx.Rngs(0)
   assert jax.default_backend() == 'cpu'
-  conv = layers.conv2d(8, 8, 3, rngs=rngs)
-  assert conv.conv_general_dilated is layers._cpu_conv_general_dilated
+  conv1 = layers.conv2d(8, 8, 1, rngs=nnx.Rngs(0))
+  x, w1, w3 = jnp.ones((2, 9, 9, 8)), jnp.ones((1, 1, 8, 8)), jnp.ones((3, 3, 8, 8))
+  fwd = lambda x: conv1(x)  # the model's layer, as built on this host
+
+  def grads(x, w1, w3):  # PSPNET_CONV* are read at trace time: a new function per setting
+    net = lambda x, w1, w3: ops.conv(ops.conv(x, w1), w3, padding=ops.conv_padding(3, 2), dilation=(2, 2))
+    return jax.grad(lambda *a: jnp.sum(net(*a) ** 2), argnums=(0, 1, 2))(x, w1, w3)
+
+  assert _lowered_ops(fwd, x, platforms=['cpu']) == (0, 1)
+  for platform in ('cuda', 'tpu'):
+    assert _lowered_ops(fwd, x, platforms=[platform]) == (1, 0), platform
+    convs, dots = _lowered_ops(grads, x, w1, w3, platforms=[platform])
+    assert convs == 6 and dots == 0, (platform, convs, dots)  # 2 forward, 2 x 2 backward
+  monkeypatch.setenv('PSPNET_CONV_WGRAD', 'taps')  # a matmul per 3x3 tap, on the CPU only
+  taps = lambda *a: grads(*a)
+  assert _lowered_ops(taps, x, w1, w3, platforms=['cpu'])[1] >= 9 + 3
+  assert _lowered_ops(taps, x, w1, w3, platforms=['cuda']) == (6, 0)
   monkeypatch.setenv('PSPNET_CONV', 'xla')
-  assert layers.conv2d(8, 8, 3, rngs=rngs).conv_general_dilated is not layers._cpu_conv_general_dilated
+  assert _lowered_ops(lambda x: conv1(x), x, platforms=['cpu']) == (1, 0)
 
 
 def _torch_train(ref, images, labels, *, dtype, steps, accum, lr, total):
@@ -208,7 +231,7 @@ def test_train_steps_match_torch_semseg_step(accum):
   tx = make_optimizer(OptimizerConfig(learning_rate=lr), total)
   state = {'params': params, 'batch_stats': batch_stats, 'opt_state': tx.init(params),
            'step': jnp.zeros((), jnp.int32), 'rng': jax.random.key_data(jax.random.key(0))}
-  step = jax.jit(train_lib.make_train_step(graphdef, tx, aux_weight=0.4, ignore_label=255,
+  step = jax.jit(make_train_step(graphdef, tx, aux_weight=0.4, ignore_label=255,
                                            grad_accum_steps=accum))
   batch = {'image': jnp.asarray(images), 'label': jnp.asarray(labels)}
   for _ in range(steps):

@@ -1,6 +1,7 @@
 """An independent PyTorch PSPNet in the authors' (semseg) state-dict layout, for parity tests.
 
-Written from the architecture description (PSPNET_REFERENCE.md), not from pspnet_jax: it
+Written from the paper (Zhao et al., CVPR 2017) and the authors' ``model/pspnet.py`` and
+``model/resnet.py`` (github.com/hszhao/semseg at commit 4f274c3f), not from pspnet_jax: it
 shares no code with the JAX model, so agreement between the two is evidence that both
 compute PSPNet. Options cover the variants pspnet_jax supports: depth 18/34/50/101/152,
 stems deep / deep32 / torchvision, output stride 8/16, first-block dilation contraction,

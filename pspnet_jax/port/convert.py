@@ -41,7 +41,7 @@ class Ported:
   seed: int | None             # seed of the fresh heads; None when the heads were ported
 
   def metadata(self) -> dict:
-    """Kept in the model directory's config. Flat: train_lib reads ``backbone_only`` to
+    """Kept in the model directory's config. Flat: training's init_checkpoint reads ``backbone_only`` to
     initialise only the backbone from a backbone-only port."""
     return {'ported_from': self.source, 'layout': self.layout,
             'backbone_only': self.backbone_only, 'heads_seed': self.seed,

@@ -13,9 +13,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from pspnet_jax import checkpoint, train_lib
+from pspnet_jax import checkpoint, mesh as mesh_lib
 from pspnet_jax.models import PSPNetConfig
-from pspnet_jax.optimizer import OptimizerConfig, make_optimizer
+from pspnet_jax.train import OptimizerConfig, make_optimizer, make_train_step
 
 
 def main(out):
@@ -27,13 +27,13 @@ def main(out):
   images = rng.standard_normal((4, 33, 33, 3)).astype(np.float32)
   labels = rng.integers(0, 4, (4, 33, 33)).astype(np.int32)
   labels[:, :5] = 255
-  mesh = train_lib.data_mesh()
+  mesh = mesh_lib.data_mesh()
   replicated = NamedSharding(mesh, P())
   state = jax.device_put({'params': params, 'batch_stats': batch_stats, 'opt_state': tx.init(params),
                           'step': jnp.zeros((), jnp.int32),
                           'rng': jax.random.key_data(jax.random.key(0))}, replicated)
-  batch = train_lib.global_batch({'image': images, 'label': labels}, mesh)
-  step = jax.jit(train_lib.make_train_step(graphdef, tx, aux_weight=0.4, ignore_label=255),
+  batch = mesh_lib.global_batch({'image': images, 'label': labels}, mesh)
+  step = jax.jit(make_train_step(graphdef, tx, aux_weight=0.4, ignore_label=255),
                  in_shardings=(replicated, NamedSharding(mesh, P('data'))),
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
   for _ in range(2):

@@ -21,6 +21,8 @@ import numpy as np
 from PIL import Image as PILImage
 import tensorflow_datasets as tfds
 
+from pspnet_jax.palette import default_palette
+
 IGNORE_LABEL = 255
 VERSION = '1.0.0'
 
@@ -35,7 +37,6 @@ class ManualDirError(FileNotFoundError):
 
 def bitwise_palette(n: int) -> tuple[tuple[int, int, int], ...]:
   """The Pascal VOC colour map (bits of the class index spread over R, G, B)."""
-  from pspnet_jax.prediction_images import default_palette
   return tuple(tuple(int(v) for v in rgb) for rgb in default_palette(n))
 
 

@@ -1,5 +1,6 @@
-"""The evaluation job: a checkpoint + a dataset split + the protocol in ``config.eval`` ->
-``OUT/metrics.json``, the table, the IoU chart and, on request, prediction PNGs."""
+"""The evaluation job (``eval.py``'s body): a checkpoint + a dataset split + the protocol in
+``config.eval`` -> ``OUT/metrics.json``, the table, the IoU chart and, on request,
+prediction PNGs."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import jax
 
 from pspnet_jax import checkpoint as ckpt_lib
 from pspnet_jax import data as data_lib
-from pspnet_jax import metrics as metrics_lib
-from pspnet_jax.eval_outputs import write_eval_outputs
-from pspnet_jax.evaluation import EvalConfig, Evaluator
-from pspnet_jax.prediction_images import as_palette, write_prediction
+from pspnet_jax import mesh as mesh_lib
+from pspnet_jax.evaluation import metrics as metrics_lib
+from pspnet_jax.evaluation.outputs import write_eval_outputs, write_prediction
+from pspnet_jax.evaluation.protocol import EvalConfig, Evaluator
+from pspnet_jax.palette import as_palette
 
 
 def evaluate_checkpoint(config, checkpoint_path: str, out_dir: str, *,
@@ -33,8 +35,7 @@ def evaluate_checkpoint(config, checkpoint_path: str, out_dir: str, *,
     eval_config = dataclasses.replace(eval_config, ignore_label=info.ignore_label)
   mesh = None
   if jax.device_count() > 1:
-    from pspnet_jax.train_lib import data_mesh
-    mesh = data_mesh()
+    mesh = mesh_lib.data_mesh()
   evaluator = Evaluator(model, eval_config, mesh)
   source = data_lib.eval_source(ds.name, ds.eval_split, data_dir)
   n = min(max_examples, len(source)) if max_examples else len(source)

@@ -1,6 +1,7 @@
 """Sliding-window, multi-scale and flip evaluation (semseg's test protocol), compiled.
 
-The protocol (semseg ``tool/test.py``; PSPNET_REFERENCE.md, "Evaluation protocol"), for an
+The protocol (``tool/test.py`` of the authors' semseg, github.com/hszhao/semseg at commit
+4f274c3f), for an
 image of size ``h x w`` and each scale ``s``:
 
 1. resize the image bilinearly (OpenCV ``INTER_LINEAR``: half-pixel centres, no
@@ -16,7 +17,7 @@ image of size ``h x w`` and each scale ``s``:
 6. crop the padding away and resize the probabilities bilinearly to ``h x w``
    (``cv2.resize(..., INTER_LINEAR)`` again: ``align_corners=False``, whatever the model's
    own ``align_corners``, which only governs resizes inside the network). Both resizes
-   here use OpenCV's sampling coordinates (``cv2_linear_taps``);
+   here use OpenCV's sampling coordinates (``ops.linear_taps(..., convention='opencv')``);
 7. average over scales; argmax.
 
 How it is compiled. Everything that depends on the image's exact size is data: resize taps
@@ -51,7 +52,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pspnet_jax import metrics
+from pspnet_jax import ops
+from pspnet_jax.evaluation import metrics
 from pspnet_jax.models import PSPNet
 from pspnet_jax.normalize import MEAN, STD
 
@@ -110,33 +112,11 @@ def window_starts(size: int, crop: int, stride: int) -> list[int]:
   return [min(i * stride + crop, size) - crop for i in range(grid)]
 
 
-def cv2_linear_taps(in_size: int, out_size: int):
-  """``cv2.resize(..., INTER_LINEAR)`` along one axis: ``(i0, i1, w0, w1)``, output ``j`` is
-  ``w0[j] * x[i0[j]] + w1[j] * x[i1[j]]``.
-
-  The half-pixel rule of ``align_corners=False`` with the source coordinate
-  ``(j + 0.5) * (1 / (out / in)) - 0.5`` in double precision, as OpenCV 5 samples float
-  images (checked against ``cv2.resize`` to 1e-5 relative). PyTorch (``ops.linear_taps``)
-  keeps the scale in float32, which at 512 -> 683 moves values by up to 0.012 grey levels.
-  Coordinates below 0 and at or past the last sample take that sample whole.
-  """
-  if in_size < 1 or out_size < 1:
-    raise ValueError(f'resize needs positive sizes, got {in_size} -> {out_size}')
-  scale = 1.0 / (float(out_size) / in_size)
-  src = (np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5
-  i0 = np.floor(src).astype(np.int64)
-  w1 = (src - i0).astype(np.float32)
-  low, high = i0 < 0, i0 >= in_size - 1
-  w1[low | high] = 0
-  i0 = np.clip(i0, 0, in_size - 1)
-  return i0, np.minimum(i0 + 1, in_size - 1), (np.float32(1) - w1).astype(np.float32), w1
-
-
 def _taps(in_size: int, out_size: int, out_len: int, out_offset: int, in_offset: int):
-  """``cv2_linear_taps`` as fixed-length arrays: output ``out_offset + j`` (``j <
+  """OpenCV's linear taps (``cv2.resize``, as semseg resizes) as fixed-length arrays: output ``out_offset + j`` (``j <
   out_size``) reads input ``in_offset + i0/i1``; every other of the ``out_len`` outputs has
   zero weights (padding: zero is the mean after normalisation)."""
-  i0, i1, w0, w1 = cv2_linear_taps(in_size, out_size)
+  i0, i1, w0, w1 = ops.linear_taps(in_size, out_size, convention='opencv')
   idx = np.full((2, out_len), in_offset, np.int32)
   wts = np.zeros((2, out_len), np.float32)
   sl = slice(out_offset, out_offset + out_size)

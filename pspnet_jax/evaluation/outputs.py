@@ -1,10 +1,16 @@
-"""Evaluation results on disk: ``metrics.json``, a printed table, a per-class IoU bar chart.
+"""Evaluation results on disk: ``metrics.json``, a printed table, a per-class IoU bar chart,
+and predictions as pictures (label PNGs, colourised PNGs, image/prediction overlays).
 
 ``metrics.json`` holds the keys of ``metrics.segmentation_metrics`` (``miou``, ``macc``,
 ``allacc``, ``fwiou`` in [0, 1], ``per_class``: list of ``{name, iou, precision, recall,
 f1}``) plus ``images``, ``seconds`` (total wall time, compilation included) and
 ``images_per_second``; undefined values (a class absent from truth and prediction) are
 ``null``. The chart is drawn with Pillow, to keep plotting libraries out of the dependencies.
+
+Label PNGs hold one uint8 class id per pixel. Models predict *training* ids (0..C-1); a
+benchmark server may want the dataset's own ids instead (Cityscapes wants labelIds, not
+trainIds), so ``write_prediction`` takes a lookup table ``id_map`` (``id_map[train_id]`` =
+the id written), e.g. a dataset's ``train_id_to_label_id`` metadata.
 """
 
 from __future__ import annotations
@@ -13,12 +19,15 @@ import dataclasses
 import json
 import math
 import os
+from typing import Sequence
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 METRICS_FILE = 'metrics.json'
 TABLE_FILE = 'table.txt'
 CHART_FILE = 'per_class_iou.png'
+OVERLAY_ALPHA = 0.5  # weight of the colourised prediction over the image
 
 
 def _pct(x) -> str:
@@ -105,4 +114,48 @@ def write_eval_outputs(out_dir: str, metrics: dict, *, eval_config=None, extra: 
   if print_table:
     print(table)
   iou_bar_chart(metrics).save(paths['chart'])
+  return paths
+
+
+# --- Predictions as pictures ---------------------------------------------------------
+
+def colorize(pred: np.ndarray, palette: np.ndarray) -> np.ndarray:
+  """pred: [H, W] class ids -> [H, W, 3] uint8 RGB."""
+  return palette[np.asarray(pred)]
+
+
+def overlay(image: np.ndarray, pred: np.ndarray, palette: np.ndarray,
+            alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+  """image: [H, W, 3] uint8, pred: [H, W] -> [H, W, 3] uint8 blend of image and colours."""
+  blend = (1 - alpha) * np.asarray(image, np.float32) + alpha * colorize(pred, palette).astype(np.float32)
+  return np.clip(np.round(blend), 0, 255).astype(np.uint8)
+
+
+def map_ids(pred: np.ndarray, id_map: Sequence[int] | None) -> np.ndarray:
+  """Training ids -> the ids to write (``id_map[train_id]``), as uint8."""
+  if id_map is None:
+    return np.asarray(pred).astype(np.uint8)
+  table = np.asarray(id_map, np.int64)
+  if table.min() < 0 or table.max() > 255:
+    raise ValueError('id_map values must fit a uint8 PNG (0..255)')
+  if np.asarray(pred).max(initial=0) >= len(table):
+    raise ValueError(f'prediction holds class {int(np.max(pred))} but id_map has {len(table)} entries')
+  return table[np.asarray(pred)].astype(np.uint8)
+
+
+def write_prediction(out_dir: str, stem: str, pred: np.ndarray, *, palette: np.ndarray,
+                     image: np.ndarray | None = None, id_map: Sequence[int] | None = None,
+                     color: bool = True) -> list[str]:
+  """Writes ``<stem>.png`` (ids, uint8), ``<stem>_color.png`` and, given the image,
+  ``<stem>_overlay.jpg``. Returns the paths written."""
+  os.makedirs(out_dir, exist_ok=True)
+  base = os.path.join(out_dir, stem)
+  paths = [base + '.png']
+  Image.fromarray(map_ids(pred, id_map), mode='L').save(paths[0])
+  if color:
+    paths.append(base + '_color.png')
+    Image.fromarray(colorize(pred, palette), mode='RGB').save(paths[-1])
+  if image is not None:
+    paths.append(base + '_overlay.jpg')
+    Image.fromarray(overlay(image, pred, palette), mode='RGB').save(paths[-1], quality=90)
   return paths

@@ -1,0 +1,116 @@
+"""Segment your own images with a saved model, using the evaluation protocol.
+
+  python -m pspnet_jax.predict IMAGE_OR_FOLDER --checkpoint MODEL_DIR --out DIR \\
+      [--mode whole|slide] [--scales 0.5,1.0,...] [--flip|--no-flip] [--base-size N] [--crop-size N]
+
+For each RGB image ``<stem>.<ext>`` writes ``DIR/<stem>.png`` (class ids, uint8),
+``DIR/<stem>_color.png`` (palette colours) and ``DIR/<stem>_overlay.jpg``. ``MODEL_DIR`` is
+a model directory (``pspnet_jax.checkpoint``: the port CLI's output, or one step of a
+training run). The palette and class names come from its metadata (``palette``,
+``class_names``, at the top level or under ``dataset``) when present, else the Pascal VOC
+colour map. Images are normalised as in training (``pspnet_jax.normalize``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+from pspnet_jax import checkpoint
+from pspnet_jax.evaluation.outputs import write_prediction
+from pspnet_jax.evaluation.protocol import EvalConfig, Evaluator
+from pspnet_jax.palette import as_palette
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
+
+
+def list_images(path: str) -> list[str]:
+  if os.path.isdir(path):
+    files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+      raise SystemExit(f'{path}: no images ({", ".join(IMAGE_EXTENSIONS)}) in this folder')
+    return files
+  if not os.path.isfile(path):
+    raise SystemExit(f'{path}: no such file or folder')
+  return [path]
+
+
+def read_rgb(path: str) -> np.ndarray:
+  try:
+    with Image.open(path) as im:
+      return np.asarray(im.convert('RGB'))
+  except OSError as e:
+    raise SystemExit(f'{path}: not a readable image ({e})') from None
+
+
+def _metadata_value(metadata: dict, key: str):
+  if key in metadata:
+    return metadata[key]
+  dataset = metadata.get('dataset')
+  return dataset.get(key) if isinstance(dataset, dict) else None
+
+
+def parse_scales(text: str) -> tuple[float, ...]:
+  try:
+    scales = tuple(float(s) for s in text.split(',') if s.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'--scales wants numbers separated by commas, got {text!r}') from None
+  if not scales:
+    raise argparse.ArgumentTypeError('--scales is empty')
+  return scales
+
+
+def build_parser() -> argparse.ArgumentParser:
+  ap = argparse.ArgumentParser(prog='python -m pspnet_jax.predict', description=__doc__.split('\n\n')[0])
+  ap.add_argument('input', help='an image file or a folder of images')
+  ap.add_argument('--checkpoint', required=True, help='model directory (port CLI output or a training step)')
+  ap.add_argument('--out', required=True, help='output folder')
+  ap.add_argument('--mode', choices=('whole', 'slide'), default='slide')
+  ap.add_argument('--scales', type=parse_scales, default=(1.0,),
+                  help='comma-separated, e.g. 0.5,0.75,1.0,1.25,1.5,1.75 (default 1.0)')
+  ap.add_argument('--flip', action=argparse.BooleanOptionalAction, default=True,
+                  help='average with the horizontally flipped image (default on, as semseg)')
+  ap.add_argument('--base-size', type=int, default=512, help='long side at scale 1.0 (Cityscapes: 2048)')
+  ap.add_argument('--crop-size', type=int, default=473, help='sliding window side (Cityscapes: 713)')
+  ap.add_argument('--window-batch', type=int, default=1, help='windows per network call')
+  return ap
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  files = list_images(args.input)
+  try:
+    model = checkpoint.load_model(args.checkpoint)
+    _, metadata = checkpoint.read_model_config(os.path.abspath(args.checkpoint))
+  except checkpoint.CheckpointError as e:
+    raise SystemExit(f'--checkpoint: {e}') from None
+  num_classes = model.config.num_classes
+  try:
+    palette = as_palette(_metadata_value(metadata, 'palette'), num_classes)
+    config = EvalConfig(mode=args.mode, scales=args.scales, flip=args.flip, base_size=args.base_size,
+                        crop_size=args.crop_size, window_batch=args.window_batch)
+  except ValueError as e:
+    raise SystemExit(f'{args.checkpoint if "palette" in str(e) else "options"}: {e}') from None
+  evaluator = Evaluator(model, config)
+  start = time.perf_counter()
+  for path in files:
+    t = time.perf_counter()
+    image = read_rgb(path)
+    pred = evaluator.predict(image)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    write_prediction(args.out, stem, pred, palette=palette, image=image)
+    print(f'{path}: {image.shape[1]}x{image.shape[0]} -> {os.path.join(args.out, stem)}.png '
+          f'({time.perf_counter() - t:.2f} s)', flush=True)
+  total = time.perf_counter() - start
+  print(f'{len(files)} images in {total:.1f} s ({evaluator.compilations} compilations)')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

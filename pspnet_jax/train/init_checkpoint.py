@@ -1,0 +1,52 @@
+"""The model a run starts from: fresh, or initialised from a ported model directory
+(``config.init_checkpoint``): a full PSPNet with the same architecture, or a backbone-only
+one (ImageNet weights) whose new layers stay freshly initialised."""
+
+from __future__ import annotations
+
+import os
+
+from flax import nnx
+
+from pspnet_jax import checkpoint as ckpt_lib
+from pspnet_jax.models import PSPNet, PSPNetConfig
+
+
+def model_config_from(config, num_classes: int) -> PSPNetConfig:
+  fields = dict(config.model)
+  fields['num_classes'] = num_classes
+  return PSPNetConfig.from_dict(fields)
+
+
+def initial_model(config, model_config: PSPNetConfig) -> PSPNet:
+  """A fresh model, optionally initialised from a ported checkpoint (``config.init_checkpoint``).
+
+  A full checkpoint must have the same architecture; a backbone-only one (ImageNet
+  weights) fills the backbone and leaves the new layers freshly initialised.
+  """
+  path = config.get('init_checkpoint') or ''
+  if not path:
+    return ckpt_lib.create_model(model_config, seed=config.seed)
+  source = ckpt_lib.load_model(path)
+  src_cfg, dst_cfg = source.config, model_config
+  _, meta = ckpt_lib.read_model_config(path) if os.path.exists(
+      os.path.join(path, ckpt_lib.MODEL_CONFIG)) else (None, {})
+  backbone_only = bool(meta.get('backbone_only')) or src_cfg.num_classes != dst_cfg.num_classes
+  arch = lambda c: {k: v for k, v in c.to_dict().items() if k not in ('num_classes', 'dtype', 'dropout')}
+  if backbone_only:
+    keys = ('depth', 'stem', 'base_width', 'output_stride', 'contract_dilation')
+    diff = {k: (getattr(src_cfg, k), getattr(dst_cfg, k)) for k in keys
+            if getattr(src_cfg, k) != getattr(dst_cfg, k)}
+    if diff:
+      raise ValueError(f'init_checkpoint {path}: backbone differs from config.model: {diff}')
+    model = ckpt_lib.create_model(model_config, seed=config.seed)
+    nnx.update(model.backbone, nnx.state(source.backbone))
+    return model
+  if arch(src_cfg) != arch(dst_cfg):
+    raise ValueError(f'init_checkpoint {path}: architecture {arch(src_cfg)} differs from '
+                     f'config.model {arch(dst_cfg)}')
+  # Every variable comes from the checkpoint: fill an abstract model (no initialisation
+  # compile) built from this config, so its dtype and dropout are the config's.
+  model = ckpt_lib.abstract_model(model_config)
+  nnx.update(model, nnx.state(source))
+  return model

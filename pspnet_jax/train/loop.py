@@ -1,0 +1,184 @@
+"""The training loop: data -> jit-compiled step over the mesh -> logs, validation,
+checkpoints, preemption; resumes exactly from the workdir's latest checkpoint.
+
+The loop knows the checkpoint format only through ``pspnet_jax.checkpoint``, the data only
+through ``pspnet_jax.data`` and evaluation only through ``pspnet_jax.evaluation``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from pspnet_jax import checkpoint as ckpt_lib
+from pspnet_jax import data as data_lib
+from pspnet_jax import evaluation
+from pspnet_jax import mesh as mesh_lib
+from pspnet_jax.train.init_checkpoint import initial_model, model_config_from
+from pspnet_jax.train.monitor import MetricsLogger, ProgressBar
+from pspnet_jax.train.optimizer import OptimizerConfig, make_optimizer, schedules
+from pspnet_jax.train.signals import Preemption, maybe_inject_signal
+from pspnet_jax.train.step import make_train_step
+
+
+class TrainingDiverged(FloatingPointError):
+  """The loss became NaN or inf; the last good checkpoint was kept."""
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and evaluates.
+
+  Returns the final validation metrics (the dict written to ``workdir/eval/metrics.json``).
+  """
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  ds = config.dataset
+  data_dir = os.path.abspath(os.path.expanduser(ds.data_dir))
+  if is_main:
+    data_lib.prepare(ds.name, data_dir, ds.get('manual_dir') or None, **dict(ds.get('builder_kwargs', {})))
+  multihost_utils.sync_global_devices('dataset prepared')
+  info = data_lib.dataset_info(ds.name, data_dir)
+
+  accum = int(config.get('grad_accum_steps', 1))
+  mesh_lib.check_batch_size(config.global_batch_size, accum)
+  mesh = mesh_lib.data_mesh()
+  replicated = NamedSharding(mesh, P())
+
+  model_config = model_config_from(config, info.num_classes)
+  model = initial_model(config, model_config)
+  graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+
+  steps_per_epoch = data_lib.steps_per_epoch(ds.name, ds.train_split, data_dir, config.global_batch_size)
+  total_steps = int(config.num_steps) if config.get('num_steps') else int(config.num_epochs * steps_per_epoch)
+  opt_config = OptimizerConfig(**dict(config.optimizer))
+  tx = make_optimizer(opt_config, total_steps)
+  lr_schedules = schedules(opt_config, total_steps)
+  state = {'params': params, 'batch_stats': batch_stats, 'opt_state': tx.init(params),
+           'step': jnp.zeros((), jnp.int32), 'rng': jax.random.key_data(jax.random.key(config.seed))}
+
+  augment = data_lib.AugmentConfig(**dict(config.augment))
+  loader = data_lib.train_loader(ds.name, ds.train_split, data_dir,
+                                 global_batch_size=config.global_batch_size, augment=augment,
+                                 seed=config.seed, worker_count=int(config.get('worker_count', 0)))
+  ckpt = ckpt_lib.TrainCheckpointer(
+      workdir, model_config, keep=int(config.get('keep_checkpoints', 3)),
+      metadata={'dataset': ds.name, 'class_names': list(info.class_names),
+                'palette': [list(c) for c in info.palette]})
+  state = jax.device_put(state, replicated)
+  start = ckpt.latest_step() or 0
+  if start:
+    model_vars, opt_state, meta = ckpt.restore(
+        start, model_target=_abstract(_model_variables(state)),
+        opt_target=_abstract(state['opt_state']), data_iterator=loader)
+    params, batch_stats = _split_variables(graphdef, params, batch_stats, model_vars)
+    state = dict(state, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                 step=jnp.asarray(meta['step'], jnp.int32))
+    if is_main:
+      print(f'resumed from {workdir} at step {start}', flush=True)
+
+  train_step = jax.jit(
+      make_train_step(graphdef, tx, aux_weight=config.aux_weight, ignore_label=info.ignore_label,
+                      grad_accum_steps=accum, lr_schedules=lr_schedules),
+      in_shardings=(replicated, NamedSharding(mesh, P('data'))),
+      out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+  logger = MetricsLogger(workdir)
+  preempt = Preemption()
+  eval_cfg = evaluation.EvalConfig(**dict(config.eval))
+  # During training: a short whole-image, single-scale pass (the full protocol at the end).
+  quick_cfg = dataclasses.replace(eval_cfg, mode='whole', scales=(1.0,), flip=False)
+  val = data_lib.eval_source(ds.name, ds.eval_split, data_dir)
+  n_quick = int(config.get('eval_num_examples', 0)) or len(val)
+
+  def validate(n, quick):
+    variables = (state['params'], state['batch_stats'])
+    if jax.process_count() > 1:  # every process evaluates its own (identical) replica
+      variables = jax.tree.map(lambda x: x.addressable_data(0), variables)
+    m = nnx.merge(graphdef, *variables)
+    m.eval()
+    examples = (val[i] for i in range(min(n, len(val))))
+    return evaluation.evaluate(m, examples, info.num_classes, quick_cfg if quick else eval_cfg,
+                               class_names=info.class_names)
+
+  def save(step, metrics=None):
+    ckpt.save(step, model_variables=_model_variables(state), opt_state=state['opt_state'],
+              meta={'step': step, 'epoch': step / steps_per_epoch}, data_state=loader.get_state(),
+              metrics=metrics)
+
+  progress = ProgressBar(is_main, start, total_steps)
+  last_good = start
+  t_last, step = time.perf_counter(), start
+  try:
+    for step in range(start + 1, total_steps + 1):
+      batch = mesh_lib.global_batch(next(loader), mesh)
+      state, metrics = train_step(state, batch)
+      loss = float(metrics['loss'])
+      if not math.isfinite(loss):
+        raise TrainingDiverged(
+            f'loss is {loss} at step {step}: training stopped. The last good checkpoint '
+            f'(step {last_good}) in {os.path.join(workdir, ckpt_lib.CHECKPOINTS_DIR)} was kept; '
+            'lower optimizer.learning_rate or enable optimizer.clip_grad_norm and resume.')
+      if step % config.log_every_steps == 0 or step == total_steps:
+        now = time.perf_counter()
+        row = {k: float(v) for k, v in metrics.items()}
+        row['epoch'] = step / steps_per_epoch
+        row['img_per_s'] = config.log_every_steps * config.global_batch_size / max(now - t_last, 1e-9)
+        t_last = now
+        logger.write(step, 'train', row)
+        progress.update(step, row)
+      eval_metrics = None
+      if config.get('eval_every_steps') and step % config.eval_every_steps == 0 and step < total_steps:
+        eval_metrics = validate(n_quick, quick=True)
+        logger.write(step, 'val', {'miou': eval_metrics['miou'], 'macc': eval_metrics['macc'],
+                                   'allacc': eval_metrics['allacc']})
+        progress.note(f'step {step}: val mIoU {eval_metrics["miou"]:.4f}')
+      if step < total_steps and (step % config.checkpoint_every_steps == 0 or eval_metrics is not None):
+        save(step, {'miou': eval_metrics['miou']} if eval_metrics else None)
+        last_good = step
+      maybe_inject_signal(step)
+      if preempt.any_process():
+        save(step)
+        ckpt.wait()
+        progress.note(f'SIGTERM: saved step {step} in {workdir}; exiting')
+        return {}
+  finally:
+    progress.close()
+    preempt.restore()
+  final = validate(len(val), quick=False)
+  if start < total_steps:  # a finished run that is started again only re-evaluates
+    save(total_steps, {'miou': final['miou']})
+  ckpt.wait()
+  ckpt.close()
+  logger.write(total_steps, 'val', {'miou': final['miou'], 'macc': final['macc'],
+                                    'allacc': final['allacc']})
+  logger.close()
+  if is_main:
+    evaluation.write_eval_outputs(os.path.join(workdir, 'eval'), final, eval_config=eval_cfg)
+  return final
+
+
+def _model_variables(state) -> dict:
+  return nnx.to_pure_dict(nnx.merge_state(state['params'], state['batch_stats']))
+
+
+def _split_variables(graphdef, params, batch_stats, variables: dict):
+  """Pure dict of params + BN stats -> (params, batch_stats) States shaped like the given."""
+  full = nnx.merge_state(params, batch_stats)
+  nnx.replace_by_pure_dict(full, variables)
+  _, params, batch_stats = nnx.split(nnx.merge(graphdef, full), nnx.Param, nnx.BatchStat)
+  return params, batch_stats
+
+
+def _abstract(tree):
+  """Restore targets with the shardings of ``tree``'s arrays: a checkpoint written on one
+  topology (devices, hosts) restores onto the current one."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

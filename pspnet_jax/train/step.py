@@ -1,0 +1,85 @@
+"""The train step as pure functions: semseg's loss (cross entropy with ignored pixels, plus
+the weighted auxiliary loss) and one optimiser update, with optional gradient accumulation.
+
+Jit it with the batch sharded over a mesh (``pspnet_jax.mesh``): BN statistics are means
+over the batch axis of a sharded array, so they are the statistics of the *global* batch
+(synchronised BN) whatever the number of devices or hosts.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int = 255) -> jax.Array:
+  """PyTorch ``CrossEntropyLoss(ignore_index=...)``: mean over non-ignored pixels.
+
+  logits: [B, H, W, C] float32, labels: [B, H, W] int -> scalar float32.
+  """
+  logits = logits.astype(jnp.float32)
+  valid = labels != ignore_label
+  safe = jnp.where(valid, labels, 0)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  return jnp.sum(nll * valid) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, *, aux_weight: float,
+                    ignore_label: int, grad_accum_steps: int = 1, lr_schedules=None):
+  """Returns ``step(state, batch) -> (state, metrics)``; ``state`` is a dict with
+  ``params``, ``batch_stats``, ``opt_state``, ``step`` (int32) and ``rng`` (a key).
+
+  With ``grad_accum_steps = k`` the global batch is split into k micro-batches whose
+  gradients are averaged (BN statistics are then those of each micro-batch, updated in
+  sequence, as PyTorch does when it accumulates).
+  """
+
+  def loss_fn(params, batch_stats, images, labels, rng):
+    # BN updates its statistics in place; NNX only allows that on Variables created at the
+    # current trace level, so rebuild them here, inside value_and_grad's trace.
+    batch_stats = jax.tree.map(lambda x: x, batch_stats)
+    model = nnx.merge(graphdef, params, batch_stats)
+    model.train()
+    logits, aux = model(images, rngs=nnx.Rngs(dropout=rng))
+    main_loss = cross_entropy(logits, labels, ignore_label)
+    aux_loss = cross_entropy(aux, labels, ignore_label)
+    loss = main_loss + aux_weight * aux_loss
+    return loss, (nnx.state(model, nnx.BatchStat), main_loss, aux_loss)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(state, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
+    images, labels = batch['image'], batch['label']
+    if grad_accum_steps == 1:
+      (loss, (batch_stats, main_loss, aux_loss)), grads = grad_fn(
+          state['params'], state['batch_stats'], images, labels, rng)
+    else:
+      k = grad_accum_steps
+      micro = lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:])
+
+      def body(carry, xs):
+        bs, g_acc = carry
+        (l, (bs, m, a)), g = grad_fn(state['params'], bs, xs[0], xs[1], xs[2])
+        return (bs, jax.tree.map(jnp.add, g_acc, g)), (l, m, a)
+
+      zeros = jax.tree.map(jnp.zeros_like, state['params'])
+      rngs = jax.random.split(rng, k)
+      (batch_stats, grads), (ls, ms, as_) = jax.lax.scan(
+          body, (state['batch_stats'], zeros), (micro(images), micro(labels), rngs))
+      grads = jax.tree.map(lambda g: g / k, grads)
+      loss, main_loss, aux_loss = ls.mean(), ms.mean(), as_.mean()
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    metrics = {'loss': loss, 'main_loss': main_loss, 'aux_loss': aux_loss,
+               'grad_norm': optax.global_norm(grads)}
+    if lr_schedules is not None:
+      metrics['lr'] = lr_schedules['backbone'](state['step'])
+    new_state = dict(state, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                     step=state['step'] + 1)
+    return new_state, metrics
+
+  return step
