@@ -1,8 +1,11 @@
 # The two quick-start commands: `make run` (main job) and `make test`.
-# Both create .venv and install the project with its test extra on first use.
+# Both create .venv and install the project with its test extra on first use; `make test`
+# also creates .venv-aot (the project with libtpu, the TPU compiler) for tests/test_aot.py:
+# libtpu stays out of .venv, where every process start would probe for a TPU.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+AOT_BIN := .venv-aot/bin
 
 .PHONY: run test install clean
 
@@ -12,13 +15,19 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
+$(AOT_BIN)/.installed: pyproject.toml
+	test -x $(AOT_BIN)/python || $(PY) -m venv .venv-aot
+	$(AOT_BIN)/python -m pip install -q --upgrade pip
+	$(AOT_BIN)/python -m pip install -q -e '.[aot]'
+	touch $@
+
 install: $(BIN)/.installed
 
 run: $(BIN)/.installed
 	$(BIN)/python train.py --config configs/synthetic.py --workdir runs/synthetic
 
-test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -rs tests
+test: $(BIN)/.installed $(AOT_BIN)/.installed
+	PSPNET_AOT_PYTHON=$(CURDIR)/$(AOT_BIN)/python $(BIN)/python -m pytest -q -rs tests
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .venv-aot runs

@@ -46,8 +46,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 5000  # short whole-image validation during training; 0: off
   c.eval_num_examples = 200
   # Final evaluation after training; eval.py runs the full protocol with these settings.
+  # Every field of pspnet_jax.evaluation.EvalConfig is a key; window_batch 0 is one window
+  # per local device.
   c.eval = ml_collections.ConfigDict(dict(
-      mode='slide', scales=(1.0,), flip=True, crop_size=473, stride_rate=2 / 3, base_size=512))
+      mode='slide', scales=(1.0,), flip=True, crop_size=473, stride_rate=2 / 3, base_size=512,
+      window_batch=0, bucket_multiple=128, whole_multiple=64, per_scale=False, ignore_label=255))
   return c
 
 

@@ -1,8 +1,11 @@
-"""Devices and hosts: multi-process start-up, the data-parallel mesh, and placing batches
-and model variables on it. Training and evaluation both use these.
+"""Devices and hosts: multi-process start-up, the data-parallel meshes, and placing batches
+and model variables on them. Training and evaluation both use these.
 
-One 1-D mesh over every device of every process, axis ``data``: batches are sharded on it,
-parameters, BN statistics and optimiser state replicated.
+Training: one 1-D mesh over every device of every process (``data_mesh``), axis ``data``:
+batches are sharded on it; parameters, BN statistics and optimiser state replicated.
+Evaluation: each process evaluates its own images on a mesh of its *local* devices
+(``local_mesh``), with the model replicated there (``replicate``), and the processes sum
+their confusion matrices (``sum_over_processes``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,12 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
     jax.distributed.initialize()
 
 
+def mesh_over(devices) -> Mesh:
+  """A 1-D mesh (axis ``data``, ``Auto``) over ``devices``, e.g. a TPU slice's compile-only
+  devices for ahead-of-time compilation."""
+  return Mesh(np.asarray(devices), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+
+
 def data_mesh() -> Mesh:
   """A 1-D mesh over all devices. ``Auto`` axes: XLA (GSPMD) propagates shardings through
   the step, so the batch-axis reductions (BN statistics, loss, weight gradients) become
@@ -38,6 +47,41 @@ def data_mesh() -> Mesh:
   contraction over the batch.)"""
   return jax.make_mesh((jax.device_count(),), ('data',),
                        axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def local_mesh() -> Mesh:
+  """A 1-D mesh (axis ``data``, ``Auto``) over this process's own devices."""
+  return mesh_over(jax.local_devices())
+
+
+def replicate(tree, mesh: Mesh):
+  """Every array of ``tree`` replicated over ``mesh``, wherever it lives now: on one device
+  (a loaded or ported model), on another mesh, or as a global array of a multi-process run
+  (whose local replica is taken, so it must be replicated there). Abstract arrays
+  (``jax.ShapeDtypeStruct``) get the replicated sharding."""
+  sharding = NamedSharding(mesh, P())
+
+  def put(x):
+    if isinstance(x, jax.ShapeDtypeStruct):  # an abstract model, for ahead-of-time lowering
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      x = x.addressable_data(0)
+    return jax.device_put(x, sharding)
+
+  return jax.tree.map(put, tree)
+
+
+def sum_over_processes(counts: np.ndarray) -> np.ndarray:
+  """Exact sum of a non-negative int64 array over all processes (each passes its own).
+
+  Sent as two uint32 words per value: JAX without ``jax_enable_x64`` would truncate int64."""
+  counts = np.asarray(counts, np.int64)
+  if jax.process_count() == 1:
+    return counts
+  from jax.experimental import multihost_utils
+  words = np.stack([counts & 0xFFFFFFFF, counts >> 32]).astype(np.uint32)
+  gathered = np.asarray(multihost_utils.process_allgather(words)).astype(np.int64)
+  return (gathered[:, 0] + (gathered[:, 1] << 32)).sum(axis=0)
 
 
 def check_batch_size(global_batch_size: int, grad_accum_steps: int = 1):

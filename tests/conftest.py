@@ -9,10 +9,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-  """Under PSPNET_REQUIRE_PARITY (set by .ci/run) a skipped parity test fails the run."""
+  """Under PSPNET_REQUIRE_PARITY (set by .ci/run) a skipped parity or aot test fails the run."""
   outcome = yield
   report = outcome.get_result()
-  if (report.skipped and item.get_closest_marker('parity') is not None
-      and os.environ.get('PSPNET_REQUIRE_PARITY')):
+  marker = item.get_closest_marker('parity') or item.get_closest_marker('aot')
+  if report.skipped and marker is not None and os.environ.get('PSPNET_REQUIRE_PARITY'):
     report.outcome = 'failed'
-    report.longrepr = f'parity test was skipped, which CI does not allow: {report.longrepr}'
+    report.longrepr = f'{marker.name} test was skipped, which CI does not allow: {report.longrepr}'

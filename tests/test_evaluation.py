@@ -235,3 +235,78 @@ def test_resize_taps_match_opencv():
     rows = a[r0] * rw0[:, None, None] + a[r1] * rw1[:, None, None]
     got = rows[:, c0] * cw0[None, :, None] + rows[:, c1] * cw1[None, :, None]
     np.testing.assert_allclose(got, cv2.resize(a, (nw, nh), interpolation=cv2.INTER_LINEAR), atol=1e-4)
+
+
+# ---- scales, shares, devices -------------------------------------------------------------
+
+def test_per_scale_metrics_equal_each_scale_run_alone(model):
+  """per_scale=True scores the combination and each scale in one pass; each equals a run
+  with that scale alone, the combination a run without per_scale."""
+  rng = np.random.default_rng(7)
+  examples = [{'image': _image(rng, *s), 'label': rng.integers(0, 5, s).astype(np.uint8)}
+              for s in [(30, 40), (41, 27), (33, 33)]]
+  base = dict(mode='slide', crop_size=33, base_size=40, bucket_multiple=32)
+  both = evaluate(model, examples, 5, EvalConfig(scales=(0.75, 1.25), per_scale=True, **base))
+  assert set(both['per_scale']) == {'0.75', '1.25'}
+  plain = evaluate(model, examples, 5, EvalConfig(scales=(0.75, 1.25), **base))
+  assert both['per_class'] == plain['per_class'] and 'per_scale' not in plain
+  for scale in (0.75, 1.25):
+    alone = evaluate(model, examples, 5, EvalConfig(scales=(scale,), **base))
+    assert both['per_scale'][f'{scale:g}']['per_class'] == alone['per_class'], scale
+  assert both['processes'] == 1 and both['per_process_images'] == [3]
+
+
+def test_process_shares_cover_everything_once_and_balance_cost():
+  from pspnet_jax.evaluation import image_cost, process_shares
+  cfg = EvalConfig(mode='slide', crop_size=473, base_size=512, scales=(1.0,))
+  sizes = [(512, 683), (375, 500), (1024, 2048), (512, 512)] * 5 + [(2048, 1024)]
+  costs = [image_cost(h, w, cfg) for h, w in sizes]
+  # the long side is fixed by the protocol: a square image needs 2x2 windows, a 3:4 one 1x2
+  assert costs[3] == 2 * costs[0] == 2 * costs[2]
+  for n in (1, 2, 3, 4):
+    shares = process_shares(costs, n)
+    assert sorted(i for s in shares for i in s) == list(range(len(sizes)))
+    loads = [sum(costs[i] for i in s) for s in shares]
+    assert max(loads) - min(loads) <= max(costs)  # greedy bound: within one image
+    assert all(s == sorted(s) for s in shares)
+  assert process_shares(costs, 2) == process_shares(list(costs), 2)  # deterministic
+
+
+def test_evaluator_and_predict_on_four_devices_equal_one_device(tmp_path, model):
+  """A loaded model (committed to one device) evaluates on a 4-device mesh: the weights are
+  replicated there and window batches sharded; metrics and labels equal one device's."""
+  checkpoint.save_model(tmp_path / 'model', model)
+  rng = np.random.default_rng(3)
+  data = {'images': [], 'labels': []}
+  for s in [(30, 40), (41, 27), (20, 50)]:
+    data['images'].append(_image(rng, *s))
+    data['labels'].append(rng.integers(0, 5, s).astype(np.uint8))
+  np.savez(tmp_path / 'data.npz', *data['images'], *data['labels'])
+  code = '''
+import json, sys, numpy as np, jax
+from pspnet_jax import checkpoint
+from pspnet_jax.evaluation import EvalConfig, Evaluator, evaluate
+model = checkpoint.load_model(sys.argv[1])
+arrays = np.load(sys.argv[2]); n = len(arrays.files) // 2
+examples = [{'image': arrays[f'arr_{i}'], 'label': arrays[f'arr_{i + n}']} for i in range(n)]
+out = {'devices': jax.device_count()}
+for mode in ('slide', 'whole'):
+  cfg = EvalConfig(mode=mode, scales=(0.75, 1.0), crop_size=17, base_size=32, bucket_multiple=32)
+  m = evaluate(model, examples, 5, cfg)
+  ev = Evaluator(model, cfg)
+  out[mode] = {'per_class': m['per_class'], 'miou': m['miou'], 'batch': ev.window_batch,
+               'labels': [ev.predict(e['image']).tolist() for e in examples]}
+print(json.dumps(out))
+'''
+  results = {}
+  for devices in (1, 4):
+    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')]))
+    run = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'model'), str(tmp_path / 'data.npz')],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results[devices] = json.loads(run.stdout.strip().splitlines()[-1])
+  assert results[4]['devices'] == 4 and results[4]['slide']['batch'] == 4
+  for mode in ('slide', 'whole'):
+    assert results[4][mode]['labels'] == results[1][mode]['labels'], mode
+    assert results[4][mode]['per_class'] == results[1][mode]['per_class'], mode

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
 from pspnet_jax import checkpoint
 
@@ -134,9 +135,11 @@ def test_sigterm_saves_and_exits_zero(tmp_path, data_dir):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
+  """Metrics are read back only every 5 steps, checkpoints written every 2: the check of
+  every pending step still runs before each save."""
   workdir = tmp_path / 'diverged'
-  p = _train(workdir, data_dir, '--config.optimizer.learning_rate=1e8',
-             '--config.optimizer.warmup_steps=2', '--config.checkpoint_every_steps=1', check=False)
+  p = _train(workdir, data_dir, '--config.optimizer.learning_rate=1e8', '--config.log_every_steps=5',
+             '--config.optimizer.warmup_steps=2', '--config.checkpoint_every_steps=2', check=False)
   assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
   assert 'loss is nan' in p.stderr.lower() or 'loss is inf' in p.stderr.lower(), p.stderr[-2000:]
   assert _finished_steps(workdir), 'no checkpoint was written before the divergence'
@@ -150,46 +153,78 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_process_with_four_devices(tmp_path, data_dir):
-  steps = ['--config.num_steps=3', '--config.checkpoint_every_steps=1000']
-  single = tmp_path / 'single'
-  _train(single, data_dir, *steps, devices=4)
-  multi = tmp_path / 'multi'
+def _two_processes(make_cmd):
+  """Runs ``make_cmd(extra_flags)`` as processes 0 and 1 of one run on loopback, 2 simulated
+  devices each; asserts both exit 0. Every process is bounded by TIMEOUT."""
   port = _free_port()
-  procs = [subprocess.Popen(_cmd(multi, data_dir, *steps, f'--coordinator=127.0.0.1:{port}',
-                                 '--num_processes=2', f'--process_id={i}'),
+  procs = [subprocess.Popen(make_cmd([f'--coordinator=127.0.0.1:{port}', '--num_processes=2',
+                                      f'--process_id={i}']),
                             env=_env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
-  outs = []
   try:
-    for p in procs:
-      outs.append(p.communicate(timeout=TIMEOUT)[0])
+    outs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
+
+
+def test_two_processes_equal_one_process_with_four_devices(tmp_path, data_dir):
+  steps = ['--config.num_steps=3', '--config.checkpoint_every_steps=1000']
+  single = tmp_path / 'single'
+  _train(single, data_dir, *steps, devices=4)
+  multi = tmp_path / 'multi'
+  _two_processes(lambda launch: _cmd(multi, data_dir, *steps, *launch))
+  m = json.load(open(multi / 'eval' / 'metrics.json'))  # the final validation, split too
+  assert m['processes'] == 2 and m['devices'] == 4 and sum(m['per_process_images']) == m['images'] == 8
   a, b = _variables(single), _variables(multi)
   for k in a:
     # float32 all-reduces sum in a different order across processes: ~1e-6 relative
     np.testing.assert_allclose(b[k], a[k], atol=1e-5, rtol=2e-5, err_msg=k)
 
 
+def _eval_cmd(workdir, data_dir, out, *extra):
+  return [sys.executable, os.path.join(ROOT, 'eval.py'), '--config', os.path.join(ROOT, 'configs', 'synthetic.py'),
+          '--workdir', str(workdir), '--out', str(out), f'--config.dataset.data_dir={data_dir}',
+          '--config.dataset.builder_kwargs.image_size=32', '--config.eval.mode=slide',
+          '--config.eval.crop_size=17', '--config.eval.base_size=32', "--config.eval.scales=(0.75,1.0)",
+          '--config.eval.per_scale=True', *extra]
+
+
 def test_eval_cli_on_the_trained_workdir(reference_run, data_dir, tmp_path):
+  """eval.py on 1 device, on 4 devices, and as 2 processes x 2 devices: the same metrics
+  (per scale too) and the same prediction PNGs, exactly."""
   workdir, _ = reference_run
-  out = tmp_path / 'eval'
-  cmd = [sys.executable, os.path.join(ROOT, 'eval.py'), '--config', os.path.join(ROOT, 'configs', 'synthetic.py'),
-         '--workdir', str(workdir), '--out', str(out), f'--config.dataset.data_dir={data_dir}',
-         '--config.dataset.builder_kwargs.image_size=32', '--config.eval.mode=slide',
-         '--config.eval.crop_size=33', '--config.eval.base_size=32', '--save_predictions']
-  p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+  out = tmp_path / 'eval1'
+  p = subprocess.run(_eval_cmd(workdir, data_dir, out, '--save_predictions'), env=_env(),
+                     capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
   assert p.returncode == 0, p.stderr[-3000:]
   m = json.load(open(out / 'metrics.json'))
-  assert {'miou', 'macc', 'allacc', 'fwiou', 'per_class', 'images_per_second'} <= set(m)
+  assert {'miou', 'macc', 'allacc', 'fwiou', 'per_class', 'images_per_second', 'per_scale'} <= set(m)
   assert [c['name'] for c in m['per_class']] == ['background', 'circle', 'square', 'triangle']
   assert m['images'] == 8 and (out / 'per_class_iou.png').exists()
+  assert set(m['per_scale']) == {'0.75', '1'} and m['eval_config']['window_batch'] == 0
+  assert m['processes'] == 1 and m['devices'] == 1 and m['per_process_images'] == [8]
   assert len(list((out / 'predictions').glob('*_color.png'))) == 8
+
+  out4 = tmp_path / 'eval4'
+  p = subprocess.run(_eval_cmd(workdir, data_dir, out4, '--save_predictions'), env=_env(4),
+                     capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+  assert p.returncode == 0, p.stderr[-3000:]
+  out22 = tmp_path / 'eval22'
+  _two_processes(lambda launch: _eval_cmd(workdir, data_dir, out22, '--save_predictions', *launch))
+  scores = lambda m: {k: m[k] for k in ('miou', 'macc', 'allacc', 'fwiou', 'per_class', 'per_scale')}
+  for other, devices, processes in ((out4, 4, 1), (out22, 4, 2)):
+    o = json.load(open(other / 'metrics.json'))
+    assert (o['devices'], o['processes']) == (devices, processes)
+    assert scores(o) == scores(m), other
+    assert sum(o['per_process_images']) == 8
+    for png in sorted((out / 'predictions').glob('*.png')):
+      np.testing.assert_array_equal(np.asarray(Image.open(other / 'predictions' / png.name)),
+                                    np.asarray(Image.open(png)), err_msg=f'{other}: {png.name}')
+  assert json.load(open(out22 / 'metrics.json'))['per_process_images'] == [4, 4]  # equal sizes
 
 
 def test_init_checkpoint_full_and_backbone_only(tmp_path, data_dir):

@@ -179,6 +179,64 @@ def test_cpu_kernels_follow_the_lowering_platform_not_the_host(monkeypatch):
   assert _lowered_ops(lambda x: conv1(x), x, platforms=['cpu']) == (1, 0)
 
 
+@pytest.mark.parametrize('k,stride,dilation,size', [(1, 1, 1, 9), (1, 2, 1, 10), (3, 1, 2, 13),
+                                                     (3, 2, 1, 11), (3, 2, 1, 10), (7, 2, 1, 15)])
+def test_float32_weight_gradient_convolution_equals_autodiff(k, stride, dilation, size):
+  """ops.convolution.weight_gradient (the mixed-precision weight gradient, one convolution
+  accumulating in float32) equals autodiff of XLA's convolution in float32."""
+  from jax import lax
+  from pspnet_jax import ops
+  from pspnet_jax.ops.convolution import weight_gradient
+  rng = np.random.default_rng(k * 100 + size)
+  x = jnp.asarray(rng.standard_normal((2, size, size + 1, 5)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, k, 5, 6)), jnp.float32)
+  pad = ops.conv_padding(k, dilation)
+  conv = lambda w: lax.conv_general_dilated(x, w, (stride, stride), pad, rhs_dilation=(dilation, dilation),
+                                            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  y, vjp = jax.vjp(conv, w)
+  dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+  got = weight_gradient(x, dy, (k, k), (stride, stride), pad, (dilation, dilation))
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, vjp(dy)[0], rtol=1e-5, atol=1e-5 * float(jnp.abs(got).max()))
+
+
+@pytest.mark.parametrize('k,stride,dilation', [(1, 2, 1), (3, 1, 2), (3, 2, 1)])
+def test_bfloat16_layers_return_float32_accumulated_weight_gradients(k, stride, dilation):
+  """bfloat16 compute with float32 parameters: the gradients of a conv kernel and of BN's
+  weight and bias are float32 sums of exact bfloat16 products, so they equal float32
+  autodiff on the same rounded inputs to float32 precision; a bfloat16 gradient (plain
+  autodiff through a cast kernel) is off by bfloat16's rounding, ~4e-3."""
+  from pspnet_jax import ops
+  from pspnet_jax.models.layers import BatchNorm
+  bf16, f32 = jnp.bfloat16, jnp.float32
+  rng = np.random.default_rng(k + stride)
+  x = jnp.asarray(rng.standard_normal((2, 11, 12, 6)), bf16)
+  w = jnp.asarray(rng.standard_normal((k, k, 6, 5)), f32)
+  pad = ops.conv_padding(k, dilation)
+  conv = lambda x, w: ops.conv(x, w, (stride, stride), pad, (dilation, dilation))
+  y, vjp = jax.vjp(lambda w: conv(x, w), w)
+  dy = jnp.asarray(rng.standard_normal(y.shape), bf16)
+  assert y.dtype == bf16
+  (got,) = vjp(dy)
+  w_rounded = w.astype(bf16).astype(f32)
+  (want,) = jax.vjp(lambda w_: conv(x.astype(f32), w_), w_rounded)[1](dy.astype(f32))
+  assert got.dtype == f32
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+  (plain,) = jax.vjp(lambda w: conv(x, w.astype(bf16)), w)[1](dy)
+  assert float(jnp.abs(plain.astype(f32) - want).max() / jnp.abs(want).max()) > 1e-4
+
+  bn = BatchNorm(6, use_running_average=True)
+  bn.running_mean[...] = jnp.asarray(rng.standard_normal(6), f32)
+  bn.running_var[...] = jnp.asarray(rng.uniform(0.5, 2, 6), f32)
+  graphdef, params, stats = nnx.split(bn, nnx.Param, nnx.BatchStat)
+  dz = jnp.asarray(rng.standard_normal(x.shape), bf16)
+  grads = lambda x, dz: jax.vjp(lambda p: nnx.merge(graphdef, p, stats)(x), params)[1](dz)[0]
+  got, want = grads(x, dz), grads(x.astype(f32), dz.astype(f32))
+  for name in ('weight', 'bias'):
+    assert got[name][...].dtype == f32
+    np.testing.assert_allclose(got[name][...], want[name][...], rtol=1e-4, atol=1e-5)
+
+
 def _torch_train(ref, images, labels, *, dtype, steps, accum, lr, total):
   """semseg's train step in PyTorch: CE + 0.4 aux (ignore 255), SGD momentum 0.9, coupled
   wd 1e-4, poly lr per iteration, 10x on ppm/cls/aux; `accum` half-batch backward passes

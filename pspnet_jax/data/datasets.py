@@ -6,11 +6,13 @@ dataset can be read on a machine that never saw the raw files.
 """
 
 import dataclasses
+import io
 import logging
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image as PILImage
 
 from pspnet_jax.data import builders as builders_lib
 
@@ -114,7 +116,7 @@ class RecordSource:
 
   def __init__(self, name: str, split: str, data_dir: str):
     self.name, self.split, self.data_dir = name, split, os.fspath(data_dir)
-    self._source = None
+    self._source = self._encoded = None
     splits = dataset_info(name, data_dir).splits
     if split not in splits:
       raise ValueError(f'{name} has no split {split!r}; it has {sorted(splits)}')
@@ -128,6 +130,16 @@ class RecordSource:
   def __len__(self) -> int:
     return self._len
 
+  def image_size(self, i: int) -> tuple[int, int]:
+    """(H, W) of image ``i``, read from its encoded header without decoding it."""
+    if self._encoded is None:
+      self._encoded = _read_builder(self.name, self.data_dir).as_data_source(
+          split=self.split, decoders={'image': tfds.decode.SkipDecoding(),
+                                      'label': tfds.decode.SkipDecoding()})
+    with PILImage.open(io.BytesIO(self._encoded[int(i)]['image'])) as im:
+      w, h = im.size
+    return h, w
+
   def __getitem__(self, i: int) -> dict:
     if not 0 <= i < self._len:
       raise IndexError(f'index {i} out of range for {self.name}/{self.split} ({self._len})')
@@ -137,7 +149,7 @@ class RecordSource:
             'id': ident.decode() if isinstance(ident, bytes) else str(ident)}
 
   def __getstate__(self):
-    return {**self.__dict__, '_source': None}
+    return {**self.__dict__, '_source': None, '_encoded': None}
 
   def __repr__(self):
     return f'RecordSource({self.name!r}, {self.split!r}, {self.data_dir!r}, len={self._len})'

@@ -46,9 +46,14 @@ def format_table(metrics: dict) -> str:
   lines.append('-' * len(head))
   lines.append(f'mIoU {_pct(metrics["miou"])}  mAcc {_pct(metrics["macc"])}  '
                f'allAcc {_pct(metrics["allacc"])}  fwIoU {_pct(metrics["fwiou"])}')
+  for scale, m in (metrics.get('per_scale') or {}).items():
+    lines.append(f'scale {scale}: mIoU {_pct(m["miou"])}  mAcc {_pct(m["macc"])}  '
+                 f'allAcc {_pct(m["allacc"])}')
   if 'images' in metrics:
+    where = (f' on {metrics["processes"]} process(es), {metrics["devices"]} device(s)'
+             if 'devices' in metrics else '')
     lines.append(f'{metrics["images"]} images in {metrics.get("seconds", 0.0):.1f} s '
-                 f'({metrics.get("images_per_second", 0.0):.3f} images/s)')
+                 f'({metrics.get("images_per_second", 0.0):.3f} images/s){where}')
   return '\n'.join(lines)
 
 

@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                   help='average with the horizontally flipped image (default on, as semseg)')
   ap.add_argument('--base-size', type=int, default=512, help='long side at scale 1.0 (Cityscapes: 2048)')
   ap.add_argument('--crop-size', type=int, default=473, help='sliding window side (Cityscapes: 713)')
-  ap.add_argument('--window-batch', type=int, default=1, help='windows per network call')
+  ap.add_argument('--window-batch', type=int, default=0,
+                  help='windows per network call (default 0: one per local device)')
   return ap
 
 

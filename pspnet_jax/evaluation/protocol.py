@@ -52,6 +52,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pspnet_jax import mesh as mesh_lib
 from pspnet_jax import ops
 from pspnet_jax.evaluation import metrics
 from pspnet_jax.models import PSPNet
@@ -70,9 +71,11 @@ class EvalConfig:
   crop_size: int = 473                # window side ('slide'); Cityscapes: 713
   stride_rate: float = 2 / 3
   base_size: int = 512                # long side at scale 1.0; Cityscapes: 2048
-  window_batch: int = 1               # windows per network call (x2 with flip)
+  window_batch: int = 0               # windows per network call (x2 with flip); 0: one per
+                                      # local device. Rounded up to a multiple of the devices
   bucket_multiple: int = 128          # image sides padded up to this (compilation buckets)
   whole_multiple: int = 64            # 'whole': short side of the canvas padded up to this
+  per_scale: bool = False             # also score each scale alone (in the same pass)
   ignore_label: int = metrics.IGNORE_LABEL
 
   def __post_init__(self):
@@ -81,11 +84,26 @@ class EvalConfig:
       raise ValueError(f"EvalConfig.mode must be 'slide' or 'whole', got {self.mode!r}")
     if not self.scales or min(self.scales) <= 0:
       raise ValueError(f'EvalConfig.scales must be positive, got {self.scales}')
-    for name in ('crop_size', 'base_size', 'window_batch', 'bucket_multiple', 'whole_multiple'):
+    for name in ('crop_size', 'base_size', 'bucket_multiple', 'whole_multiple'):
       if int(getattr(self, name)) < 1:
         raise ValueError(f'EvalConfig.{name} must be >= 1, got {getattr(self, name)}')
+    if int(self.window_batch) < 0:
+      raise ValueError(f'EvalConfig.window_batch must be >= 0 (0: one per device), got {self.window_batch}')
     if not 0 < self.stride_rate <= 1:
       raise ValueError(f'EvalConfig.stride_rate must be in (0, 1], got {self.stride_rate}')
+
+  @classmethod
+  def from_config(cls, fields, ignore_label: int) -> 'EvalConfig':
+    """``config.eval`` (every field is a key) for a dataset that ignores ``ignore_label``."""
+    fields = dict(fields)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+      raise ValueError(f'config.eval has unknown keys {unknown}; the keys are {known}')
+    if fields.setdefault('ignore_label', ignore_label) != ignore_label:
+      raise ValueError(f'config.eval.ignore_label={fields["ignore_label"]} but the dataset ignores '
+                       f'{ignore_label}: set it to {ignore_label}')
+    return cls(**fields)
 
   @property
   def stride(self) -> int:
@@ -137,9 +155,11 @@ class _ScaleShape:
 class Evaluator:
   """Runs the protocol of ``config`` with ``model``'s weights; see the module docstring.
 
-  ``mesh``: optional; window batches are sharded over all its devices along the batch axis
-  (``window_batch`` is rounded up to a multiple of the device count). Multi-host input
-  splitting is not done here.
+  ``mesh``: the devices to run on, by default every local device of this process
+  (``mesh.local_mesh()``). The model's variables are replicated over it, wherever they
+  lived before (one device, another mesh, a multi-process training state), and window
+  batches are sharded over it along the batch axis (``window_batch`` is rounded up to a
+  multiple of its size). Splitting a dataset over processes is ``evaluate``'s job.
 
   ``compilations`` counts the programs traced so far (one per bucket and entry point).
   """
@@ -147,11 +167,8 @@ class Evaluator:
   def __init__(self, model: PSPNet, config: EvalConfig = EvalConfig(), mesh: Mesh | None = None):
     self.config = config
     self.num_classes = model.config.num_classes
-    self.mesh = mesh
-    batch = config.window_batch
-    if mesh is not None:
-      batch = _round_up(batch, mesh.size)
-    self.window_batch = batch
+    self.mesh = mesh_lib.local_mesh() if mesh is None else mesh
+    self.window_batch = _round_up(config.window_batch or self.mesh.size, self.mesh.size)
     self.compilations = 0
     self.set_model(model)
     self._probs = jax.jit(self._probs_program, static_argnames='key')
@@ -163,10 +180,11 @@ class Evaluator:
     graphdef, state = nnx.split(model)
     copy = nnx.merge(graphdef, state)
     copy.eval()
-    graphdef, self.state = nnx.split(copy)
+    graphdef, state = nnx.split(copy)
     if getattr(self, 'graphdef', graphdef) != graphdef:
       raise ValueError('set_model: a different architecture; build a new Evaluator')
     self.graphdef = graphdef
+    self.state = mesh_lib.replicate(state, self.mesh)
 
   # ---- host side: shapes and per-image data ------------------------------------------
 
@@ -182,7 +200,9 @@ class Evaluator:
       nh, nw = resized_size(h, w, long_side)
       canvas = (min(_round_up(nh, cfg.whole_multiple), max(nh, long_side)),
                 min(_round_up(nw, cfg.whole_multiple), max(nw, long_side)))
-      batch = 1 if self.mesh is None else self.mesh.size  # one window per image and scale
+      # One window per image and scale; a batch of mesh.size keeps every device busy
+      # (the copies are masked out) with one program for any device count.
+      batch = self.mesh.size
       return _ScaleShape(canvas, canvas, batch, batch)
     side = max(long_side, cfg.crop_size)
     g = len(window_starts(side, cfg.crop_size, cfg.stride))
@@ -230,9 +250,8 @@ class Evaluator:
 
   def _window_probs(self, state, windows: jax.Array) -> jax.Array:
     """windows: [B, h, w, 3] normalised -> softmax [B, h, w, C], averaged with the flip."""
-    if self.mesh is not None:
-      spec = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names))
-      windows = jax.lax.with_sharding_constraint(windows, spec)
+    spec = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names))
+    windows = jax.lax.with_sharding_constraint(windows, spec)
     b = windows.shape[0]
     if self.config.flip:  # semseg runs the window and its flip as one batch
       windows = jnp.concatenate([windows, windows[:, :, ::-1]], axis=0)
@@ -282,24 +301,56 @@ class Evaluator:
     rows = (acc[r0] / count[r0]) * rw0[:, None, None] + (acc[r1] / count[r1]) * rw1[:, None, None]
     return gather(rows, plan['out_cols'], 1)
 
+  def _per_scale_probs(self, state, image: jax.Array, plans: Sequence[dict], key: tuple):
+    """image: [Hb, Wb, 3] uint8 -> one [Hb, Wb, C] probability map per scale."""
+    x = (image.astype(jnp.float32) - jnp.asarray(MEAN)) / jnp.asarray(STD)
+    return [self._scale_probs(state, x, plan, shape) for plan, shape in zip(plans, key[2:])]
+
   def _image_probs(self, state, image: jax.Array, plans: Sequence[dict], key: tuple) -> jax.Array:
     """image: [Hb, Wb, 3] uint8 -> probabilities [Hb, Wb, C] averaged over scales."""
-    x = (image.astype(jnp.float32) - jnp.asarray(MEAN)) / jnp.asarray(STD)
-    total = sum(self._scale_probs(state, x, plan, shape) for plan, shape in zip(plans, key[2:]))
-    return total / len(plans)
+    per_scale = self._per_scale_probs(state, image, plans, key)
+    return sum(per_scale) / len(per_scale)
 
   def _probs_program(self, state, image, plans, key):
     self.compilations += 1  # runs once per trace, i.e. per compilation
     return self._image_probs(state, image, plans, key)
 
   def _confusion_program(self, state, image, label, plans, acc, key):
+    """acc: [K, 2, C, C] (``_empty_accumulator``): the combination, then each scale alone
+    when ``per_scale``."""
     self.compilations += 1
-    pred = jnp.argmax(self._image_probs(state, image, plans, key), axis=-1)
-    pred = pred.astype(jnp.uint8 if self.num_classes <= 256 else jnp.int32)
-    counts = metrics.confusion_matrix(pred, label, self.num_classes, self.config.ignore_label)
-    return metrics.add_confusion(acc, counts), pred
+    per_scale = self._per_scale_probs(state, image, plans, key)
+    maps = [sum(per_scale) / len(per_scale)]
+    if self.config.per_scale:
+      maps += per_scale
+    dtype = jnp.uint8 if self.num_classes <= 256 else jnp.int32
+    preds = [jnp.argmax(p, axis=-1).astype(dtype) for p in maps]
+    acc = jnp.stack([metrics.add_confusion(
+        acc[k], metrics.confusion_matrix(p, label, self.num_classes, self.config.ignore_label))
+        for k, p in enumerate(preds)])
+    return acc, preds[0]
+
+  def _empty_accumulator(self) -> jax.Array:
+    k = 1 + (len(self.config.scales) if self.config.per_scale else 0)
+    return jnp.stack([metrics.empty_confusion(self.num_classes)] * k)
 
   # ---- public API ----------------------------------------------------------------------
+
+  def lower(self, h: int, w: int):
+    """The program that scores one ``h x w`` image (its bucket's), traced and lowered for
+    this evaluator's mesh but not run: for ahead-of-time compilation (``pspnet_jax.aot``),
+    where the mesh may hold devices of a platform this host does not have. Returns
+    ``(lowered, window_batches)``: the network runs ``window_batches[s]`` times at scale s."""
+    key, padded, plans = self._inputs(np.zeros((h, w, 3), np.uint8))
+    replicated = NamedSharding(self.mesh, PartitionSpec())
+    label = np.zeros(padded.shape[:2], np.uint8)
+    args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype,
+                                                       sharding=replicated),
+                        (padded, label, plans))
+    acc = jax.eval_shape(self._empty_accumulator)
+    acc = jax.ShapeDtypeStruct(acc.shape, acc.dtype, sharding=replicated)
+    lowered = self._confusion.trace(self.state, *args, acc, key=key).lower()
+    return lowered, [int(p['batches']) for p in plans]
 
   def probabilities(self, image) -> np.ndarray:
     """image: [H, W, 3] uint8 RGB -> class probabilities [H, W, C] float32 (protocol 1-7)."""
@@ -322,9 +373,11 @@ class Evaluator:
     ``ignore_label`` ignored). ``on_prediction(index, pred)``, if given, receives each
     prediction ([H, W] uint8) on the host (e.g. to write PNGs); without it nothing but the
     final matrix leaves the device.
-    Returns ``(confusion [C, C] int64, number of images, seconds)``.
+    Returns ``(confusion [C, C] int64, number of images, seconds)``; with
+    ``config.per_scale`` the confusion is ``[1 + S, C, C]``: the scales combined, then each
+    of the S scales alone.
     """
-    acc = metrics.empty_confusion(self.num_classes)
+    acc = self._empty_accumulator()
     start = time.perf_counter()
     n = 0
     for n, ex in enumerate(examples, start=1):
@@ -343,32 +396,6 @@ class Evaluator:
       acc, pred = self._confusion(self.state, padded, padded_label, plans, acc, key=key)
       if on_prediction is not None:
         on_prediction(n - 1, np.asarray(pred[:ih, :iw]))
-    confusion = metrics.confusion_to_numpy(acc)  # the one device -> host transfer
-    return confusion, n, time.perf_counter() - start
-
-
-def evaluate(model: PSPNet, examples: Iterable[dict], num_classes: int | None = None,
-             eval_config: EvalConfig = EvalConfig(mode='whole'),
-             class_names: Sequence[str] | None = None, mesh: Mesh | None = None) -> dict:
-  """Validation in one call (the training loop's): metrics dict of
-  ``metrics.segmentation_metrics`` plus ``images``, ``seconds``, ``images_per_second``.
-
-  Evaluators are cached per architecture and protocol, so calling this every few thousand
-  steps with new weights compiles only the first time.
-  """
-  if num_classes is not None and num_classes != model.config.num_classes:
-    raise ValueError(f'num_classes={num_classes} but the model has {model.config.num_classes}')
-  graphdef = nnx.split(model)[0]
-  cache_key = (graphdef, eval_config, None if mesh is None else id(mesh))
-  evaluator = _EVALUATORS.get(cache_key)
-  if evaluator is None:
-    evaluator = _EVALUATORS[cache_key] = Evaluator(model, eval_config, mesh)
-  else:
-    evaluator.set_model(model)
-  confusion, n, seconds = evaluator.evaluate_dataset(examples)
-  result = metrics.segmentation_metrics(confusion, class_names)
-  result.update(images=n, seconds=seconds, images_per_second=n / seconds if seconds > 0 else 0.0)
-  return result
-
-
-_EVALUATORS: dict = {}
+    acc = np.asarray(acc)  # the one device -> host transfer
+    confusion = np.stack([metrics.confusion_to_numpy(a) for a in acc])
+    return (confusion if self.config.per_scale else confusion[0]), n, time.perf_counter() - start

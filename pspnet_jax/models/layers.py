@@ -60,7 +60,40 @@ class BatchNorm(nnx.Module):
     # Folded affine, as PyTorch's CPU kernel computes it: y = x * a + (bias - mean * a).
     a = self.weight[...] * jax.lax.rsqrt(var + self.epsilon)
     b = self.bias[...] - mean * a
-    return (x * a.astype(x.dtype) + b.astype(x.dtype)).astype(x.dtype)
+    if x.dtype == a.dtype:
+      return x * a + b
+    return _scale_shift(x, a, b)
+
+
+@jax.custom_vjp
+def _scale_shift(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+  """x * a + b in x's (low) dtype, with the gradients of the float32 per-channel a and b
+  summed over the batch in float32: under a sharded batch those sums are the cross-device
+  all-reduces, which then run in float32."""
+  return x * a.astype(x.dtype) + b.astype(x.dtype)
+
+
+def _scale_shift_fwd(x, a, b):
+  return _scale_shift(x, a, b), (x, a)
+
+
+def _scale_shift_bwd(residuals, dy):
+  x, a = residuals
+  axes = tuple(range(x.ndim - 1))
+  dyf = dy.astype(jnp.float32)
+  return (dy * a.astype(dy.dtype), jnp.sum(dyf * x.astype(jnp.float32), axes), jnp.sum(dyf, axes))
+
+
+_scale_shift.defvjp(_scale_shift_fwd, _scale_shift_bwd)
+
+
+def _compute_dtype_input(args, /, *, dtype=None, inexact=True):
+  """``nnx.Conv``'s dtype promotion for mixed precision: the input in the compute dtype,
+  kernel and bias left float32. ``ops.conv`` casts the kernel for the forward and returns
+  its gradient in float32 (see ``pspnet_jax.ops.convolution``)."""
+  del inexact
+  inputs, kernel, bias = args
+  return (inputs if dtype is None else jnp.asarray(inputs, dtype)), kernel, bias
 
 
 def conv2d(in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1, dilation: int = 1,
@@ -68,11 +101,12 @@ def conv2d(in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1, dilati
   """``nn.Conv2d`` with PyTorch's explicit symmetric padding ``dilation * (k - 1) // 2``.
 
   Never 'SAME': at stride 2 'SAME' pads asymmetrically and shifts every feature map by
-  half a pixel relative to PyTorch.
+  half a pixel relative to PyTorch. Parameters are float32; with ``dtype=bfloat16`` the
+  convolution computes in bfloat16 and the weight gradient comes back float32.
   """
   return nnx.Conv(
       in_ch, out_ch, (kernel_size, kernel_size), strides=stride,
       padding=ops.conv_padding(kernel_size, dilation), kernel_dilation=dilation,
       use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
       kernel_init=he_normal_fan_out, conv_general_dilated=convolution.conv_general_dilated,
-      rngs=rngs)
+      promote_dtype=_compute_dtype_input, rngs=rngs)

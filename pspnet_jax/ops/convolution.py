@@ -1,5 +1,6 @@
 """The convolution every model layer runs: XLA's own, or the CPU kernels of
-``pspnet_jax.ops.cpu_conv`` in programs lowered for the CPU.
+``pspnet_jax.ops.cpu_conv`` in programs lowered for the CPU; in mixed precision, with
+float32 weights and weight gradients around low-precision compute.
 
 The choice is ``jax.lax.platform_dependent``'s, made when a program is lowered, by the
 platform it is lowered *for*, not by the host that traces it: a train step compiled ahead
@@ -7,13 +8,22 @@ of time for a TPU, or exported for a GPU, on a CPU host holds XLA's plain convol
 only (tested in ``tests/test_train_step.py``). A program lowered for one platform holds one
 branch, so the compiler never sees a conditional. ``PSPNET_CONV=xla`` (read at trace time)
 selects XLA's convolution on every platform, for benchmarks.
+
+Mixed precision (``conv(x_bf16, w_f32)``): the weights are cast to the input's dtype for
+the forward and input-gradient convolutions, and the weight gradient is a convolution of
+``x`` with the output gradient that accumulates in float32 and returns float32
+(``preferred_element_type``). That convolution is where the batch is summed, so with the
+batch sharded over devices XLA's all-reduce of weight gradients is float32, and the
+gradient reaches the float32 weights without a round trip through bfloat16.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 from pspnet_jax.ops import cpu_conv
@@ -32,11 +42,18 @@ def conv(x: jax.Array, w: jax.Array, strides=(1, 1), padding: Padding = ((0, 0),
   """x: [B, H, W, Cin], w: [kh, kw, Cin, Cout] -> [B, H', W', Cout]; differentiable.
 
   XLA's convolution on GPU/TPU; ``cpu_conv.cpu_conv`` (same values and gradients up to
-  float reassociation) when lowered for the CPU, unless ``PSPNET_CONV=xla``.
+  float reassociation) when lowered for the CPU, unless ``PSPNET_CONV=xla``. With ``w`` in
+  a wider dtype than ``x`` (float32 weights, bfloat16 compute) the output has ``x``'s
+  dtype and the weight gradient ``w``'s, accumulated in float32.
   """
   strides, dilation = tuple(int(s) for s in strides), tuple(int(d) for d in dilation)
   padding = tuple((int(a), int(b)) for a, b in padding)
+  if w.dtype != x.dtype:
+    return _mixed_precision_conv(x, w, strides, padding, dilation)
+  return _same_dtype_conv(x, w, strides, padding, dilation)
 
+
+def _same_dtype_conv(x, w, strides, padding, dilation):
   def plain(x, w):
     return cpu_conv.xla_conv(x, w, strides, padding, dilation)
 
@@ -47,6 +64,49 @@ def conv(x: jax.Array, w: jax.Array, strides=(1, 1), padding: Padding = ((0, 0),
     return cpu_conv.cpu_conv(x, w, strides, padding, dilation)
 
   return lax.platform_dependent(x, w, cpu=fast, default=plain)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _mixed_precision_conv(x, w, strides, padding, dilation):
+  return _same_dtype_conv(x, w.astype(x.dtype), strides, padding, dilation)
+
+
+def _mixed_precision_fwd(x, w, strides, padding, dilation):
+  return _mixed_precision_conv(x, w, strides, padding, dilation), (x, w)
+
+
+def _mixed_precision_bwd(strides, padding, dilation, residuals, dy):
+  x, w = residuals
+  _, input_vjp = jax.vjp(lambda x_: _same_dtype_conv(x_, w.astype(x.dtype), strides, padding,
+                                                     dilation), x)
+  (dx,) = input_vjp(dy)
+  dw = weight_gradient(x, dy, w.shape[:2], strides, padding, dilation)
+  return dx, dw.astype(w.dtype)
+
+
+_mixed_precision_conv.defvjp(_mixed_precision_fwd, _mixed_precision_bwd)
+
+
+def weight_gradient(x: jax.Array, dy: jax.Array, kernel_size, strides, padding,
+                    dilation) -> jax.Array:
+  """dL/dW [kh, kw, Cin, Cout] float32 of the NHWC x HWIO convolution ``y = conv(x, w)``,
+  given ``dy = dL/dy``: one convolution that slides ``dy`` over ``x`` (the batch is its
+  contracted feature axis, ``Cin`` its batch axis; the forward stride becomes the kernel
+  dilation and the forward dilation the stride), accumulating in float32.
+
+  dW[i, j, c, o] = sum over n, p, q of x_pad[n, p*s + i*d, q*s + j*d, c] * dy[n, p, q, o].
+  """
+  (kh, kw), (sh, sw), (dh, dw) = kernel_size, strides, dilation
+  (top, bottom), (left, right) = padding
+  _, h, wd, _ = x.shape
+  _, oh, ow, _ = dy.shape
+  # Pad (or crop, when the forward never reached the last rows) so the output is kh x kw.
+  bottom = (kh - 1) * dh + (oh - 1) * sh + 1 - h - top
+  right = (kw - 1) * dw + (ow - 1) * sw + 1 - wd - left
+  return lax.conv_general_dilated(
+      x, dy, window_strides=(dh, dw), padding=((top, bottom), (left, right)),
+      rhs_dilation=(sh, sw), dimension_numbers=('CHWN', 'IHWO', 'HWNC'),
+      preferred_element_type=jnp.float32)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -63,7 +123,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
             and precision is None and preferred_element_type is None and out_sharding is None)
   if not simple:
     return lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        lhs, rhs.astype(lhs.dtype), window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count, batch_group_count, precision, preferred_element_type,
         out_sharding=out_sharding)
   return conv(lhs, rhs, window_strides, padding, rhs_dilation or (1, 1))

@@ -93,26 +93,43 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   logger = MetricsLogger(workdir)
   preempt = Preemption()
-  eval_cfg = evaluation.EvalConfig(**dict(config.eval))
+  eval_cfg = evaluation.EvalConfig.from_config(config.eval, info.ignore_label)
   # During training: a short whole-image, single-scale pass (the full protocol at the end).
-  quick_cfg = dataclasses.replace(eval_cfg, mode='whole', scales=(1.0,), flip=False)
+  quick_cfg = dataclasses.replace(eval_cfg, mode='whole', scales=(1.0,), flip=False, per_scale=False)
   val = data_lib.eval_source(ds.name, ds.eval_split, data_dir)
   n_quick = int(config.get('eval_num_examples', 0)) or len(val)
 
   def validate(n, quick):
-    variables = (state['params'], state['batch_stats'])
-    if jax.process_count() > 1:  # every process evaluates its own (identical) replica
-      variables = jax.tree.map(lambda x: x.addressable_data(0), variables)
-    m = nnx.merge(graphdef, *variables)
+    """Every process evaluates its share of the first ``n`` images on its local devices."""
+    m = nnx.merge(graphdef, state['params'], state['batch_stats'])
     m.eval()
-    examples = (val[i] for i in range(min(n, len(val))))
-    return evaluation.evaluate(m, examples, info.num_classes, quick_cfg if quick else eval_cfg,
-                               class_names=info.class_names)
+    return evaluation.evaluate(m, val, info.num_classes, quick_cfg if quick else eval_cfg,
+                               class_names=info.class_names, num_examples=n)
 
   def save(step, metrics=None):
+    check_finite()  # a checkpoint never holds a step after a non-finite one
     ckpt.save(step, model_variables=_model_variables(state), opt_state=state['opt_state'],
               meta={'step': step, 'epoch': step / steps_per_epoch}, data_state=loader.get_state(),
               metrics=metrics)
+
+  # Step metrics stay on the device until a log, validation or save step reads them all at
+  # once: reading them every step would stall the host until each step finished.
+  pending = []
+
+  def check_finite() -> dict | None:
+    """Reads the pending metrics; the last step's as floats. TrainingDiverged at the first
+    step whose loss or gradient norm is not finite."""
+    rows = jax.device_get(pending)
+    pending.clear()
+    for at, row in rows:
+      for key in ('loss', 'grad_norm'):
+        value = float(row[key])
+        if not math.isfinite(value):
+          raise TrainingDiverged(
+              f'{key.replace("_", " ")} is {value} at step {at}: training stopped. The last good '
+              f'checkpoint (step {last_good}) in {os.path.join(workdir, ckpt_lib.CHECKPOINTS_DIR)} '
+              'was kept; lower optimizer.learning_rate or enable optimizer.clip_grad_norm and resume.')
+    return {k: float(v) for k, v in rows[-1][1].items()} if rows else None
 
   progress = ProgressBar(is_main, start, total_steps)
   last_good = start
@@ -121,15 +138,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     for step in range(start + 1, total_steps + 1):
       batch = mesh_lib.global_batch(next(loader), mesh)
       state, metrics = train_step(state, batch)
-      loss = float(metrics['loss'])
-      if not math.isfinite(loss):
-        raise TrainingDiverged(
-            f'loss is {loss} at step {step}: training stopped. The last good checkpoint '
-            f'(step {last_good}) in {os.path.join(workdir, ckpt_lib.CHECKPOINTS_DIR)} was kept; '
-            'lower optimizer.learning_rate or enable optimizer.clip_grad_norm and resume.')
-      if step % config.log_every_steps == 0 or step == total_steps:
+      pending.append((step, metrics))
+      log_step = step % config.log_every_steps == 0 or step == total_steps
+      if log_step:
+        row = check_finite()
         now = time.perf_counter()
-        row = {k: float(v) for k, v in metrics.items()}
         row['epoch'] = step / steps_per_epoch
         row['img_per_s'] = config.log_every_steps * config.global_batch_size / max(now - t_last, 1e-9)
         t_last = now
@@ -137,6 +150,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         progress.update(step, row)
       eval_metrics = None
       if config.get('eval_every_steps') and step % config.eval_every_steps == 0 and step < total_steps:
+        check_finite()
         eval_metrics = validate(n_quick, quick=True)
         logger.write(step, 'val', {'miou': eval_metrics['miou'], 'macc': eval_metrics['macc'],
                                    'allacc': eval_metrics['allacc']})
@@ -145,11 +159,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
         save(step, {'miou': eval_metrics['miou']} if eval_metrics else None)
         last_good = step
       maybe_inject_signal(step)
-      if preempt.any_process():
+      # Asking the other processes is a collective: only on log steps in a multi-process run.
+      if (jax.process_count() == 1 or log_step) and preempt.any_process():
         save(step)
         ckpt.wait()
         progress.note(f'SIGTERM: saved step {step} in {workdir}; exiting')
         return {}
+    check_finite()
   finally:
     progress.close()
     preempt.restore()
