@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import sys
 import time
@@ -82,6 +83,9 @@ def tpu_devices(generation: str, topology: str) -> list:
                    'compiler; no TPU is needed)') from None
   from jax.experimental import topologies
   kwargs = {'chip_config_name': 'megacore'} if generation == 'v4' else {}  # one device a chip
+  # Compiling opens no chip, so a second libtpu process (another AOT run) is no conflict;
+  # without this libtpu refuses to load while another process holds its lockfile.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   return list(topologies.get_topology_desc(topology_name=topology, platform='tpu', **kwargs).devices)
 
 
