@@ -334,6 +334,11 @@ class Evaluator:
     k = 1 + (len(self.config.scales) if self.config.per_scale else 0)
     return jnp.stack([metrics.empty_confusion(self.num_classes)] * k)
 
+  def _new_accumulator(self) -> jax.Array:
+    """On the mesh, replicated, as the program returns it: the first call of a set then
+    compiles the same program as the following ones."""
+    return jax.device_put(self._empty_accumulator(), NamedSharding(self.mesh, PartitionSpec()))
+
   # ---- public API ----------------------------------------------------------------------
 
   def lower(self, h: int, w: int):
@@ -377,7 +382,7 @@ class Evaluator:
     ``config.per_scale`` the confusion is ``[1 + S, C, C]``: the scales combined, then each
     of the S scales alone.
     """
-    acc = self._empty_accumulator()
+    acc = self._new_accumulator()
     start = time.perf_counter()
     n = 0
     for n, ex in enumerate(examples, start=1):
