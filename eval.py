@@ -18,13 +18,16 @@ share of the images and process 0 writes the outputs.
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pspnet_jax import mesh
+from pspnet_jax import errors, mesh
 from pspnet_jax.evaluation import evaluate_checkpoint
 
+if __name__ == '__main__':  # before absl parses them (ml_collections fails deep inside)
+  errors.check_config_overrides(sys.argv, 'configs/synthetic.py')
 config_flags.DEFINE_config_file('config', 'configs/synthetic.py', 'Configuration file.')
 flags.DEFINE_string('workdir', None, 'Training workdir: evaluates its latest checkpoint.')
 flags.DEFINE_string('checkpoint', None, 'A model directory (port CLI output) or a workdir.')
@@ -37,6 +40,7 @@ flags.DEFINE_integer('process_id', None, 'This process index (multi-process runs
 FLAGS = flags.FLAGS
 
 
+@errors.command
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)

@@ -10,9 +10,11 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pspnet_jax import mesh
+from pspnet_jax import errors, mesh
 from pspnet_jax.train import TrainingDiverged, train_and_evaluate
 
+if __name__ == '__main__':  # before absl parses them (ml_collections fails deep inside)
+  errors.check_config_overrides(sys.argv, 'configs/synthetic.py')
 config_flags.DEFINE_config_file('config', 'configs/synthetic.py', 'Training configuration file.')
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and evaluation.', required=True)
 flags.DEFINE_string('coordinator', None, 'host:port of process 0 (multi-process runs).')
@@ -21,6 +23,7 @@ flags.DEFINE_integer('process_id', None, 'This process index (multi-process runs
 FLAGS = flags.FLAGS
 
 
+@errors.command
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO

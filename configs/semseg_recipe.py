@@ -39,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_steps = 0            # > 0 overrides num_epochs
   c.aux_weight = 0.4
   c.init_checkpoint = ''     # a model directory from `python -m pspnet_jax.port`
+  c.init_backbone_only = False  # True: take only its backbone (e.g. other classes)
   c.worker_count = 4
   c.log_every_steps = 20
   c.checkpoint_every_steps = 1000

@@ -40,6 +40,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from pspnet_jax import checkpoint
 from pspnet_jax import mesh as mesh_lib
 from pspnet_jax.data import BUILDERS
+from pspnet_jax import errors
+from pspnet_jax.errors import UserError
 from pspnet_jax.evaluation.protocol import EvalConfig, Evaluator
 from pspnet_jax.train import OptimizerConfig, make_optimizer, make_train_step, schedules
 from pspnet_jax.train.init_checkpoint import model_config_from
@@ -61,7 +63,7 @@ DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'bf16': 2, 'f16'
                'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8}
 
 
-class AotError(ValueError):
+class AotError(UserError):
   """A target or option this tool cannot compile for; the message says what to do."""
 
 
@@ -304,18 +306,17 @@ def run(config, target: str, program: str, *, num_classes: int = 0,
   }
 
 
+@errors.command
 def main(argv):
   from absl import flags
   flags_ = flags.FLAGS
   if len(argv) > 1:
     raise SystemExit(f'unexpected arguments {argv[1:]}')
   h, _, w = flags_.image_size.partition('x')
-  try:
-    result = run(flags_.config, flags_.target, flags_.program, num_classes=flags_.num_classes,
-                 image_size=(int(h), int(w or h)))
-  except AotError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  if not (h.isdigit() and (w or h).isdigit()):
+    raise AotError(f'--image_size {flags_.image_size!r}: expected HxW, e.g. 512x683')
+  result = run(flags_.config, flags_.target, flags_.program, num_classes=flags_.num_classes,
+               image_size=(int(h), int(w or h)))
   text = json.dumps(result, indent=1, default=float)
   if flags_.json:
     with open(flags_.json, 'w') as f:
@@ -331,6 +332,7 @@ def main(argv):
 if __name__ == '__main__':
   from absl import app, flags, logging
   from ml_collections import config_flags
+  errors.check_config_overrides(sys.argv, 'configs/synthetic.py')
   config_flags.DEFINE_config_file('config', 'configs/synthetic.py', 'Training configuration file.')
   flags.DEFINE_string('target', 'tpu:v5e:2x2', 'tpu:GENERATION:TOPOLOGY, e.g. tpu:v5e:2x2.')
   flags.DEFINE_enum('program', 'train', ['train', 'eval'], 'The train step or the evaluator.')

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
+
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_policy
 
+from pspnet_jax.errors import UserError
 from pspnet_jax.models import PSPNet, PSPNetConfig
 
 MODEL_CONFIG = 'model_config.json'
@@ -27,8 +31,42 @@ STATE_DIR = 'state'
 CHECKPOINTS_DIR = 'checkpoints'
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
   """A path is not a checkpoint this project can read; the message says what was found."""
+
+
+DAMAGED_SUFFIX = '.damaged'
+
+
+def _cause(error: BaseException) -> str:
+  """The innermost cause of an orbax / TensorStore failure, on one line, without the
+  source-location and spec dumps that follow it."""
+  root = error
+  while root.__cause__ is not None or root.__context__ is not None:
+    root = root.__cause__ or root.__context__
+  text = ' '.join(str(root).split())
+  text = re.split(r' \[source locations=| \[tensorstore_spec| \{\"', text)[0]
+  return f'{type(root).__name__}: {text[:400]}'
+
+
+def newest_intact(directory: str, steps: list[int], restore):
+  """``(step, restore(step))`` for the newest step that restores; each damaged newer one
+  is named on stderr with its cause. CheckpointError when none restores."""
+  damaged = []
+  for step in sorted(steps, reverse=True):
+    try:
+      result = restore(step)
+    except CheckpointError as e:
+      damaged.append(step)
+      print(f'warning: {os.path.join(directory, str(step))} is damaged, skipped: {e}',
+            file=sys.stderr, flush=True)
+      continue
+    if damaged:
+      print(f'warning: using step {step}, the newest intact checkpoint in {directory}',
+            file=sys.stderr, flush=True)
+    return step, result
+  raise CheckpointError(f'{directory}: no intact checkpoint (damaged: steps '
+                        f'{", ".join(map(str, damaged))}; see the warnings above)')
 
 
 def model_variables(model: PSPNet) -> dict:
@@ -77,6 +115,25 @@ def read_model_config(directory: str) -> tuple[PSPNetConfig, dict]:
     raise CheckpointError(f'{path}: unreadable model config ({e})') from None
 
 
+def check_workdir(workdir: str, config: PSPNetConfig):
+  """Refuses a training workdir, before anything is written to it, that is a file, or that
+  holds checkpoints of another architecture (each differing field named). The compute
+  dtype and dropout may change on resume."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise CheckpointError(f'--workdir {workdir} is a file (give a directory)')
+  if not (os.path.exists(os.path.join(workdir, MODEL_CONFIG))
+          and _steps(os.path.join(workdir, CHECKPOINTS_DIR))):
+    return
+  saved, _ = read_model_config(workdir)
+  diff = [f'{k} {v!r} (workdir) vs {getattr(config, k)!r} (asked)'
+          for k, v in saved.to_dict().items()
+          if k not in ('dtype', 'dropout') and v != getattr(config, k)]
+  if diff:
+    raise CheckpointError(
+        f'{workdir} holds checkpoints of another model: {"; ".join(diff)} (resume with the '
+        'model config it was trained with, or give a new --workdir)')
+
+
 def restore_variables(state_dir: str, config: PSPNetConfig) -> PSPNet:
   """Builds a PSPNet of ``config`` holding the variables saved in orbax dir ``state_dir``."""
   model = abstract_model(config)
@@ -89,7 +146,7 @@ def restore_variables(state_dir: str, config: PSPNetConfig) -> PSPNet:
     with ocp.StandardCheckpointer() as ckptr:
       restored = ckptr.restore(state_dir, target)
   except Exception as e:  # orbax raises many types; name the path and the cause
-    raise CheckpointError(f'{state_dir}: cannot restore model variables for {config}: {e}') from e
+    raise CheckpointError(f'{state_dir}: cannot restore the model variables ({_cause(e)})') from e
   nnx.replace_by_pure_dict(state, restored)
   return nnx.merge(graphdef, state)
 
@@ -114,16 +171,26 @@ def _load_model(path) -> PSPNet:
     if not steps:
       raise CheckpointError(f'{path}: training workdir without any finished checkpoint')
     config, _ = read_model_config(path)
-    return restore_variables(os.path.join(path, CHECKPOINTS_DIR, str(steps[-1]), 'model'), config)
+    directory = os.path.join(path, CHECKPOINTS_DIR)
+    _, model = newest_intact(directory, steps, lambda step: restore_variables(
+        os.path.join(directory, str(step), 'model'), config))
+    return model
   if os.path.isdir(os.path.join(path, 'model')) and not os.path.exists(os.path.join(path, MODEL_CONFIG)):
     config, _ = read_model_config(os.path.dirname(os.path.dirname(path)))  # workdir/checkpoints/<step>
     return restore_variables(os.path.join(path, 'model'), config)
   config, _ = read_model_config(path)
+  if not os.path.isdir(os.path.join(path, STATE_DIR)):
+    raise CheckpointError(
+        f'{path}: has {MODEL_CONFIG} but neither {STATE_DIR}/ (a model directory) nor '
+        f'{CHECKPOINTS_DIR}/ (a training run that saved a checkpoint): nothing to load yet '
+        '(train until the first checkpoint_every_steps, or give a model directory)')
   return restore_variables(os.path.join(path, STATE_DIR), config)
 
 
 def _steps(directory: str) -> list[int]:
   """Finished checkpoint steps (orbax writes into temporary names and renames at the end)."""
+  if not os.path.isdir(directory):
+    return []
   return sorted(int(n) for n in os.listdir(directory)
                 if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
 
@@ -172,6 +239,25 @@ class TrainCheckpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def restore_newest_intact(self, **targets):
+    """``restore`` from the newest step that restores, or None without checkpoints. A
+    damaged newer step is named on stderr and renamed ``<step>.damaged`` (kept for
+    inspection, out of the run's way). Returns ``(step, model_variables, opt_state, meta)``."""
+    steps = list(self.manager.all_steps())
+    if not steps:
+      return None
+    directory = os.path.join(self.workdir, CHECKPOINTS_DIR)
+    step, restored = newest_intact(directory, steps, lambda s: self.restore(s, **targets))
+    newer = [s for s in steps if s > step]
+    if newer and jax.process_index() == 0:
+      for s in newer:
+        os.replace(os.path.join(directory, str(s)), os.path.join(directory, f'{s}{DAMAGED_SUFFIX}'))
+    if newer:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices('damaged checkpoints moved aside')
+      self.manager.reload()
+    return (step, *restored)
+
   def save(self, step: int, *, model_variables: dict, opt_state, meta: dict, data_state,
            metrics: dict | None = None):
     import grain
@@ -194,7 +280,7 @@ class TrainCheckpointer:
     try:
       r = self.manager.restore(step, args=args)
     except Exception as e:
-      raise CheckpointError(f'{self.workdir}: cannot resume from step {step}: {e}') from e
+      raise CheckpointError(f'cannot restore step {step} ({_cause(e)})') from e
     return r['model'], r['opt_state'], r['meta']
 
   def wait(self):

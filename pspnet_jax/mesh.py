@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from pspnet_jax.errors import UserError
+
 
 def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
                                  process_id: int | None = None):
@@ -87,13 +89,13 @@ def sum_over_processes(counts: np.ndarray) -> np.ndarray:
 def check_batch_size(global_batch_size: int, grad_accum_steps: int = 1):
   n = jax.device_count()
   if global_batch_size % n:
-    raise ValueError(
+    raise UserError(
         f'global_batch_size={global_batch_size} does not divide over {n} devices '
         f'({jax.process_count()} process(es) x {jax.local_device_count()} local): choose a '
         f'multiple of {n}, e.g. {n * max(1, round(global_batch_size / n))}')
   micro = global_batch_size // max(grad_accum_steps, 1)
   if global_batch_size % grad_accum_steps or micro % n:
-    raise ValueError(
+    raise UserError(
         f'global_batch_size={global_batch_size} with grad_accum_steps={grad_accum_steps} gives '
         f'micro-batches of {global_batch_size / grad_accum_steps:g}, which must be a whole '
         f'multiple of the {n} devices')

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pspnet_jax.errors import UserError
+
 
 def default_palette(num_classes: int) -> np.ndarray:
   """The Pascal VOC colour map: [num_classes, 3] uint8; class 0 is black.
@@ -27,7 +29,7 @@ def as_palette(palette, num_classes: int) -> np.ndarray:
     return default_palette(num_classes)
   arr = np.asarray(palette)
   if arr.ndim != 2 or arr.shape[1] != 3 or arr.shape[0] < num_classes:
-    raise ValueError(f'palette must be [>= {num_classes}, 3] RGB, got shape {arr.shape}')
+    raise UserError(f'palette must be [>= {num_classes}, 3] RGB, got shape {arr.shape}')
   if arr.min() < 0 or arr.max() > 255:
-    raise ValueError('palette values must be in 0..255')
+    raise UserError('palette values must be in 0..255')
   return arr[:num_classes].astype(np.uint8)

@@ -310,3 +310,22 @@ print(json.dumps(out))
   for mode in ('slide', 'whole'):
     assert results[4][mode]['labels'] == results[1][mode]['labels'], mode
     assert results[4][mode]['per_class'] == results[1][mode]['per_class'], mode
+
+
+def test_predict_skips_an_unreadable_file_and_says_which(tmp_path, model):
+  checkpoint.save_model(tmp_path / 'model', model)
+  (tmp_path / 'in').mkdir()
+  Image.fromarray(_image(np.random.default_rng(0), 20, 30)).save(tmp_path / 'in' / 'good.png')
+  (tmp_path / 'in' / 'broken.png').write_bytes(b'not a png at all')
+  cmd = [sys.executable, '-m', 'pspnet_jax.predict', str(tmp_path / 'in'), '--checkpoint',
+         str(tmp_path / 'model'), '--out', str(tmp_path / 'out'), '--mode', 'whole',
+         '--base-size', '32']
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')]))
+  run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+  assert run.returncode == 2, run.stderr[-3000:]
+  assert 'Traceback' not in run.stderr
+  assert 'broken.png' in run.stderr and '1 of 2 files' in run.stderr
+  assert sorted(os.listdir(tmp_path / 'out')) == ['good.png', 'good_color.png', 'good_overlay.jpg']
+  run = subprocess.run(cmd[:5] + [str(tmp_path / 'nowhere')] + cmd[6:], capture_output=True,
+                       text=True, timeout=240, env=env, cwd=ROOT)
+  assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith('error: ')

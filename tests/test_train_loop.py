@@ -248,3 +248,130 @@ def test_init_checkpoint_full_and_backbone_only(tmp_path, data_dir):
         np.testing.assert_array_equal(got[k], v, err_msg=f'{name}: {k}')
     heads_equal = all(np.array_equal(got[k], v) for k, v in src.items() if k.startswith('cls.'))
     assert heads_equal == (name == 'full')
+
+
+# ---- a user's mistakes: one line, exit status 2, nothing written ------------------------
+
+def _run(cmd, devices=1):
+  return subprocess.run(cmd, env=_env(devices), capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+
+
+def _one_error_line(p, *needles):
+  assert p.returncode == 2, (p.returncode, p.stdout[-1500:], p.stderr[-3000:])
+  lines = [l for l in p.stderr.splitlines() if l.startswith('error: ')]
+  assert len(lines) == 1 and 'Traceback' not in p.stderr, p.stderr[-3000:]
+  for needle in needles:
+    assert needle in lines[0], lines[0]
+  return lines[0]
+
+
+def test_unknown_config_keys_are_named_with_the_closest_ones(tmp_path, data_dir):
+  workdir = tmp_path / 'never'
+  line = _one_error_line(_run(_cmd(workdir, data_dir, '--config.nonexistent=1')), "'nonexistent'")
+  line = _one_error_line(_run(_cmd(workdir, data_dir, '--config.optimizer.learning_rat=0.1')),
+                         'optimizer.learning_rate')
+  assert 'unknown config key' in line
+  eval_cmd = [sys.executable, os.path.join(ROOT, 'eval.py'), '--workdir', str(workdir),
+              '--config.eval.window_batchh=2']
+  _one_error_line(_run(eval_cmd), 'eval.window_batch')
+  assert not workdir.exists()
+
+
+def test_a_refused_run_writes_nothing(tmp_path, data_dir):
+  workdir = tmp_path / 'refused'
+  _one_error_line(_run(_cmd(workdir, data_dir, '--config.global_batch_size=6'), devices=4),
+                  'global_batch_size=6', 'multiple of 4')
+  _one_error_line(_run(_cmd(workdir, data_dir, '--config.eval.mode=sliding')), 'mode')
+  assert not workdir.exists()
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('x')
+  _one_error_line(_run(_cmd(a_file, data_dir)), 'is a file')
+  assert a_file.read_text() == 'x'
+
+
+def test_resuming_with_another_model_is_refused_naming_each_field(reference_run, data_dir):
+  workdir, _ = reference_run
+  config_file = os.path.join(workdir, 'model_config.json')
+  before = open(config_file).read()
+  line = _one_error_line(_run(_cmd(workdir, data_dir, '--config.model.depth=34',
+                                   '--config.model.head_channels=32')),
+                         'depth 18 (workdir) vs 34 (asked)', 'head_channels 16 (workdir) vs 32 (asked)')
+  assert 'new --workdir' in line
+  assert open(config_file).read() == before  # the workdir is as it was
+
+
+def test_eval_on_a_run_without_checkpoints_says_so(reference_run, tmp_path, data_dir):
+  workdir, _ = reference_run
+  young = tmp_path / 'young_run'
+  young.mkdir()
+  (young / 'model_config.json').write_text(open(os.path.join(workdir, 'model_config.json')).read())
+  cmd = [sys.executable, os.path.join(ROOT, 'eval.py'), '--config', os.path.join(ROOT, 'configs', 'synthetic.py'),
+         '--workdir', str(young), f'--config.dataset.data_dir={data_dir}',
+         '--config.dataset.builder_kwargs.image_size=32']
+  _one_error_line(_run(cmd), str(young), 'nothing to load yet')
+  assert sorted(os.listdir(young)) == ['model_config.json']
+
+
+def test_best_checkpoint_ranks_every_step_by_the_same_protocol(tmp_path, data_dir):
+  """The last step is scored for "best" by the in-training validation (whole image, scale 1,
+  the first eval_num_examples images), like every other step; the full protocol's result
+  is logged apart as 'eval'."""
+  from pspnet_jax import data, evaluation
+  workdir = tmp_path / 'ranked'
+  _train(workdir, data_dir, '--config.num_steps=4', '--config.eval_every_steps=2',
+         '--config.eval_num_examples=4', '--config.checkpoint_every_steps=1000')
+  rows = [json.loads(l) for l in open(workdir / 'metrics.jsonl')]
+  val = {r['step']: r['miou'] for r in rows if r['kind'] == 'val'}
+  assert sorted(val) == [2, 4] and [r['step'] for r in rows if r['kind'] == 'eval'] == [4]
+  model = checkpoint.load_model(workdir / 'checkpoints' / '4')
+  quick = evaluation.EvalConfig(mode='whole', scales=(1.0,), flip=False, crop_size=33, base_size=32)
+  m = evaluation.evaluate(model, data.eval_source('synthetic_shapes', 'val', data_dir), 4, quick,
+                          num_examples=4)
+  assert m['miou'] == pytest.approx(val[4], abs=1e-6)
+
+
+def test_init_checkpoint_with_other_classes_is_refused_unless_backbone_only(tmp_path):
+  """A full checkpoint of 7 classes for a 4-class dataset: refused with what to do, instead of
+  silently keeping the backbone only."""
+  import dataclasses
+  import jax
+  import ml_collections
+  from pspnet_jax.errors import UserError
+  from pspnet_jax.models import PSPNetConfig
+  from pspnet_jax.train.init_checkpoint import initial_model
+  cfg = PSPNetConfig(depth=18, num_classes=4, base_width=8, head_channels=16, aux_channels=8)
+  graphdef, state = nnx.split(checkpoint.abstract_model(dataclasses.replace(cfg, num_classes=7)))
+  nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), nnx.to_pure_dict(state)))
+  src = checkpoint.save_model(tmp_path / 'src', nnx.merge(graphdef, state))
+  config = ml_collections.ConfigDict({'init_checkpoint': src, 'init_backbone_only': False, 'seed': 0})
+  with pytest.raises(UserError, match='predicts 7 classes but the dataset has 4.*init_backbone_only=True'):
+    initial_model(config, cfg)
+
+
+def test_a_damaged_newest_checkpoint_is_named_and_the_newest_intact_one_used(reference_run, data_dir, tmp_path):
+  """A truncated file in the newest checkpoint (step 12): eval.py names it and evaluates
+  step 8; resuming names it, moves it aside as 12.damaged and trains 9..12 again to the
+  same parameters as the uninterrupted run, bitwise."""
+  import shutil
+  ref_dir, _ = reference_run
+  workdir = tmp_path / 'damaged'
+  shutil.copytree(ref_dir, workdir)
+  files = [(f.stat().st_size, f) for f in (workdir / 'checkpoints' / '12' / 'model').rglob('*')
+           if f.is_file() and f.parent.name == 'd']
+  size, victim = max(files)
+  victim.write_bytes(victim.read_bytes()[:size // 2])
+  cmd = [sys.executable, os.path.join(ROOT, 'eval.py'), '--config', os.path.join(ROOT, 'configs', 'synthetic.py'),
+         '--workdir', str(workdir), '--out', str(tmp_path / 'eval'), f'--config.dataset.data_dir={data_dir}',
+         '--config.dataset.builder_kwargs.image_size=32', '--config.eval.crop_size=33',
+         '--config.eval.base_size=32']
+  p = _run(cmd)
+  assert p.returncode == 0, p.stderr[-3000:]
+  warning = [l for l in p.stderr.splitlines() if 'is damaged' in l]
+  assert len(warning) == 1 and os.path.join('checkpoints', '12') in warning[0], p.stderr[-3000:]
+  assert 'Traceback' not in p.stderr and 'using step 8' in p.stderr
+  p = _train(workdir, data_dir)
+  assert 'at step 8' in p.stdout and 'is damaged' in p.stderr
+  assert (workdir / 'checkpoints' / '12.damaged').is_dir() and _finished_steps(workdir)[-1] == 12
+  ref, got = _variables(ref_dir), _variables(workdir)
+  for k in ref:
+    np.testing.assert_array_equal(got[k], ref[k], err_msg=k)

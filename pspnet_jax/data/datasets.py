@@ -15,6 +15,11 @@ import tensorflow_datasets as tfds
 from PIL import Image as PILImage
 
 from pspnet_jax.data import builders as builders_lib
+from pspnet_jax.errors import UserError
+
+
+class NotPreparedError(UserError, FileNotFoundError):
+  """The dataset has not been prepared in that data dir; the message gives the command."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +39,7 @@ def _builder_class(name: str):
   try:
     return builders_lib.BUILDERS[name]
   except KeyError:
-    raise ValueError(f'unknown dataset {name!r}; known: {sorted(builders_lib.BUILDERS)}') from None
+    raise UserError(f'unknown dataset {name!r}; known: {sorted(builders_lib.BUILDERS)}') from None
 
 
 def _prepared_dir(name: str, data_dir: str) -> str | None:
@@ -44,6 +49,18 @@ def _prepared_dir(name: str, data_dir: str) -> str | None:
 
 def _prepare_command(name: str, data_dir: str) -> str:
   return f'python -m pspnet_jax.data.prepare {name} --data-dir {data_dir}'
+
+
+def _check_writable(data_dir: str):
+  """The nearest existing folder of ``data_dir`` must be writable, or preparing fails late
+  with a PermissionError deep inside TFDS."""
+  existing = os.path.abspath(data_dir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    raise UserError(f'--data-dir {data_dir}: {existing} is not a writable folder (choose a '
+                    'data dir you can write to, or prepare the dataset where you can and point '
+                    '--data-dir there)')
 
 
 def prepare(name: str, data_dir: str, manual_dir: str | None = None, *,
@@ -64,11 +81,12 @@ def prepare(name: str, data_dir: str, manual_dir: str | None = None, *,
     if recorded is not None and builder_kwargs:
       wanted = cls(data_dir=data_dir, **builder_kwargs).extra_metadata().get('builder_kwargs')
       if wanted != recorded:
-        raise ValueError(
+        raise UserError(
             f'{name} in {data_dir} was prepared with {recorded}, not {wanted}; use another '
             f'--data-dir or delete {_prepared_dir(name, data_dir)} to prepare it again.')
     return info
   tfds.disable_progress_bar()
+  _check_writable(data_dir)
   builder = cls(data_dir=os.fspath(data_dir), file_format='array_record',
                 skip_bad_examples=skip_bad_examples, manual_dir=manual_dir, **builder_kwargs)
   try:
@@ -89,7 +107,7 @@ def prepare(name: str, data_dir: str, manual_dir: str | None = None, *,
 def _read_builder(name: str, data_dir: str):
   path = _prepared_dir(name, data_dir)
   if path is None:
-    raise FileNotFoundError(
+    raise NotPreparedError(
         f'dataset {name!r} is not prepared in {data_dir} (no {name}/'
         f'{builders_lib.base.VERSION}/dataset_info.json there). Prepare it with: '
         f'{_prepare_command(name, data_dir)} [--manual-dir DIR]  (see README, "Datasets")')
@@ -119,7 +137,7 @@ class RecordSource:
     self._source = self._encoded = None
     splits = dataset_info(name, data_dir).splits
     if split not in splits:
-      raise ValueError(f'{name} has no split {split!r}; it has {sorted(splits)}')
+      raise UserError(f'{name} has no split {split!r}; it has {sorted(splits)}')
     self._len = splits[split]
 
   def _open(self):

@@ -21,13 +21,14 @@ import numpy as np
 
 from pspnet_jax.data import datasets
 from pspnet_jax.data.transforms import AugmentConfig, augment, example_rng
+from pspnet_jax.errors import UserError
 
 
 def steps_per_epoch(name: str, split: str, data_dir: str, global_batch_size: int) -> int:
   """Full global batches per epoch (the remainder is dropped each epoch)."""
   n = _split_size(name, split, data_dir)
   if not 0 < global_batch_size <= n:
-    raise ValueError(f'global_batch_size {global_batch_size} must be in 1..{n} '
+    raise UserError(f'global_batch_size {global_batch_size} must be in 1..{n} '
                      f'(the size of {name}/{split})')
   return n // global_batch_size
 
@@ -35,7 +36,7 @@ def steps_per_epoch(name: str, split: str, data_dir: str, global_batch_size: int
 def _split_size(name, split, data_dir) -> int:
   splits = datasets.dataset_info(name, data_dir).splits
   if split not in splits:
-    raise ValueError(f'{name} has no split {split!r}; it has {sorted(splits)}')
+    raise UserError(f'{name} has no split {split!r}; it has {sorted(splits)}')
   return splits[split]
 
 
@@ -112,11 +113,11 @@ class TrainLoader:
   def __init__(self, name, split, data_dir, *, global_batch_size, augment_config, seed,
                process_index, process_count, worker_count):
     if not isinstance(seed, (int, np.integer)) or seed < 0:
-      raise ValueError(f'seed must be a non-negative integer, got {seed!r}')
+      raise UserError(f'seed must be a non-negative integer, got {seed!r}')
     if not 0 <= process_index < process_count:
-      raise ValueError(f'process_index {process_index} not in 0..{process_count - 1}')
+      raise UserError(f'process_index {process_index} not in 0..{process_count - 1}')
     if global_batch_size % process_count:
-      raise ValueError(
+      raise UserError(
           f'global_batch_size {global_batch_size} is not divisible by the number of '
           f'processes {process_count}; every process must load the same number of examples. '
           f'Use a multiple of {process_count}.')
@@ -169,7 +170,7 @@ class TrainLoader:
     """Continues after the batches counted in `state` (from get_state of a like loader)."""
     mismatched = {k: (state.get(k), v) for k, v in self._identity.items() if state.get(k) != v}
     if mismatched:
-      raise ValueError(f'the iterator state belongs to another input pipeline; '
+      raise UserError(f'the iterator state belongs to another input pipeline; '
                        f'(state, this loader) differ in {mismatched}')
     self.close()
     self._step = int(state['step'])

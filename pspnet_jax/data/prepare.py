@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 
+from pspnet_jax import errors
 from pspnet_jax.data import builders, datasets
 
 
@@ -22,6 +23,7 @@ def _parse_option(text: str):
     return key, value
 
 
+@errors.command
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)

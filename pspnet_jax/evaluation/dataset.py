@@ -14,6 +14,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from pspnet_jax import mesh as mesh_lib
+from pspnet_jax.errors import UserError
 from pspnet_jax.evaluation import metrics
 from pspnet_jax.evaluation.protocol import EvalConfig, Evaluator, resized_size, window_starts
 from pspnet_jax.models import PSPNet
@@ -76,7 +77,7 @@ def evaluate(model: PSPNet, examples: Sequence[dict], num_classes: int | None = 
   steps with new weights compiles only the first time.
   """
   if num_classes is not None and num_classes != model.config.num_classes:
-    raise ValueError(f'num_classes={num_classes} but the model has {model.config.num_classes}')
+    raise UserError(f'num_classes={num_classes} but the model has {model.config.num_classes}')
   if not hasattr(examples, '__getitem__'):
     examples = list(examples)
   n = min(num_examples, len(examples)) if num_examples else len(examples)

@@ -11,6 +11,7 @@ import jax
 
 from pspnet_jax import checkpoint as ckpt_lib
 from pspnet_jax import data as data_lib
+from pspnet_jax.errors import UserError
 from pspnet_jax.evaluation.dataset import evaluate
 from pspnet_jax.evaluation.outputs import write_eval_outputs, write_prediction
 from pspnet_jax.evaluation.protocol import EvalConfig
@@ -26,7 +27,7 @@ def evaluate_checkpoint(config, checkpoint_path: str, out_dir: str, *,
   info = data_lib.dataset_info(ds.name, data_dir)
   model = ckpt_lib.load_model(checkpoint_path)
   if model.config.num_classes != info.num_classes:
-    raise ValueError(f'{checkpoint_path} predicts {model.config.num_classes} classes but '
+    raise UserError(f'{checkpoint_path} predicts {model.config.num_classes} classes but '
                      f'{ds.name} has {info.num_classes}')
   eval_config = EvalConfig.from_config(config.eval, info.ignore_label)
   source = data_lib.eval_source(ds.name, ds.eval_split, data_dir)

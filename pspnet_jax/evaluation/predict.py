@@ -21,7 +21,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from pspnet_jax import checkpoint
+from pspnet_jax import checkpoint, errors
+from pspnet_jax.errors import UserError
 from pspnet_jax.evaluation.outputs import write_prediction
 from pspnet_jax.evaluation.protocol import EvalConfig, Evaluator
 from pspnet_jax.palette import as_palette
@@ -34,10 +35,10 @@ def list_images(path: str) -> list[str]:
     files = sorted(os.path.join(path, f) for f in os.listdir(path)
                    if f.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
-      raise SystemExit(f'{path}: no images ({", ".join(IMAGE_EXTENSIONS)}) in this folder')
+      raise UserError(f'{path}: no images ({", ".join(IMAGE_EXTENSIONS)}) in this folder')
     return files
   if not os.path.isfile(path):
-    raise SystemExit(f'{path}: no such file or folder')
+    raise UserError(f'{path}: no such file or folder')
   return [path]
 
 
@@ -46,7 +47,7 @@ def read_rgb(path: str) -> np.ndarray:
     with Image.open(path) as im:
       return np.asarray(im.convert('RGB'))
   except OSError as e:
-    raise SystemExit(f'{path}: not a readable image ({e})') from None
+    raise UserError(f'{path}: not a readable image ({e})') from None
 
 
 def _metadata_value(metadata: dict, key: str):
@@ -83,33 +84,40 @@ def build_parser() -> argparse.ArgumentParser:
   return ap
 
 
+@errors.command
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   files = list_images(args.input)
-  try:
-    model = checkpoint.load_model(args.checkpoint)
-    _, metadata = checkpoint.read_model_config(os.path.abspath(args.checkpoint))
-  except checkpoint.CheckpointError as e:
-    raise SystemExit(f'--checkpoint: {e}') from None
+  config = EvalConfig(mode=args.mode, scales=args.scales, flip=args.flip, base_size=args.base_size,
+                      crop_size=args.crop_size, window_batch=args.window_batch)
+  model = checkpoint.load_model(args.checkpoint)
+  _, metadata = checkpoint.read_model_config(os.path.abspath(args.checkpoint))
   num_classes = model.config.num_classes
   try:
     palette = as_palette(_metadata_value(metadata, 'palette'), num_classes)
-    config = EvalConfig(mode=args.mode, scales=args.scales, flip=args.flip, base_size=args.base_size,
-                        crop_size=args.crop_size, window_batch=args.window_batch)
-  except ValueError as e:
-    raise SystemExit(f'{args.checkpoint if "palette" in str(e) else "options"}: {e}') from None
+  except UserError as e:
+    raise UserError(f'{args.checkpoint}: its metadata {e}') from None
   evaluator = Evaluator(model, config)
   start = time.perf_counter()
+  failed = []
   for path in files:
     t = time.perf_counter()
-    image = read_rgb(path)
+    try:
+      image = read_rgb(path)
+    except UserError as e:  # one bad file in a folder: say so, go on with the others
+      print(f'error: {e} (skipped)', file=sys.stderr, flush=True)
+      failed.append(path)
+      continue
     pred = evaluator.predict(image)
     stem = os.path.splitext(os.path.basename(path))[0]
     write_prediction(args.out, stem, pred, palette=palette, image=image)
     print(f'{path}: {image.shape[1]}x{image.shape[0]} -> {os.path.join(args.out, stem)}.png '
           f'({time.perf_counter() - t:.2f} s)', flush=True)
   total = time.perf_counter() - start
-  print(f'{len(files)} images in {total:.1f} s ({evaluator.compilations} compilations)')
+  print(f'{len(files) - len(failed)} images in {total:.1f} s ({evaluator.compilations} compilations)')
+  if failed:
+    raise UserError(f'{len(failed)} of {len(files)} files could not be read: {", ".join(failed)} '
+                    '(the others were predicted; replace or remove those files)')
   return 0
 
 

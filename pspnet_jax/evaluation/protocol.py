@@ -54,6 +54,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pspnet_jax import mesh as mesh_lib
 from pspnet_jax import ops
+from pspnet_jax.errors import UserError
 from pspnet_jax.evaluation import metrics
 from pspnet_jax.models import PSPNet
 from pspnet_jax.normalize import MEAN, STD
@@ -81,16 +82,16 @@ class EvalConfig:
   def __post_init__(self):
     object.__setattr__(self, 'scales', tuple(float(s) for s in self.scales))
     if self.mode not in ('slide', 'whole'):
-      raise ValueError(f"EvalConfig.mode must be 'slide' or 'whole', got {self.mode!r}")
+      raise UserError(f"EvalConfig.mode must be 'slide' or 'whole', got {self.mode!r}")
     if not self.scales or min(self.scales) <= 0:
-      raise ValueError(f'EvalConfig.scales must be positive, got {self.scales}')
+      raise UserError(f'EvalConfig.scales must be positive, got {self.scales}')
     for name in ('crop_size', 'base_size', 'bucket_multiple', 'whole_multiple'):
       if int(getattr(self, name)) < 1:
-        raise ValueError(f'EvalConfig.{name} must be >= 1, got {getattr(self, name)}')
+        raise UserError(f'EvalConfig.{name} must be >= 1, got {getattr(self, name)}')
     if int(self.window_batch) < 0:
-      raise ValueError(f'EvalConfig.window_batch must be >= 0 (0: one per device), got {self.window_batch}')
+      raise UserError(f'EvalConfig.window_batch must be >= 0 (0: one per device), got {self.window_batch}')
     if not 0 < self.stride_rate <= 1:
-      raise ValueError(f'EvalConfig.stride_rate must be in (0, 1], got {self.stride_rate}')
+      raise UserError(f'EvalConfig.stride_rate must be in (0, 1], got {self.stride_rate}')
 
   @classmethod
   def from_config(cls, fields, ignore_label: int) -> 'EvalConfig':
@@ -99,9 +100,9 @@ class EvalConfig:
     known = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(fields) - set(known))
     if unknown:
-      raise ValueError(f'config.eval has unknown keys {unknown}; the keys are {known}')
+      raise UserError(f'config.eval has unknown keys {unknown}; the keys are {known}')
     if fields.setdefault('ignore_label', ignore_label) != ignore_label:
-      raise ValueError(f'config.eval.ignore_label={fields["ignore_label"]} but the dataset ignores '
+      raise UserError(f'config.eval.ignore_label={fields["ignore_label"]} but the dataset ignores '
                        f'{ignore_label}: set it to {ignore_label}')
     return cls(**fields)
 
@@ -239,7 +240,7 @@ class Evaluator:
   def _inputs(self, image: np.ndarray):
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3:
-      raise ValueError(f'image must be [H, W, 3] RGB, got shape {image.shape}')
+      raise UserError(f'image must be [H, W, 3] RGB, got shape {image.shape}')
     h, w = image.shape[:2]
     key = self.bucket(h, w)
     padded = np.zeros(key[:2] + (3,), np.uint8)
@@ -391,10 +392,10 @@ class Evaluator:
       h, w = padded.shape[0], padded.shape[1]
       ih, iw = np.asarray(ex['image']).shape[:2]
       if label.shape != (ih, iw):
-        raise ValueError(f'example {n - 1}: label shape {label.shape} != image size {(ih, iw)}')
+        raise UserError(f'example {n - 1}: label shape {label.shape} != image size {(ih, iw)}')
       bad = (label != self.config.ignore_label) & (label >= self.num_classes)
       if bad.any():
-        raise ValueError(f'example {n - 1}: label values {np.unique(label[bad])[:5].tolist()} are '
+        raise UserError(f'example {n - 1}: label values {np.unique(label[bad])[:5].tolist()} are '
                          f'neither class ids < {self.num_classes} nor {self.config.ignore_label}')
       padded_label = np.full((h, w), self.config.ignore_label, np.uint8)
       padded_label[:ih, :iw] = label

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pspnet_jax import ops
+from pspnet_jax.errors import UserError
 from pspnet_jax.models.layers import BatchNorm, conv2d
 from pspnet_jax.models.resnet import ResNet
 
@@ -56,7 +57,7 @@ class PSPNetConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
-      raise ValueError(f'unknown PSPNet config keys {unknown}; known keys: {sorted(known)}')
+      raise UserError(f'unknown PSPNet config keys {unknown}; known keys: {sorted(known)}')
     return cls(**d)
 
 

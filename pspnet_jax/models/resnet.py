@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pspnet_jax import ops
+from pspnet_jax.errors import UserError
 from pspnet_jax.models.layers import BatchNorm, conv2d
 
 BLOCKS = {18: ('basic', (2, 2, 2, 2)), 34: ('basic', (3, 4, 6, 3)),
@@ -37,7 +38,7 @@ def stem_widths(stem: str, base_width: int) -> tuple[int, ...]:
     return (base_width // 2, base_width // 2, base_width)
   if stem == 'torchvision':
     return (base_width,)
-  raise ValueError(f'unknown stem {stem!r}; expected one of {STEMS}')
+  raise UserError(f'unknown stem {stem!r}; expected one of {STEMS}')
 
 
 def stage_geometry(output_stride: int, contract_dilation: bool):
@@ -49,7 +50,7 @@ def stage_geometry(output_stride: int, contract_dilation: bool):
   elif output_stride == 32:
     strides, dilations = (1, 2, 2, 2), (1, 1, 1, 1)
   else:
-    raise ValueError(f'output_stride must be 8, 16 or 32, got {output_stride}')
+    raise UserError(f'output_stride must be 8, 16 or 32, got {output_stride}')
   first = tuple(d // 2 if contract_dilation and d > 1 else d for d in dilations)
   return tuple(zip(strides, first, dilations))
 
@@ -116,7 +117,7 @@ class ResNet(nnx.Module):
                contract_dilation: bool = False, base_width: int = 64,
                dtype=jnp.float32, rngs: nnx.Rngs):
     if depth not in BLOCKS:
-      raise ValueError(f'unsupported ResNet depth {depth}; expected one of {sorted(BLOCKS)}')
+      raise UserError(f'unsupported ResNet depth {depth}; expected one of {sorted(BLOCKS)}')
     kind, counts = BLOCKS[depth]
     block = Bottleneck if kind == 'bottleneck' else BasicBlock
     self.dtype = dtype

@@ -3,17 +3,17 @@
 Ports a PyTorch checkpoint (.pth or .safetensors) to a model directory that
 ``pspnet_jax.checkpoint.load_model`` (and so train.py / eval.py) loads. Prints the layout
 it chose, what it dropped and whether the heads are fresh. Exit status 1 with a message on
-stderr when the file cannot be ported.
+stderr (exit status 2) when the file cannot be ported.
 """
 
 import argparse
 import sys
 
-from pspnet_jax import checkpoint
+from pspnet_jax import checkpoint, errors
 from pspnet_jax.port.convert import AUTO, LAYOUTS, port_checkpoint
-from pspnet_jax.port.mapping import PortError
 
 
+@errors.command
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(prog='python -m pspnet_jax.port', description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,13 +28,9 @@ def main(argv=None) -> int:
   ap.add_argument('--trust-pickle', action='store_true',
                   help='allow .pth files holding arbitrary Python objects (runs their code)')
   args = ap.parse_args(argv)
-  try:
-    ported = port_checkpoint(args.src, args.layout, args.num_classes,
-                             backbone_only=args.backbone_only, seed=args.seed,
-                             trust_pickle=args.trust_pickle)
-  except PortError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+  ported = port_checkpoint(args.src, args.layout, args.num_classes,
+                           backbone_only=args.backbone_only, seed=args.seed,
+                           trust_pickle=args.trust_pickle)
   print(ported.report())
   out = checkpoint.save_model(args.out, ported.model, ported.metadata())
   print(f'wrote:   {out} (pspnet_jax.checkpoint.load_model reads it)')

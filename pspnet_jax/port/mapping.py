@@ -21,10 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pspnet_jax.errors import UserError
+
 BACKBONE_PREFIX = 'backbone.'
 
 
-class PortError(ValueError):
+class PortError(UserError):
   """A foreign checkpoint cannot be ported; the message names the file or key and what to do."""
 
 

@@ -39,7 +39,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
   Returns the final validation metrics (the dict written to ``workdir/eval/metrics.json``).
   """
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   ds = config.dataset
   data_dir = os.path.abspath(os.path.expanduser(ds.data_dir))
@@ -54,6 +53,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   replicated = NamedSharding(mesh, P())
 
   model_config = model_config_from(config, info.num_classes)
+  eval_cfg = evaluation.EvalConfig.from_config(config.eval, info.ignore_label)
+  ckpt_lib.check_workdir(workdir, model_config)  # refusals come before anything is written
   model = initial_model(config, model_config)
   graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
 
@@ -74,11 +75,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
       metadata={'dataset': ds.name, 'class_names': list(info.class_names),
                 'palette': [list(c) for c in info.palette]})
   state = jax.device_put(state, replicated)
-  start = ckpt.latest_step() or 0
+  restored = ckpt.restore_newest_intact(
+      model_target=_abstract(_model_variables(state)), opt_target=_abstract(state['opt_state']),
+      data_iterator=loader)
+  start = restored[0] if restored else 0
   if start:
-    model_vars, opt_state, meta = ckpt.restore(
-        start, model_target=_abstract(_model_variables(state)),
-        opt_target=_abstract(state['opt_state']), data_iterator=loader)
+    _, model_vars, opt_state, meta = restored
     params, batch_stats = _split_variables(graphdef, params, batch_stats, model_vars)
     state = dict(state, params=params, batch_stats=batch_stats, opt_state=opt_state,
                  step=jnp.asarray(meta['step'], jnp.int32))
@@ -93,7 +95,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   logger = MetricsLogger(workdir)
   preempt = Preemption()
-  eval_cfg = evaluation.EvalConfig.from_config(config.eval, info.ignore_label)
   # During training: a short whole-image, single-scale pass (the full protocol at the end).
   quick_cfg = dataclasses.replace(eval_cfg, mode='whole', scales=(1.0,), flip=False, per_scale=False)
   val = data_lib.eval_source(ds.name, ds.eval_split, data_dir)
@@ -171,11 +172,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
     preempt.restore()
   final = validate(len(val), quick=False)
   if start < total_steps:  # a finished run that is started again only re-evaluates
-    save(total_steps, {'miou': final['miou']})
+    # "Best" ranks steps by the in-training validation, so the last step is scored by the
+    # same protocol on the same examples, not by the full protocol above.
+    quick = validate(n_quick, quick=True) if config.get('eval_every_steps') else None
+    if quick is not None:
+      logger.write(total_steps, 'val', {'miou': quick['miou'], 'macc': quick['macc'],
+                                        'allacc': quick['allacc']})
+    save(total_steps, {'miou': quick['miou']} if quick else None)
   ckpt.wait()
   ckpt.close()
-  logger.write(total_steps, 'val', {'miou': final['miou'], 'macc': final['macc'],
-                                    'allacc': final['allacc']})
+  logger.write(total_steps, 'eval', {'miou': final['miou'], 'macc': final['macc'],
+                                     'allacc': final['allacc']})
   logger.close()
   if is_main:
     evaluation.write_eval_outputs(os.path.join(workdir, 'eval'), final, eval_config=eval_cfg)

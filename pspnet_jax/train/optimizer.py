@@ -16,6 +16,8 @@ import dataclasses
 import jax
 import optax
 
+from pspnet_jax.errors import UserError
+
 HEAD_MODULES = ('ppm', 'cls', 'aux')  # semseg's "new layers": 10x learning rate
 
 
@@ -37,7 +39,7 @@ def poly_schedule(base_lr: float, total_steps: int, power: float = 0.9,
                   warmup_steps: int = 0) -> optax.Schedule:
   """lr(k) = base_lr * (1 - k / total_steps) ** power, after an optional linear warmup."""
   if total_steps <= 0:
-    raise ValueError(f'total_steps must be positive, got {total_steps}')
+    raise UserError(f'total_steps must be positive, got {total_steps}')
   poly = optax.polynomial_schedule(init_value=base_lr, end_value=0.0, power=power,
                                    transition_steps=total_steps)
   if warmup_steps <= 0:
@@ -73,7 +75,7 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
                          optax.sgd(schedule, momentum=config.momentum or None))
     if config.name == 'adamw':
       return optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
-    raise ValueError(f"optimizer.name must be 'sgd' or 'adamw', got {config.name!r}")
+    raise UserError(f"optimizer.name must be 'sgd' or 'adamw', got {config.name!r}")
 
   tx = optax.multi_transform({g: group_tx(s) for g, s in schedules(config, total_steps).items()},
                              param_groups)

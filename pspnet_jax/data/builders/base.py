@@ -21,17 +21,18 @@ import numpy as np
 from PIL import Image as PILImage
 import tensorflow_datasets as tfds
 
+from pspnet_jax.errors import UserError
 from pspnet_jax.palette import default_palette
 
 IGNORE_LABEL = 255
 VERSION = '1.0.0'
 
 
-class BadExampleError(ValueError):
+class BadExampleError(UserError):
   """One raw example cannot be used; the message names the file and what to do."""
 
 
-class ManualDirError(FileNotFoundError):
+class ManualDirError(UserError, FileNotFoundError):
   """The raw files a builder needs are not where it looked."""
 
 

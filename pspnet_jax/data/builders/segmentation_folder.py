@@ -22,6 +22,7 @@ import json
 import os
 
 from pspnet_jax.data.builders import base
+from pspnet_jax.errors import UserError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff')
 CLASS_FILES = ('classes.json', 'classes.yaml', 'classes.yml')
@@ -46,20 +47,20 @@ def read_class_file(root: str) -> dict:
       import yaml  # pylint: disable=g-import-not-at-top
       spec = yaml.safe_load(text)
   except Exception as e:  # json and yaml raise different types
-    raise ValueError(f'{path}: cannot parse the class file ({e}).') from e
+    raise UserError(f'{path}: cannot parse the class file ({e}).') from e
   if isinstance(spec, list):
     spec = {'classes': spec}
   classes = spec.get('classes') if isinstance(spec, dict) else None
   if not classes or not all(isinstance(c, str) for c in classes) or len(classes) > 255:
-    raise ValueError(f'{path}: "classes" must be a list of 1..255 class names, in index order.')
+    raise UserError(f'{path}: "classes" must be a list of 1..255 class names, in index order.')
   palette = spec.get('palette')
   if palette is not None and (len(palette) != len(classes) or any(
       len(c) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in c) for c in palette)):
-    raise ValueError(f'{path}: "palette" must hold one [R, G, B] (0..255) per class '
+    raise UserError(f'{path}: "palette" must hold one [R, G, B] (0..255) per class '
                      f'({len(classes)} classes).')
   base_size = spec.get('base_size', 512)
   if not isinstance(base_size, int) or base_size <= 0:
-    raise ValueError(f'{path}: "base_size" must be a positive integer, got {base_size!r}.')
+    raise UserError(f'{path}: "base_size" must be a positive integer, got {base_size!r}.')
   return {'classes': list(classes), 'palette': palette, 'base_size': base_size}
 
 
@@ -75,7 +76,7 @@ class SegmentationFolder(base.SegmentationBuilder):
 
   def _spec(self) -> dict:
     if self.spec is None:
-      raise ValueError('segmentation_folder needs the folder: prepare(..., root=DIR) or '
+      raise UserError('segmentation_folder needs the folder: prepare(..., root=DIR) or '
                        '--option root=DIR on the command line.')
     return self.spec
 
@@ -119,7 +120,7 @@ class SegmentationFolder(base.SegmentationBuilder):
         if not parts:
           continue
         if len(parts) != 2:
-          raise ValueError(f'{path}:{number}: expected "IMAGE LABEL", got {line.strip()!r}.')
+          raise UserError(f'{path}:{number}: expected "IMAGE LABEL", got {line.strip()!r}.')
         image, label = (os.path.join(self.root, p) for p in parts)
         pairs.append((image, label, f'{path}:{number}: '))
     return pairs

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 
 from pspnet_jax.data.builders import base
+from pspnet_jax.errors import UserError
 
 CLASS_NAMES = ('background', 'circle', 'square', 'triangle')
 # Mean colours (RGB) of the shapes; background is grey-ish, far from all three.
@@ -74,7 +75,7 @@ class SyntheticShapes(base.SegmentationBuilder):
   def __init__(self, *, image_size: int = 96, num_train: int = 512, num_val: int = 64,
                seed: int = 0, **kwargs):
     if image_size < 16 or num_train < 1 or num_val < 1:
-      raise ValueError('synthetic_shapes needs image_size >= 16 and at least one example '
+      raise UserError('synthetic_shapes needs image_size >= 16 and at least one example '
                        f'per split, got {image_size=}, {num_train=}, {num_val=}')
     self.image_size, self.num_train, self.num_val, self.seed = image_size, num_train, num_val, seed
     super().__init__(**kwargs)
