@@ -38,6 +38,35 @@ class CheckpointError(UserError):
 DAMAGED_SUFFIX = '.damaged'
 
 
+def _drop_orbax_leftovers():
+  """After a failed restore, drop the noise orbax leaves behind, and only that.
+
+  When one array of a restore fails (a truncated file), orbax 0.11 raises at once but leaves
+  the reads of the other arrays pending; once its event loop is closed, each of those
+  coroutines reports ``RuntimeError: Event loop is closed`` as an unraisable exception when
+  it is collected: pages of tracebacks after the one real error, which we report ourselves.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, '_pspnet_filter', False):
+    return
+
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and 'Event loop is closed' in str(
+        unraisable.exc_value):
+      code = getattr(unraisable.object, 'cr_code', None)
+      tb = unraisable.exc_traceback
+      while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+      origin = code.co_filename if code is not None else (
+          tb.tb_frame.f_code.co_filename if tb is not None else '')
+      if f'{os.sep}orbax{os.sep}' in origin or origin.endswith(f'asyncio{os.sep}base_events.py'):
+        return  # a read orbax left pending, calling back into its closed loop
+    previous(unraisable)
+
+  hook._pspnet_filter = True
+  sys.unraisablehook = hook
+
+
 def _cause(error: BaseException) -> str:
   """The innermost cause of an orbax / TensorStore failure, on one line, without the
   source-location and spec dumps that follow it."""
@@ -146,6 +175,7 @@ def restore_variables(state_dir: str, config: PSPNetConfig) -> PSPNet:
     with ocp.StandardCheckpointer() as ckptr:
       restored = ckptr.restore(state_dir, target)
   except Exception as e:  # orbax raises many types; name the path and the cause
+    _drop_orbax_leftovers()
     raise CheckpointError(f'{state_dir}: cannot restore the model variables ({_cause(e)})') from e
   nnx.replace_by_pure_dict(state, restored)
   return nnx.merge(graphdef, state)
@@ -280,6 +310,7 @@ class TrainCheckpointer:
     try:
       r = self.manager.restore(step, args=args)
     except Exception as e:
+      _drop_orbax_leftovers()
       raise CheckpointError(f'cannot restore step {step} ({_cause(e)})') from e
     return r['model'], r['opt_state'], r['meta']
 

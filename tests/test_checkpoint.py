@@ -36,7 +36,10 @@ def test_load_errors_name_the_path(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match='colour'):
     checkpoint.load_model(tmp_path / 'bad')
   (tmp_path / 'bad' / 'model_config.json').write_text(json.dumps({'model': {'depth': 18}}))
-  with pytest.raises(checkpoint.CheckpointError, match='cannot restore'):
+  with pytest.raises(checkpoint.CheckpointError, match='nothing to load yet'):
+    checkpoint.load_model(tmp_path / 'bad')
+  os.makedirs(tmp_path / 'bad' / 'state')
+  with pytest.raises(checkpoint.CheckpointError, match='cannot restore the model variables'):
     checkpoint.load_model(tmp_path / 'bad')
 
 

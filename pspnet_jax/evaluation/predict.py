@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     try:
       image = read_rgb(path)
     except UserError as e:  # one bad file in a folder: say so, go on with the others
-      print(f'error: {e} (skipped)', file=sys.stderr, flush=True)
+      print(f'warning: {e} (skipped)', file=sys.stderr, flush=True)
       failed.append(path)
       continue
     pred = evaluator.predict(image)

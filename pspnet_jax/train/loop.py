@@ -167,6 +167,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         progress.note(f'SIGTERM: saved step {step} in {workdir}; exiting')
         return {}
     check_finite()
+  except TrainingDiverged:
+    ckpt.wait()  # the last good checkpoint may still be being written: finish it
+    raise
   finally:
     progress.close()
     preempt.restore()
