@@ -14,6 +14,7 @@ directory, a training workdir (its latest step) or one step directory of it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
@@ -39,32 +40,45 @@ DAMAGED_SUFFIX = '.damaged'
 
 
 def _drop_orbax_leftovers():
-  """After a failed restore, drop the noise orbax leaves behind, and only that.
+  """Around a restore, drop the noise a failed one leaves behind, and only that.
 
   When one array of a restore fails (a truncated file), orbax 0.11 raises at once but leaves
-  the reads of the other arrays pending; once its event loop is closed, each of those
-  coroutines reports ``RuntimeError: Event loop is closed`` as an unraisable exception when
-  it is collected: pages of tracebacks after the one real error, which we report ourselves.
+  the reads of the other arrays pending: when they are collected, each abandoned read
+  coroutine reports its own error, or ``RuntimeError: Event loop is closed`` once orbax's
+  loop is gone, as an unraisable exception: pages of tracebacks after the one real error,
+  which we report ourselves; asyncio logs the abandoned tasks' errors as "never retrieved".
+  Those are dropped; other unraisable exceptions and log records go through as before.
   """
   previous = sys.unraisablehook
   if getattr(previous, '_pspnet_filter', False):
     return
 
   def hook(unraisable):
+    code = getattr(unraisable.object, 'cr_code', None)
+    if code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename:
+      return  # one of orbax's abandoned read coroutines, collected with its error
     if isinstance(unraisable.exc_value, RuntimeError) and 'Event loop is closed' in str(
         unraisable.exc_value):
-      code = getattr(unraisable.object, 'cr_code', None)
       tb = unraisable.exc_traceback
       while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-      origin = code.co_filename if code is not None else (
-          tb.tb_frame.f_code.co_filename if tb is not None else '')
-      if f'{os.sep}orbax{os.sep}' in origin or origin.endswith(f'asyncio{os.sep}base_events.py'):
-        return  # a read orbax left pending, calling back into its closed loop
+      if tb is not None and tb.tb_frame.f_code.co_filename.endswith(f'asyncio{os.sep}base_events.py'):
+        return  # a read orbax left pending, calling back into its closed event loop
     previous(unraisable)
 
   hook._pspnet_filter = True
   sys.unraisablehook = hook
+  logging.getLogger('asyncio').addFilter(_OrbaxTaskFilter())
+
+
+class _OrbaxTaskFilter(logging.Filter):
+  """asyncio's "Task/Future exception was never retrieved" for the reads a failed orbax
+  restore abandoned."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    ours = f'{os.sep}orbax{os.sep}' in message or 'OCDBT' in message or 'TensorStore' in message
+    return not ('never retrieved' in message and ours)
 
 
 def _cause(error: BaseException) -> str:
@@ -171,11 +185,11 @@ def restore_variables(state_dir: str, config: PSPNetConfig) -> PSPNet:
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         nnx.to_pure_dict(state))
+  _drop_orbax_leftovers()  # installed before: the leftovers may report while it fails
   try:
     with ocp.StandardCheckpointer() as ckptr:
       restored = ckptr.restore(state_dir, target)
   except Exception as e:  # orbax raises many types; name the path and the cause
-    _drop_orbax_leftovers()
     raise CheckpointError(f'{state_dir}: cannot restore the model variables ({_cause(e)})') from e
   nnx.replace_by_pure_dict(state, restored)
   return nnx.merge(graphdef, state)
@@ -307,10 +321,10 @@ class TrainCheckpointer:
         opt_state=ocp.args.StandardRestore(opt_target),
         meta=ocp.args.JsonRestore(),
         data=grain.checkpoint.CheckpointRestore(_IteratorStateAdapter(iterator=data_iterator)))
+    _drop_orbax_leftovers()
     try:
       r = self.manager.restore(step, args=args)
     except Exception as e:
-      _drop_orbax_leftovers()
       raise CheckpointError(f'cannot restore step {step} ({_cause(e)})') from e
     return r['model'], r['opt_state'], r['meta']
 
