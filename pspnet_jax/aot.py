@@ -37,10 +37,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from pspnet_jax import checkpoint
+from pspnet_jax import checkpoint, errors
 from pspnet_jax import mesh as mesh_lib
 from pspnet_jax.data import BUILDERS
-from pspnet_jax import errors
 from pspnet_jax.errors import UserError
 from pspnet_jax.evaluation.protocol import EvalConfig, Evaluator
 from pspnet_jax.train import OptimizerConfig, make_optimizer, make_train_step, schedules
@@ -223,12 +222,9 @@ def _num_classes(config, override: int) -> int:
 
 def compile_train(config, devices, num_classes: int):
   """The train step of ``train.py`` for ``config`` on ``devices``: (compiled, info)."""
-  n = len(devices)
   batch = int(config.global_batch_size)
   accum = int(config.get('grad_accum_steps', 1))
-  if batch % n or (batch // accum) % n:
-    raise AotError(f'global_batch_size={batch} (grad_accum_steps={accum}) does not divide over '
-                   f'the {n} chips of the target: choose a multiple of {n * accum}')
+  mesh_lib.check_batch_size(batch, accum, devices)
   mesh = mesh_lib.mesh_over(devices)
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   model_config = model_config_from(config, num_classes)

@@ -86,13 +86,16 @@ def sum_over_processes(counts: np.ndarray) -> np.ndarray:
   return (gathered[:, 0] + (gathered[:, 1] << 32)).sum(axis=0)
 
 
-def check_batch_size(global_batch_size: int, grad_accum_steps: int = 1):
-  n = jax.device_count()
+def check_batch_size(global_batch_size: int, grad_accum_steps: int = 1, devices=None):
+  """The global batch (and each micro-batch) must split evenly over ``devices`` (default:
+  every device of the run; ``pspnet_jax.aot`` passes a TPU slice's)."""
+  n = jax.device_count() if devices is None else len(devices)
+  where = (f'{jax.process_count()} process(es) x {jax.local_device_count()} local'
+           if devices is None else f'the target has {n}')
   if global_batch_size % n:
     raise UserError(
         f'global_batch_size={global_batch_size} does not divide over {n} devices '
-        f'({jax.process_count()} process(es) x {jax.local_device_count()} local): choose a '
-        f'multiple of {n}, e.g. {n * max(1, round(global_batch_size / n))}')
+        f'({where}): choose a multiple of {n}, e.g. {n * max(1, round(global_batch_size / n))}')
   micro = global_batch_size // max(grad_accum_steps, 1)
   if global_batch_size % grad_accum_steps or micro % n:
     raise UserError(
