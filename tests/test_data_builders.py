@@ -273,3 +273,49 @@ def test_segmentation_folder_needs_a_class_file(tmp_path):
   os.remove(tmp_path / 'mine' / 'classes.yaml')
   with pytest.raises(data.ManualDirError, match='no class file'):
     data.prepare('segmentation_folder', str(tmp_path / 'out'), root=str(tmp_path / 'mine'))
+
+
+# --- the prepare command on bad input ------------------------------------------------------
+
+def _prepare_cli(*args):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  env.pop('PSPNET_DEBUG', None)
+  return subprocess.run([sys.executable, '-m', 'pspnet_jax.data.prepare', *args], env=env,
+                        capture_output=True, text=True, timeout=300, cwd=root)
+
+
+def _one_error_line(p):
+  assert p.returncode == 2, (p.returncode, p.stdout[-2000:], p.stderr[-3000:])
+  errors = [l for l in p.stderr.splitlines() if l.startswith('error: ')]
+  assert len(errors) == 1 and 'Traceback' not in p.stderr, p.stderr[-3000:]
+  return errors[0]
+
+
+def test_prepare_cli_refusals_are_one_line_and_write_nothing(tmp_path):
+  """A label out of range, a dataset already prepared with other options, and a data dir
+  that cannot be written: exit 2, one ``error:`` line naming the file or option, and the
+  data dir as it was."""
+  root, out = tmp_path / 'mine', tmp_path / 'out'
+  _folder(root, 'lists', bad='value')
+  line = _one_error_line(_prepare_cli('segmentation_folder', '--data-dir', str(out), '--option', f'root={root}'))
+  assert 'labels/train/x2.png' in line and 'label values [3] are not allowed' in line, line
+  assert '--skip-bad-examples' in line, line
+  _assert_nothing_prepared('segmentation_folder', str(out))
+
+  small = ['--option', 'image_size=16', '--option', 'num_train=2', '--option', 'num_val=1']
+  p = _prepare_cli('synthetic_shapes', '--data-dir', str(out), *small)
+  assert p.returncode == 0, p.stderr[-3000:]
+  before = {f: os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs}
+  line = _one_error_line(_prepare_cli('synthetic_shapes', '--data-dir', str(out), *small[:-2],
+                                      '--option', 'num_val=3'))
+  assert 'num_val=1 (prepared) vs 3 (asked)' in line and 'num_train' not in line, line
+  assert {f: os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs} == before
+
+  a_file = tmp_path / 'not_a_dir'
+  a_file.write_text('x')
+  line = _one_error_line(_prepare_cli('synthetic_shapes', '--data-dir', str(a_file / 'data'), *small))
+  assert str(a_file) in line and 'not a writable folder' in line, line
+  assert a_file.read_text() == 'x'

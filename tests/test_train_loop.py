@@ -375,3 +375,85 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_newest_intact_one_used(ref
   ref, got = _variables(ref_dir), _variables(workdir)
   for k in ref:
     np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+
+_POISON_GRADIENT = '''
+import runpy, sys
+import jax.numpy as jnp
+import pspnet_jax.data as data
+import pspnet_jax.train.step as step_module
+
+POISON_AT = int(sys.argv.pop(1))
+real_loss, real_loader = step_module.cross_entropy, data.train_loader
+
+def cross_entropy(logits, labels, ignore_label=255):
+  # A batch marked with label 254 gets a finite loss (254 is ignored) and NaN gradients:
+  # d sqrt(u)/du at u = 0 is inf, times zero.
+  flag = jnp.any(labels == 254)
+  loss = real_loss(logits, jnp.where(labels == 254, ignore_label, labels), ignore_label)
+  u = jnp.where(flag, 0.0, 1.0) * jnp.sum(logits.astype(jnp.float32) ** 2)
+  return loss + 0.0 * jnp.sqrt(u)
+
+class Loader:
+  def __init__(self, inner):
+    self.inner, self.count = inner, 0
+  def __getattr__(self, name):
+    return getattr(self.inner, name)
+  def __iter__(self):
+    return self
+  def __next__(self):
+    batch, self.count = dict(next(self.inner)), self.count + 1
+    if self.count == POISON_AT:
+      batch['label'] = batch['label'].copy()
+      batch['label'][0, 0, 0] = 254
+    return batch
+
+step_module.cross_entropy = cross_entropy
+data.train_loader = lambda *a, **k: Loader(real_loader(*a, **k))
+sys.argv[0] = 'train.py'
+runpy.run_path('train.py', run_name='__main__')
+'''
+
+
+def test_nan_gradient_with_a_finite_loss_stops_before_it_is_saved(tmp_path, data_dir):
+  """Step 8, a checkpoint step, has a finite loss and NaN gradients (so NaN parameters after
+  its update): the run stops naming the gradient norm at step 8, and only step 4, finite,
+  is on disk. A guard on the loss alone would have saved step 8."""
+  workdir = tmp_path / 'nan_grad'
+  cmd = [sys.executable, '-c', _POISON_GRADIENT, '8', *_cmd(workdir, data_dir)[2:],
+         '--config.log_every_steps=5']
+  p = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+  assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-3000:]
+  assert 'error: grad norm is nan at step 8' in p.stderr, p.stderr[-3000:]
+  assert _losses(workdir) and all(np.isfinite(v) for v in _losses(workdir).values())
+  assert _finished_steps(workdir) == [4]
+  for k, v in _variables(workdir).items():
+    assert np.all(np.isfinite(v)), k
+
+
+def _files(directory):
+  return {os.path.relpath(os.path.join(d, f), directory): os.path.getsize(os.path.join(d, f))
+          for d, _, fs in os.walk(directory) for f in fs}
+
+
+def test_no_intact_checkpoint_is_one_line_and_changes_nothing(reference_run, data_dir, tmp_path):
+  """Every checkpoint of a run damaged: eval.py and a resuming train.py both say so in one
+  line (exit 2) and leave the workdir's files as they were."""
+  import shutil
+  ref_dir, _ = reference_run
+  workdir = tmp_path / 'all_damaged'
+  shutil.copytree(ref_dir, workdir)
+  for step in _finished_steps(workdir):
+    files = [(f.stat().st_size, f) for f in (workdir / 'checkpoints' / str(step) / 'model').rglob('*')
+             if f.is_file() and f.parent.name == 'd']
+    size, victim = max(files)
+    victim.write_bytes(victim.read_bytes()[:size // 2])
+  before = _files(workdir)
+  eval_cmd = [sys.executable, os.path.join(ROOT, 'eval.py'), '--config', os.path.join(ROOT, 'configs', 'synthetic.py'),
+              '--workdir', str(workdir), '--out', str(tmp_path / 'eval'), f'--config.dataset.data_dir={data_dir}',
+              '--config.dataset.builder_kwargs.image_size=32', '--config.eval.crop_size=33',
+              '--config.eval.base_size=32']
+  for p in (_run(eval_cmd), _train(workdir, data_dir, check=False)):
+    _one_error_line(p, 'no intact checkpoint (damaged: steps 12, 8, 4')
+    assert _files(workdir) == before
+  assert not os.path.exists(tmp_path / 'eval')

@@ -81,9 +81,11 @@ def prepare(name: str, data_dir: str, manual_dir: str | None = None, *,
     if recorded is not None and builder_kwargs:
       wanted = cls(data_dir=data_dir, **builder_kwargs).extra_metadata().get('builder_kwargs')
       if wanted != recorded:
+        differ = ', '.join(f'{k}={recorded.get(k)!r} (prepared) vs {wanted.get(k)!r} (asked)'
+                           for k in sorted(set(recorded) | set(wanted)) if recorded.get(k) != wanted.get(k))
         raise UserError(
-            f'{name} in {data_dir} was prepared with {recorded}, not {wanted}; use another '
-            f'--data-dir or delete {_prepared_dir(name, data_dir)} to prepare it again.')
+            f'{name} in {data_dir} was prepared with other options: {differ} (use another '
+            f'--data-dir, or delete {_prepared_dir(name, data_dir)} to prepare it again)')
     return info
   tfds.disable_progress_bar()
   _check_writable(data_dir)
