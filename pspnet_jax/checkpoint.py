@@ -158,6 +158,23 @@ def read_model_config(directory: str) -> tuple[PSPNetConfig, dict]:
     raise CheckpointError(f'{path}: unreadable model config ({e})') from None
 
 
+def model_metadata(path: str | os.PathLike) -> dict:
+  """The metadata kept beside a model directory, a training workdir or one of its steps."""
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.exists(os.path.join(path, MODEL_CONFIG)) and os.path.isdir(os.path.join(path, 'model')):
+    path = os.path.dirname(os.path.dirname(path))  # workdir/checkpoints/<step>
+  return read_model_config(path)[1]
+
+
+def metadata_value(metadata: dict, key: str):
+  """``key`` (e.g. ``class_names``, ``palette``) from a model's metadata, at its top level
+  or under ``dataset``; None when absent."""
+  if key in metadata:
+    return metadata[key]
+  dataset = metadata.get('dataset')
+  return dataset.get(key) if isinstance(dataset, dict) else None
+
+
 def check_workdir(workdir: str, config: PSPNetConfig):
   """Refuses a training workdir, before anything is written to it, that is a file, or that
   holds checkpoints of another architecture (each differing field named). The compute

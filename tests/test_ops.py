@@ -127,3 +127,40 @@ def test_resize_bilinear_gradient_matches_torch(src, dst, align_corners):
   xt = _nchw(x).requires_grad_(True)
   (F.interpolate(xt, dst, mode='bilinear', align_corners=align_corners) * _nchw(g)).sum().backward()
   np.testing.assert_allclose(np.asarray(got), _nhwc(xt.grad), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('h, w', [(9, 9), (10, 7), (1, 2)])
+def test_stem_max_pool_matches_torch_values_and_gradient_with_ties(h, w):
+  """``MaxPool2d(3, 2, 1)`` on a ReLU'd input, where ties in a window are common: the same
+  values, and the gradient goes to one maximum per window as PyTorch's does (a maximum of
+  taps differentiated naively would split it between tied taps)."""
+  rng = np.random.default_rng(0)
+  x = np.maximum(rng.standard_normal((2, h, w, 3)), 0).astype(np.float32)
+  x[0, :3, :3, 0] = 0.5  # a window of equal values
+  dy = rng.standard_normal((2, (h - 1) // 2 + 1, (w - 1) // 2 + 1, 3)).astype(np.float32)
+  xt = _nchw(x).requires_grad_(True)
+  yt = F.max_pool2d(xt, 3, 2, 1)
+  yt.backward(_nchw(dy))
+  y, vjp = jax.vjp(ops.max_pool_3x3_s2, jnp.asarray(x))
+  np.testing.assert_array_equal(np.asarray(y), _nhwc(yt.detach()))
+  np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(dy))[0]), _nhwc(xt.grad))
+
+
+def test_symbolic_sizes_give_the_static_taps_and_pooling():
+  """Exported with symbolic height and width, the resize and pooling matrices computed in
+  the program equal the NumPy ones of each concrete size."""
+  from jax import export
+  (n,) = export.symbolic_shape('n')
+
+  def matrices(x):  # x: [n] only carries the symbolic size
+    size = x.shape[0]
+    return (ops.interpolation_matrix(size, 11, True), ops.interpolation_matrix(size, 11, False),
+            ops.interpolation_matrix(6, size, True), ops.adaptive_pool_matrix(size, 6))
+
+  program = export.export(jax.jit(matrices), platforms=['cpu'])(jax.ShapeDtypeStruct((n,), jnp.float32))
+  for size in (1, 5, 60, 97):
+    got = program.call(np.zeros(size, np.float32))
+    want = (ops.interpolation_matrix(size, 11, True), ops.interpolation_matrix(size, 11, False),
+            ops.interpolation_matrix(6, size, True), ops.adaptive_pool_matrix(size, 6))
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(np.asarray(g), w, rtol=0, atol=2e-7)

@@ -50,13 +50,6 @@ def read_rgb(path: str) -> np.ndarray:
     raise UserError(f'{path}: not a readable image ({e})') from None
 
 
-def _metadata_value(metadata: dict, key: str):
-  if key in metadata:
-    return metadata[key]
-  dataset = metadata.get('dataset')
-  return dataset.get(key) if isinstance(dataset, dict) else None
-
-
 def parse_scales(text: str) -> tuple[float, ...]:
   try:
     scales = tuple(float(s) for s in text.split(',') if s.strip())
@@ -91,10 +84,10 @@ def main(argv=None) -> int:
   config = EvalConfig(mode=args.mode, scales=args.scales, flip=args.flip, base_size=args.base_size,
                       crop_size=args.crop_size, window_batch=args.window_batch)
   model = checkpoint.load_model(args.checkpoint)
-  _, metadata = checkpoint.read_model_config(os.path.abspath(args.checkpoint))
+  metadata = checkpoint.model_metadata(args.checkpoint)
   num_classes = model.config.num_classes
   try:
-    palette = as_palette(_metadata_value(metadata, 'palette'), num_classes)
+    palette = as_palette(checkpoint.metadata_value(metadata, 'palette'), num_classes)
   except UserError as e:
     raise UserError(f'{args.checkpoint}: its metadata {e}') from None
   evaluator = Evaluator(model, config)

@@ -95,7 +95,9 @@ class PSPNet(nnx.Module):
 
   def _apply_head(self, head: nnx.Dict, x: jax.Array, rngs) -> jax.Array:
     x = jax.nn.relu(head['1'](head['0'](x)))
-    return head['4'](self.dropout(x, rngs=rngs))
+    if not self.deterministic:  # eval programs hold no dropout at all (exporters patch it)
+      x = self.dropout(x, rngs=rngs)
+    return head['4'](x)
 
   def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None):
     """x: [B, H, W, 3] normalised image -> logits [B, H, W, num_classes] float32.

@@ -141,7 +141,9 @@ def cpu_conv(x, w, strides, padding, dilation):
   padding = tuple(tuple(p) for p in padding)
   kh, kw, ci, co = w.shape
   if (kh, kw) == (1, 1) and not any(sum(padding, ())):
-    xs = x[:, ::strides[0], ::strides[1]] if strides != (1, 1) else x
+    # lax.slice, not x[:, ::s]: its output size is written (h - 1) // s + 1 as the
+    # convolution's is, so the two agree under symbolic shapes (jax.export) too.
+    xs = lax.slice(x, (0, 0, 0, 0), x.shape, (1, *strides, 1)) if strides != (1, 1) else x
     b, h, wd, _ = xs.shape
     return jnp.dot(xs.reshape(-1, ci), w.reshape(ci, co)).reshape(b, h, wd, co)
   return _conv_kxk(x, w, strides, padding, dilation)

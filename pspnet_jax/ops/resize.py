@@ -6,8 +6,10 @@ weights were trained with PyTorch's). ``linear_taps`` also gives OpenCV's
 ``cv2.resize(..., INTER_LINEAR)`` sampling (``convention='opencv'``), which semseg's test
 protocol uses outside the network (``pspnet_jax.evaluation.protocol``).
 
-Resizing is separable, so it is applied one spatial axis at a time. Taps are computed in
-NumPy at trace time and enter the program as constants, so output sizes are static.
+Resizing is separable, so it is applied one spatial axis at a time. For static sizes the
+taps are computed in NumPy at trace time and enter the program as constants. For symbolic
+sizes (a program exported with ``jax.export`` for any height and width) the same formulas
+run in the program, in float32 (see ``linear_taps``).
 """
 
 from __future__ import annotations
@@ -23,11 +25,20 @@ Size = int | Sequence[int]
 CONVENTIONS = ('pytorch', 'opencv')
 
 
+def is_static(*sizes) -> bool:
+  """Whether every size is a concrete integer (not a ``jax.export`` symbolic dimension)."""
+  return all(isinstance(s, (int, np.integer)) for s in sizes)
+
+
+def _size(d):
+  return int(d) if is_static(d) else d
+
+
 def pair(size: Size) -> tuple[int, int]:
-  if isinstance(size, int):
-    return size, size
+  if is_static(size):
+    return int(size), int(size)
   h, w = size
-  return int(h), int(w)
+  return _size(h), _size(w)
 
 
 def apply_along(x: jax.Array, matrix: np.ndarray, axis: int) -> jax.Array:
@@ -59,7 +70,14 @@ def linear_taps(in_size: int, out_size: int, align_corners: bool = False,
   ``cv2.resize`` to 1e-5 relative; PyTorch's float32 scale moves values by up to 0.012 grey
   levels at 512 -> 683). Coordinates before the first or at/after the last sample take that
   sample whole (``w1 = 0``).
+
+  With a symbolic size (``jax.export``) the taps are computed in the program as float32
+  (int32 indices) by the same formulas; the one difference is that the half-pixel
+  coordinate may be rounded twice instead of once (at most one float32 ulp of the
+  coordinate, ~1e-7 relative in the weights).
   """
+  if not is_static(in_size, out_size):
+    return _symbolic_linear_taps(in_size, out_size, align_corners, convention)
   if in_size < 1 or out_size < 1:
     raise ValueError(f'resize needs positive sizes, got {in_size} -> {out_size}')
   if convention not in CONVENTIONS:
@@ -88,10 +106,33 @@ def linear_taps(in_size: int, out_size: int, align_corners: bool = False,
   return i0, i1, (f32(1) - w1).astype(f32), w1
 
 
+def _symbolic_linear_taps(in_size, out_size, align_corners, convention):
+  if convention != 'pytorch':
+    raise ValueError(f'symbolic sizes are supported for the pytorch convention only, got {convention!r}')
+  f32 = jnp.float32
+  n, m = jnp.asarray(in_size, f32), jnp.asarray(out_size, f32)
+  dst = jax.lax.iota(f32, out_size)
+  if align_corners:
+    src = jnp.where(m > 1, (n - 1) / jnp.maximum(m - 1, 1), f32(0)) * dst
+  else:
+    src = jnp.maximum((n / m) * (dst + 0.5) - 0.5, f32(0))
+  i0 = jnp.floor(src).astype(jnp.int32)
+  frac = src - i0.astype(f32)
+  i0 = jnp.clip(i0, 0, in_size - 1)
+  i1 = jnp.minimum(i0 + 1, in_size - 1)
+  w1 = jnp.clip(frac, 0, 1)
+  return i0, i1, 1 - w1, w1
+
+
 def interpolation_matrix(in_size: int, out_size: int, align_corners: bool,
                          convention: str = 'pytorch') -> np.ndarray:
-  """[out_size, in_size] float32: the taps of ``linear_taps`` as a dense matrix."""
+  """[out_size, in_size] float32: the taps of ``linear_taps`` as a dense matrix (a traced
+  array when a size is symbolic)."""
   i0, i1, w0, w1 = linear_taps(in_size, out_size, align_corners, convention)
+  if not is_static(in_size, out_size):
+    cols = jnp.expand_dims(jax.lax.iota(jnp.int32, in_size), 0)
+    return (jnp.where(cols == i0[:, None], w0[:, None], 0)
+            + jnp.where(cols == i1[:, None], w1[:, None], 0)).astype(jnp.float32)
   m = np.zeros((out_size, in_size), np.float32)
   rows = np.arange(out_size)
   np.add.at(m, (rows, i0), w0)
@@ -105,8 +146,8 @@ def _lerp_axis(x: jax.Array, in_size: int, out_size: int, axis: int,
   i0, i1, w0, w1 = linear_taps(in_size, out_size, align_corners)
   shape = [1, 1, 1, 1]
   shape[axis] = out_size
-  w0 = jnp.asarray(w0.reshape(shape), x.dtype)
-  w1 = jnp.asarray(w1.reshape(shape), x.dtype)
+  w0 = jnp.asarray(w0, x.dtype).reshape(shape)
+  w1 = jnp.asarray(w1, x.dtype).reshape(shape)
   return jnp.take(x, i0, axis=axis) * w0 + jnp.take(x, i1, axis=axis) * w1
 
 
@@ -127,7 +168,7 @@ _lerp_axis.defvjp(_lerp_axis_fwd, _lerp_axis_bwd)
 
 
 def _resize_axis(x: jax.Array, out_size: int, axis: int, align_corners: bool) -> jax.Array:
-  if x.shape[axis] == out_size:
+  if x.shape[axis] == out_size:  # with symbolic sizes: when provably equal
     return x  # both conventions map every output onto its own input sample
   return _lerp_axis(x, x.shape[axis], out_size, axis, align_corners)
 

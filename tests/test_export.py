@@ -1,0 +1,175 @@
+"""Export: a semseg checkpoint ported by the CLI, exported by the CLI (StableHLO and ONNX),
+then run where pspnet_jax is absent: the StableHLO artifact in a fresh process that
+imports only jax and numpy, the ONNX file in onnxruntime. Both are compared with the
+independent PyTorch reference on the same weights and with pspnet_jax's own forward, at
+two shapes (one whose sides are not multiples of 8), within 1e-4 of max|logit|.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pspnet_jax import checkpoint, export
+from pspnet_jax.normalize import normalize
+from test_model_parity import assert_logits_close, run_torch
+from test_port import run_cli, save_semseg
+from torch_reference import TorchPSPNet, randomize
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 420
+SHAPES = ((1, 64, 64), (2, 45, 61))  # 45 x 61: no side a multiple of 8
+CLASSES = [f'class{i}' for i in range(5)]
+
+
+def _env():
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  env.pop('PSPNET_DEBUG', None)
+  return env
+
+
+def _images(seed=0):
+  rng = np.random.default_rng(seed)
+  return [rng.uniform(0, 255, s + (3,)).astype(np.float32) for s in SHAPES]
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory):
+  """(torch reference, ported model dir, export dir, CLI stdout)."""
+  root = tmp_path_factory.mktemp('export')
+  ref = randomize(TorchPSPNet(num_classes=5, depth=18, base_width=8, head_channels=16,
+                              aux_channels=8), seed=3)
+  ref.eval()
+  src = save_semseg(ref, root / 'train_epoch_50.pth')
+  model_dir = root / 'ported'
+  run_cli(src, '--out', model_dir)
+  # Classes travel from the model's metadata into the manifest.
+  config, metadata = checkpoint.read_model_config(str(model_dir))
+  checkpoint.write_model_config(str(model_dir), config, {**metadata, 'class_names': CLASSES})
+  out = root / 'artifact'
+  p = subprocess.run([sys.executable, '-m', 'pspnet_jax.export', str(model_dir), '--out', str(out),
+                      '--format', 'all'], env=_env(), capture_output=True, text=True, timeout=TIMEOUT,
+                     cwd=REPO)
+  assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+  return ref, model_dir, out, p.stdout
+
+
+def _references(ref, model_dir, images):
+  """Per image batch: (PyTorch reference logits, pspnet_jax forward logits), NHWC."""
+  model = checkpoint.load_model(str(model_dir))
+  return [(run_torch(ref, normalize(x)), np.asarray(model(normalize(x)))) for x in images]
+
+
+_FRESH_PROCESS = '''
+import sys
+import numpy as np
+import jax
+exported = jax.export.deserialize(bytearray(open(sys.argv[1], 'rb').read()))
+data = np.load(sys.argv[2])
+outs = {k: np.asarray(exported.call(data[k])) for k in data.files}
+assert not any(m == 'flax' or m.startswith(('flax.', 'pspnet_jax', 'torch')) for m in sys.modules), \\
+    sorted(m for m in sys.modules if m.startswith(('flax', 'pspnet_jax', 'torch')))
+np.savez(sys.argv[3], **outs)
+print('platforms', ','.join(exported.platforms))
+'''
+
+
+def test_stablehlo_runs_in_a_process_without_flax_or_pspnet_jax(exported, tmp_path):
+  ref, model_dir, out, stdout = exported
+  assert 'stablehlo:' in stdout and 'onnx:' in stdout
+  images = _images()
+  np.savez(tmp_path / 'in.npz', **{f'x{i}': x for i, x in enumerate(images)})
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  p = subprocess.run([sys.executable, '-c', _FRESH_PROCESS, str(out / export.STABLEHLO_FILE),
+                      str(tmp_path / 'in.npz'), str(tmp_path / 'out.npz')],
+                     env=env, capture_output=True, text=True, timeout=TIMEOUT, cwd=str(tmp_path))
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert 'platforms cpu,cuda,tpu' in p.stdout
+  got = np.load(tmp_path / 'out.npz')
+  for i, (want_torch, want_jax) in enumerate(_references(ref, model_dir, images)):
+    assert got[f'x{i}'].shape == images[i].shape[:3] + (5,)
+    assert_logits_close(got[f'x{i}'], want_torch)
+    assert_logits_close(got[f'x{i}'], want_jax)
+
+
+def test_onnx_runs_in_onnxruntime_with_dynamic_batch_height_width(exported):
+  import onnxruntime
+  ref, model_dir, out, _ = exported
+  session = onnxruntime.InferenceSession(str(out / export.ONNX_FILE), providers=['CPUExecutionProvider'])
+  (inp,), (outp,) = session.get_inputs(), session.get_outputs()
+  assert inp.name == 'image' and outp.name == 'logits'
+  assert [isinstance(d, str) for d in inp.shape] == [True, True, True, False]
+  images = _images(seed=1)
+  for x, (want_torch, want_jax) in zip(images, _references(ref, model_dir, images)):
+    got = session.run(None, {'image': x})[0]
+    assert_logits_close(got, want_torch)
+    assert_logits_close(got, want_jax)
+
+
+def test_manifest_describes_the_artifacts(exported):
+  _, model_dir, out, _ = exported
+  manifest = json.load(open(out / export.MANIFEST))
+  assert manifest['classes'] == CLASSES and len(manifest['palette']) == 5
+  assert manifest['model']['depth'] == 18 and manifest['model']['num_classes'] == 5
+  np.testing.assert_allclose(manifest['normalization']['mean'], [123.675, 116.28, 103.53], rtol=1e-6)
+  np.testing.assert_allclose(manifest['normalization']['std'], [58.395, 57.12, 57.375], rtol=1e-6)
+  assert manifest['input']['shape'] == ['batch', 'height', 'width', 3]
+  assert manifest['output'] == {'name': 'logits', 'dtype': 'float32', 'kind': 'logits',
+                                'shape': ['batch', 'height', 'width', 5]}
+  assert manifest['versions']['jax'] and manifest['versions']['pspnet_jax']
+  for art in manifest['artifacts'].values():
+    import hashlib
+    assert hashlib.sha256(open(out / art['file'], 'rb').read()).hexdigest() == art['sha256']
+  # The weights' checksum is that of the model directory's variables, recomputed here
+  # from the arrays themselves.
+  import hashlib
+  from flax import nnx
+  model = checkpoint.load_model(str(model_dir))
+  digest = hashlib.sha256()
+  flat = {'.'.join(map(str, k)): np.asarray(v[...]) for k, v in
+          nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))}
+  for k in sorted(flat):
+    a = np.ascontiguousarray(flat[k])
+    digest.update(f'{k}|{a.dtype.str}|{a.shape}|'.encode() + a.tobytes())
+  assert manifest['weights_sha256'] == digest.hexdigest()
+
+
+def test_class_ids_and_probabilities_outputs(exported):
+  """The function API: ``classes`` is the argmax of the logits, ``probabilities`` sum to 1."""
+  ref, model_dir, _, _ = exported
+  model = checkpoint.load_model(str(model_dir))
+  x = _images(seed=2)[1]
+  want = run_torch(ref, normalize(x))
+  classes = export.export_stablehlo(export.serving_function(model, 'classes'), ['cpu']).call(x)
+  probs = export.export_stablehlo(export.serving_function(model, 'probabilities'), ['cpu']).call(x)
+  assert classes.dtype == np.int32 and classes.shape == x.shape[:3]
+  second, first = np.sort(want, axis=-1)[..., -2:].transpose(3, 0, 1, 2)
+  clear = first - second > 1e-3 * np.abs(want).max()  # pixels whose argmax float error cannot flip
+  np.testing.assert_array_equal(np.asarray(classes)[clear], want.argmax(-1)[clear])
+  np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, atol=1e-5)
+  # A softmax moves by at most the largest change of its logits: the logits' tolerance.
+  np.testing.assert_allclose(np.asarray(probs), torch.softmax(torch.from_numpy(want), -1).numpy(),
+                             atol=1e-4 * np.abs(want).max())
+
+
+def test_bad_model_dir_and_bad_options_are_one_line_and_write_nothing(exported, tmp_path):
+  _, model_dir, _, _ = exported
+  cases = [
+      ([str(tmp_path / 'nowhere')], 'no such directory'),
+      ([str(tmp_path)], 'not a pspnet_jax model directory'),
+      ([str(model_dir), '--platforms', 'cpu,gpu'], '--platforms gpu: choose from cpu, cuda, rocm, tpu'),
+      ([str(model_dir), '--format', 'onnx', '--dtype', 'bfloat16'], 'the ONNX artifact is float32'),
+  ]
+  for args, needle in cases:
+    out = tmp_path / 'out'
+    p = subprocess.run([sys.executable, '-m', 'pspnet_jax.export', *args, '--out', str(out)], env=_env(),
+                       capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO)
+    assert p.returncode == 2, (args, p.stdout[-1000:], p.stderr[-2000:])
+    lines = [l for l in p.stderr.splitlines() if l.startswith('error: ')]
+    assert len(lines) == 1 and 'Traceback' not in p.stderr and needle in lines[0], p.stderr[-2000:]
+    assert not out.exists()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith('.export-')]
