@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -66,6 +67,7 @@ def _references(ref, model_dir, images):
 
 _FRESH_PROCESS = '''
 import sys
+import jax
 import numpy as np
 import jax
 exported = jax.export.deserialize(bytearray(open(sys.argv[1], 'rb').read()))
@@ -173,3 +175,20 @@ def test_bad_model_dir_and_bad_options_are_one_line_and_write_nothing(exported, 
     assert len(lines) == 1 and 'Traceback' not in p.stderr and needle in lines[0], p.stderr[-2000:]
     assert not out.exists()
     assert not [n for n in os.listdir(tmp_path) if n.startswith('.export-')]
+
+
+def test_bfloat16_export_computes_in_bfloat16_and_stays_close(exported, tmp_path):
+  """``--dtype bfloat16``: the program's convolutions run in bfloat16 (so its logits
+  differ from float32's by more than float32 rounding, but by little), its input and
+  output stay float32, and the manifest says so."""
+  ref, model_dir, _, _ = exported
+  manifest = export.export_model(str(model_dir), tmp_path / 'bf16', platforms=['cpu'], dtype='bfloat16')
+  assert manifest['model']['dtype'] == 'bfloat16' and list(manifest['artifacts']) == ['stablehlo']
+  program = jax.export.deserialize(bytearray(open(tmp_path / 'bf16' / export.STABLEHLO_FILE, 'rb').read()))
+  assert 'bf16' in program.mlir_module()
+  x = _images(seed=3)[0]
+  got = np.asarray(program.call(x))
+  want = run_torch(ref, normalize(x))
+  assert got.dtype == np.float32 and np.all(np.isfinite(got))
+  rel = np.abs(got - want).max() / np.abs(want).max()
+  assert 1e-4 < rel < 5e-2, rel
