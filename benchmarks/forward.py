@@ -2,6 +2,7 @@
 weights, same input, one process (so the two share the machine's state).
 
   python benchmarks/forward.py --depth 50 --size 473 --batch 1 --repeats 5
+  python benchmarks/forward.py --backbone mobilenet_v2 --size 473 --batch 1 --repeats 5
 
 Prints one JSON line. Needs torch (the test extra). Times are wall-clock medians; on a
 shared 2-core CPU only the ratio is meaningful.
@@ -22,10 +23,11 @@ from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))  # run from a checkout, installed or not
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tests'))
+from torch_mobilenet_reference import TorchMobileNetPSPNet  # noqa: E402
 from torch_reference import TorchPSPNet, randomize, state_dict_numpy  # noqa: E402
 
 from pspnet_jax.models import PSPNet, PSPNetConfig  # noqa: E402
-from pspnet_jax.port import load_state_dict  # noqa: E402
+from pspnet_jax.port import LAYOUTS, load_state_dict  # noqa: E402
 
 
 def timed(fn, repeats):
@@ -40,6 +42,7 @@ def timed(fn, repeats):
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument('--depth', type=int, default=50)
+  ap.add_argument('--backbone', default='resnet', choices=['resnet', 'mobilenet_v2'])
   ap.add_argument('--classes', type=int, default=150)
   ap.add_argument('--size', type=int, default=473)
   ap.add_argument('--batch', type=int, default=1)
@@ -47,10 +50,19 @@ def main():
   args = ap.parse_args()
   torch.set_num_threads(os.cpu_count())
 
-  cfg = PSPNetConfig(depth=args.depth, num_classes=args.classes)
-  ref = randomize(TorchPSPNet(num_classes=args.classes, depth=args.depth))
+  if args.backbone == 'mobilenet_v2':  # mmseg's mobilenet-v2-d8 PSPNet, in mmseg's key names
+    cfg = PSPNetConfig(backbone='mobilenet_v2', num_classes=args.classes, ppm_channels=512,
+                       align_corners=False)
+    ref = randomize(TorchMobileNetPSPNet(num_classes=args.classes))
+    state = LAYOUTS['mmseg-mobilenet_v2'].to_canonical(state_dict_numpy(ref), backbone_only=False,
+                                                       source='reference')[0]
+    name = 'PSPNet-MobileNetV2'
+  else:
+    cfg = PSPNetConfig(depth=args.depth, num_classes=args.classes)
+    ref = randomize(TorchPSPNet(num_classes=args.classes, depth=args.depth))
+    state, name = state_dict_numpy(ref), f'PSPNet-{args.depth}'
   model = PSPNet(cfg, rngs=nnx.Rngs(0))
-  load_state_dict(model, state_dict_numpy(ref))
+  load_state_dict(model, state)
   model.eval()
   graphdef, state = nnx.split(model)
 
@@ -74,7 +86,7 @@ def main():
   ref_np = ref_out.numpy().transpose(0, 2, 3, 1)
   rel = float(np.abs(np.asarray(out) - ref_np).max() / np.abs(ref_np).max())
   print(json.dumps({
-      'model': f'PSPNet-{args.depth}', 'input': [args.batch, args.size, args.size, 3],
+      'model': name, 'input': [args.batch, args.size, args.size, 3],
       'jax': jax.__version__, 'torch': torch.__version__, 'device': str(jax.devices()[0]),
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'jax_compile_s': round(compile_s, 2), 'jax_forward_s': round(jax_s, 3),

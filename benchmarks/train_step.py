@@ -2,6 +2,7 @@
 JAX jit vs PyTorch eager vs torch.compile, same model, same batch, one invocation.
 
   python benchmarks/train_step.py --batch 2 --size 473 --steps 3 --rounds 2
+  python benchmarks/train_step.py --backbone mobilenet_v2 --batch 2 --size 473 --steps 3 --rounds 2
 
 Each framework runs in its own subprocess (clean peak RSS); rounds alternate JAX and
 PyTorch so drifting machine load hits both alike. Prints a JSON line per measurement and
@@ -19,6 +20,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# mmseg's mobilenet-v2-d8 PSPNet (tests/torch_mobilenet_reference.py is its PyTorch twin).
+MOBILENET_V2 = dict(backbone='mobilenet_v2', ppm_channels=512, align_corners=False)
 
 
 def run_jax(args):
@@ -32,7 +35,8 @@ def run_jax(args):
   from pspnet_jax.models import PSPNetConfig
   from pspnet_jax.train import OptimizerConfig, make_optimizer, make_train_step
 
-  cfg = PSPNetConfig(depth=args.depth, num_classes=args.classes, dtype=args.dtype)
+  cfg = PSPNetConfig(depth=args.depth, num_classes=args.classes, dtype=args.dtype,
+                     **(MOBILENET_V2 if args.backbone == 'mobilenet_v2' else {}))
   model = checkpoint.create_model(cfg)
   graphdef, params, bstats = nnx.split(model, nnx.Param, nnx.BatchStat)
   tx = make_optimizer(OptimizerConfig(), 1000)
@@ -75,12 +79,17 @@ def run_torch(args, compile_):
   import torch
   import torch.nn.functional as F
   sys.path.insert(0, os.path.join(ROOT, 'tests'))
+  from torch_mobilenet_reference import TorchMobileNetPSPNet
   from torch_reference import TorchPSPNet
   torch.set_num_threads(os.cpu_count())
   dev = 'cuda' if torch.cuda.is_available() else 'cpu'
-  model = TorchPSPNet(num_classes=args.classes, depth=args.depth).to(dev).train()
-  head = [p for n, p in model.named_parameters() if n.split('.')[0] in ('ppm', 'cls', 'aux')]
-  back = [p for n, p in model.named_parameters() if n.split('.')[0] not in ('ppm', 'cls', 'aux')]
+  if args.backbone == 'mobilenet_v2':
+    model, heads = TorchMobileNetPSPNet(num_classes=args.classes), ('decode_head', 'auxiliary_head')
+  else:
+    model, heads = TorchPSPNet(num_classes=args.classes, depth=args.depth), ('ppm', 'cls', 'aux')
+  model = model.to(dev).train()
+  head = [p for n, p in model.named_parameters() if n.split('.')[0] in heads]
+  back = [p for n, p in model.named_parameters() if n.split('.')[0] not in heads]
   opt = torch.optim.SGD([{'params': back}, {'params': head, 'lr': 0.1}], lr=0.01, momentum=0.9,
                         weight_decay=1e-4)
   rng = np.random.default_rng(0)
@@ -125,6 +134,7 @@ def child(args):
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument('--depth', type=int, default=50)
+  ap.add_argument('--backbone', default='resnet', choices=['resnet', 'mobilenet_v2'])
   ap.add_argument('--classes', type=int, default=150)
   ap.add_argument('--batch', type=int, default=2)
   ap.add_argument('--size', type=int, default=473)
@@ -150,7 +160,7 @@ def main():
       elif fw == 'jax-xla-conv':
         env['PSPNET_CONV'], fw = 'xla', 'jax'
       cmd = [sys.executable, __file__, '--child', fw] + [
-          f'--{k}={v}' for k, v in vars(args).items() if k in ('depth', 'classes', 'batch', 'size', 'steps', 'dtype')]
+          f'--{k}={v}' for k, v in vars(args).items() if k in ('depth', 'backbone', 'classes', 'batch', 'size', 'steps', 'dtype')]
       try:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
       except subprocess.TimeoutExpired:

@@ -26,7 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       depth=50, stem='deep', output_stride=8, contract_dilation=False, align_corners=True,
       bins=(1, 2, 3, 6), base_width=64, head_channels=512, aux_channels=256, dropout=0.1,
-      dtype='float32'))
+      dtype='float32', backbone='resnet', ppm_channels=0))
   c.augment = ml_collections.ConfigDict(dict(
       crop_size=473, scale_min=0.5, scale_max=2.0, rotate_min=-10.0, rotate_max=10.0,
       blur=True, flip=True, ignore_label=255))

@@ -97,16 +97,18 @@ def _compute_dtype_input(args, /, *, dtype=None, inexact=True):
 
 
 def conv2d(in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1, dilation: int = 1,
-           bias: bool = False, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
+           groups: int = 1, bias: bool = False, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
   """``nn.Conv2d`` with PyTorch's explicit symmetric padding ``dilation * (k - 1) // 2``.
 
   Never 'SAME': at stride 2 'SAME' pads asymmetrically and shifts every feature map by
   half a pixel relative to PyTorch. Parameters are float32; with ``dtype=bfloat16`` the
   convolution computes in bfloat16 and the weight gradient comes back float32.
+  ``groups``: PyTorch's ``groups`` (``groups == in_ch``: depthwise); the kernel is then
+  [k, k, in_ch / groups, out_ch], PyTorch's [out_ch, in_ch / groups, k, k] transposed.
   """
   return nnx.Conv(
       in_ch, out_ch, (kernel_size, kernel_size), strides=stride,
       padding=ops.conv_padding(kernel_size, dilation), kernel_dilation=dilation,
-      use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
+      feature_group_count=groups, use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
       kernel_init=he_normal_fan_out, conv_general_dilated=convolution.conv_general_dilated,
       promote_dtype=_compute_dtype_input, rngs=rngs)

@@ -11,6 +11,11 @@ Module attribute names are those of the semseg state dict (``ppm.features.{i}.{1
 ``cls.{0,1,4}``, ``aux.{0,1,4}``; the backbone under ``backbone``): see
 ``pspnet_jax.port.mapping``.
 
+Backbones (``PSPNetConfig.backbone``): the dilated ResNet (default) or mmseg's dilated
+MobileNetV2 (``pspnet_jax.models.mobilenet_v2``); both return four feature maps, the head
+reads the last and the auxiliary head the third. mmseg's PSPHead gives every pyramid branch
+``channels`` (512) outputs, not ``C / len(bins)``: ``ppm_channels``.
+
 Modes: ``model.train()`` (the default after construction) returns ``(logits, aux_logits)``
 and updates BN running statistics; ``model.eval()`` returns ``logits`` only.
 """
@@ -26,7 +31,10 @@ from flax import nnx
 from pspnet_jax import ops
 from pspnet_jax.errors import UserError
 from pspnet_jax.models.layers import BatchNorm, conv2d
+from pspnet_jax.models.mobilenet_v2 import MobileNetV2
 from pspnet_jax.models.resnet import ResNet
+
+BACKBONES = ('resnet', 'mobilenet_v2')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +52,14 @@ class PSPNetConfig:
   aux_channels: int = 256
   dropout: float = 0.1
   dtype: str = 'float32'             # compute dtype; parameters and BN stats stay float32
+  # 'resnet' (depth, stem, base_width, contract_dilation apply) | 'mobilenet_v2' (mmseg's)
+  backbone: str = 'resnet'
+  ppm_channels: int = 0              # pyramid branch width; 0: C / len(bins) (semseg); mmseg: 512
 
   def __post_init__(self):
     object.__setattr__(self, 'bins', tuple(int(b) for b in self.bins))
+    if self.backbone not in BACKBONES:
+      raise UserError(f'unknown backbone {self.backbone!r}; expected one of {BACKBONES}')
     jnp.dtype(self.dtype)  # fails early on a typo
 
   def to_dict(self) -> dict:
@@ -74,11 +87,14 @@ class PSPNet(nnx.Module):
   def __init__(self, config: PSPNetConfig, *, rngs: nnx.Rngs):
     self.config = config
     dtype = jnp.dtype(config.dtype)
-    self.backbone = ResNet(config.depth, stem=config.stem, output_stride=config.output_stride,
-                           contract_dilation=config.contract_dilation,
-                           base_width=config.base_width, dtype=dtype, rngs=rngs)
+    if config.backbone == 'mobilenet_v2':
+      self.backbone = MobileNetV2(output_stride=config.output_stride, dtype=dtype, rngs=rngs)
+    else:
+      self.backbone = ResNet(config.depth, stem=config.stem, output_stride=config.output_stride,
+                             contract_dilation=config.contract_dilation,
+                             base_width=config.base_width, dtype=dtype, rngs=rngs)
     c3, c4 = self.backbone.out_channels[2:]
-    reduction = c4 // len(config.bins)
+    reduction = config.ppm_channels or c4 // len(config.bins)
     self.ppm = nnx.Dict({'features': nnx.List([
         nnx.Dict({'1': conv2d(c4, reduction, 1, dtype=dtype, rngs=rngs), '2': BatchNorm(reduction)})
         for _ in config.bins])})

@@ -1,7 +1,9 @@
 """Infers the ``PSPNetConfig`` of a canonical (semseg-layout) state dict from its shapes.
 
-Shapes tell depth (blocks per stage and block kind), ResNet width, stem, head widths and
-classes; the layout tells what shapes cannot (dilation contraction, align_corners).
+The layout tells the backbone module (``PSPNetConfig.backbone``) and what shapes cannot
+(dilation contraction, align_corners); for ResNet, shapes tell depth (blocks per stage and
+block kind), width and stem; for every backbone, head widths, pyramid branch width and
+classes.
 Shapes are PyTorch's: conv weights [out, in, kh, kw].
 """
 
@@ -13,6 +15,7 @@ from typing import Mapping
 import numpy as np
 
 from pspnet_jax.models import PSPNetConfig
+from pspnet_jax.models.mobilenet_v2 import STEM_CHANNELS
 from pspnet_jax.models.resnet import BLOCKS
 from pspnet_jax.port.layout import Layout
 from pspnet_jax.port.mapping import PortError
@@ -35,16 +38,10 @@ def infer_config(state_dict: Mapping[str, np.ndarray], layout: Layout, *, with_h
                       'architecture is read from; is the file complete and of this layout?')
     return tuple(np.shape(state_dict[key]))
 
-  kind = 'bottleneck' if 'layer1.0.conv3.weight' in state_dict else 'basic'
-  counts = tuple(_count(state_dict, rf'^layer{k}\.(\d+)\.conv1\.weight$') for k in range(1, 5))
-  depth = next((d for d, (kd, c) in BLOCKS.items() if (kd, c) == (kind, counts)), None)
-  if depth is None:
-    known = ', '.join(f'{d}: {c}' for d, (_, c) in BLOCKS.items())
-    raise PortError(f'{source}: layer1..layer4 hold {counts} {kind} blocks, which is no '
-                    f'ResNet depth this model builds ({known}); is a block missing?')
-  base_width = shape('layer1.0.conv1.weight')[0]
-  fields = dict(layout.config, depth=depth, base_width=base_width,
-                stem=_stem(shape, base_width, source))
+  if layout.config.get('backbone') == 'mobilenet_v2':
+    fields = _mobilenet_v2_fields(shape, layout, source)
+  else:
+    fields = _resnet_fields(state_dict, shape, layout, source)
   if not with_heads:
     fields['num_classes'] = DEFAULT_NUM_CLASSES if num_classes is None else int(num_classes)
     return PSPNetConfig(**fields)
@@ -59,9 +56,34 @@ def infer_config(state_dict: Mapping[str, np.ndarray], layout: Layout, *, with_h
   if branches != len(bins):
     raise PortError(f'{source}: {branches} pyramid pooling branches; only the {len(bins)} bins '
                     f'{bins} of PSPNet are supported')
+  # A branch conv [width, C, 1, 1]: semseg's width is C / len(bins) (ppm_channels 0).
+  width, features = shape('ppm.features.0.1.weight')[:2]
   fields.update(num_classes=classes, head_channels=shape('cls.0.weight')[0],
-                aux_channels=shape('aux.0.weight')[0])
+                aux_channels=shape('aux.0.weight')[0],
+                ppm_channels=0 if width == features // len(bins) else width)
   return PSPNetConfig(**fields)
+
+
+def _mobilenet_v2_fields(shape, layout: Layout, source: str) -> dict:
+  """mmseg's MobileNetV2 at widen factor 1.0 (the only width built): a 32-channel stem."""
+  stem = shape('conv1.conv.weight')
+  if stem[0] != STEM_CHANNELS:
+    raise PortError(f'{source}: MobileNetV2 stem conv1.conv.weight {stem} has {stem[0]} '
+                    f'channels; only widen factor 1.0 ({STEM_CHANNELS} channels) is supported')
+  return dict(layout.config)
+
+
+def _resnet_fields(state_dict, shape, layout: Layout, source: str) -> dict:
+  kind = 'bottleneck' if 'layer1.0.conv3.weight' in state_dict else 'basic'
+  counts = tuple(_count(state_dict, rf'^layer{k}\.(\d+)\.conv1\.weight$') for k in range(1, 5))
+  depth = next((d for d, (kd, c) in BLOCKS.items() if (kd, c) == (kind, counts)), None)
+  if depth is None:
+    known = ', '.join(f'{d}: {c}' for d, (_, c) in BLOCKS.items())
+    raise PortError(f'{source}: layer1..layer4 hold {counts} {kind} blocks, which is no '
+                    f'ResNet depth this model builds ({known}); is a block missing?')
+  base_width = shape('layer1.0.conv1.weight')[0]
+  return dict(layout.config, depth=depth, base_width=base_width,
+              stem=_stem(shape, base_width, source))
 
 
 def _stem(shape, base_width: int, source: str) -> str:

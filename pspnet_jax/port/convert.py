@@ -16,6 +16,7 @@ from flax import nnx
 from pspnet_jax import checkpoint
 from pspnet_jax.models import PSPNet, PSPNetConfig
 from pspnet_jax.port import mmseg, semseg, semseg_imagenet, torchvision_resnet
+from pspnet_jax.port import mmcls_mobilenet_v2, mmseg_mobilenet_v2, torchvision_mobilenet_v2
 from pspnet_jax.port.architecture import infer_config
 from pspnet_jax.port.layout import Layout
 from pspnet_jax.port.mapping import PortError, load_state_dict
@@ -23,7 +24,9 @@ from pspnet_jax.port.reader import read_state_dict
 
 LAYOUTS: dict[str, Layout] = {
     layout.name: layout
-    for layout in (semseg.LAYOUT, semseg_imagenet.LAYOUT, mmseg.LAYOUT, torchvision_resnet.LAYOUT)}
+    for layout in (semseg.LAYOUT, semseg_imagenet.LAYOUT, mmseg.LAYOUT, torchvision_resnet.LAYOUT,
+                   mmseg_mobilenet_v2.LAYOUT, mmcls_mobilenet_v2.LAYOUT,
+                   torchvision_mobilenet_v2.LAYOUT)}
 AUTO = 'auto'
 
 
@@ -56,6 +59,9 @@ class Ported:
              f'config:  depth={c.depth} stem={c.stem} base_width={c.base_width} '
              f'num_classes={c.num_classes} contract_dilation={c.contract_dilation} '
              f'align_corners={c.align_corners}']
+    if c.backbone != 'resnet':
+      lines[-1] = (f'config:  backbone={c.backbone} num_classes={c.num_classes} '
+                   f'ppm_channels={c.ppm_channels} align_corners={c.align_corners}')
     if self.dropped:
       for why, keys in self.dropped.items():
         shown = ', '.join(sorted(keys)[:3]) + (', ...' if len(keys) > 3 else '')
@@ -107,11 +113,12 @@ def load_torch(path: str | os.PathLike, layout: str = AUTO, num_classes: int | N
   """Loads PyTorch PSPNet / ResNet weights into a PSPNet in eval mode.
 
   path: a ``.pth`` (needs torch) or ``.safetensors`` (no torch) file in one of the layouts
-    ``semseg``, ``semseg-imagenet``, ``mmseg``, ``torchvision``; ``layout='auto'``
-    recognises it from its keys.
+    ``semseg``, ``semseg-imagenet``, ``mmseg``, ``torchvision`` (ResNet) or
+    ``mmseg-mobilenet_v2``, ``mmcls-mobilenet_v2``, ``torchvision-mobilenet_v2``;
+    ``layout='auto'`` recognises it from its keys.
   num_classes: checked against the checkpoint's classifier (a conflict is an error); for
     backbone-only ports it sets the fresh heads' classes (default 150).
-  backbone_only: port only layer0..layer4 of a full PSPNet checkpoint and initialise fresh
+  backbone_only: port only the backbone of a full PSPNet checkpoint and initialise fresh
     heads with ``seed`` (always so for the ImageNet layouts, which hold no heads).
   trust_pickle: allow ``.pth`` files that hold arbitrary Python objects (runs their code).
 

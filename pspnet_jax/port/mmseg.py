@@ -12,9 +12,8 @@ align_corners=False.
 
 from pspnet_jax.port.layout import NUM_BATCHES_TRACKED, Layout
 
-RENAMES = (
-    (r'^backbone\.stem\.', 'layer0.'),
-    (r'^backbone\.(layer[1-4])\.', r'\1.'),
+# PSPHead and the auxiliary FCNHead, whatever the backbone (mmseg_mobilenet_v2 too).
+HEAD_RENAMES = (
     (r'^decode_head\.psp_modules\.(\d+)\.1\.conv\.', r'ppm.features.\1.1.'),
     (r'^decode_head\.psp_modules\.(\d+)\.1\.bn\.', r'ppm.features.\1.2.'),
     (r'^decode_head\.bottleneck\.conv\.', 'cls.0.'),
@@ -24,6 +23,8 @@ RENAMES = (
     (r'^auxiliary_head\.convs\.0\.bn\.', 'aux.1.'),
     (r'^auxiliary_head\.conv_seg\.', 'aux.4.'),
 )
+RENAMES = ((r'^backbone\.stem\.', 'layer0.'), (r'^backbone\.(layer[1-4])\.', r'\1.'),
+           *HEAD_RENAMES)
 
 
 def _recognise(state_dict):

@@ -41,14 +41,14 @@ def initial_model(config, model_config: PSPNetConfig) -> PSPNet:
         'and train fresh pyramid pooling and heads)')
   arch = lambda c: {k: v for k, v in c.to_dict().items() if k not in ('num_classes', 'dtype', 'dropout')}
   if backbone_only:
-    keys = ('depth', 'stem', 'base_width', 'output_stride', 'contract_dilation')
+    keys = ('backbone', 'depth', 'stem', 'base_width', 'output_stride', 'contract_dilation')
     diff = {k: (getattr(src_cfg, k), getattr(dst_cfg, k)) for k in keys
             if getattr(src_cfg, k) != getattr(dst_cfg, k)}
     if diff:
       raise UserError(f'init_checkpoint {path}: backbone differs from config.model: {diff}')
     model = ckpt_lib.create_model(model_config, seed=config.seed)
     nnx.update(model.backbone, nnx.state(source.backbone))
-    print(f'init_checkpoint {path}: backbone (layer0..layer4) taken from it; ppm, cls and aux '
+    print(f'init_checkpoint {path}: backbone ({dst_cfg.backbone}) taken from it; ppm, cls and aux '
           f'freshly initialised (seed {config.seed}) for {dst_cfg.num_classes} classes', flush=True)
     return model
   if arch(src_cfg) != arch(dst_cfg):

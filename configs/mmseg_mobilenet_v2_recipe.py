@@ -1,0 +1,48 @@
+"""mmsegmentation's recipe for its MobileNetV2 PSPNets (``configs/mobilenet_v2/
+mobilenet-v2-d8_pspnet_*``: the ``pspnet_r101-d8`` base with the backbone swapped), shared
+by ``{ade20k,cityscapes}_pspnet_mobilenetv2.py``.
+
+mmseg: MobileNetV2-d8 from ``mmcls://mobilenet_v2``; PSPHead with 512-channel pyramid
+branches, align_corners=False; SyncBN; SGD lr 0.01, momentum 0.9, weight decay 5e-4, poly
+decay (power 0.9) per iteration to eta_min 1e-4, one learning rate for every parameter; aux
+loss weight 0.4; RandomResize [0.5, 2.0] of (2048, 512) / (2048, 1024), RandomCrop
+(cat_max_ratio 0.75), flip, PhotoMetricDistortion; ADE20K 4 GPUs x 4 images, crop 512x512,
+160k iterations; Cityscapes 4 x 2, crop 512x1024, 80k iterations; whole-image evaluation,
+single scale, no flip.
+
+Where this differs from semseg's recipe (``semseg_recipe.py``): weight decay 5e-4 not
+1e-4, no 10x head learning rate, no rotation or blur, a fixed iteration count, evaluation
+whole-image without flip. Where it differs from mmseg (not expressible here): the poly
+schedule decays to 0, not 1e-4; no PhotoMetricDistortion, no cat_max_ratio crop retries;
+crops are square (Cityscapes 512x512, not 512x1024, at mmseg's batch 8); the random scale
+is relative to the image, not to a (2048, 512) base; ADE20K is evaluated with its long side
+resized to 512 (``eval.base_size``), where mmseg resizes the short side to 512.
+"""
+
+from configs.semseg_recipe import base_config
+
+DATASETS = {
+    # name: (tfds builder, train split, eval split, crop, iterations, batch, eval long side)
+    'ade20k': ('ade20k', 'train', 'val', 512, 160_000, 16, 512),
+    'cityscapes': ('cityscapes_trainid', 'train', 'val', 512, 80_000, 8, 2048),
+}
+
+
+def get_recipe(dataset: str):
+  name, train, val, crop, iterations, batch, long_side = DATASETS[dataset]
+  c = base_config()
+  c.dataset.name, c.dataset.train_split, c.dataset.eval_split = name, train, val
+  c.model.backbone = 'mobilenet_v2'
+  c.model.align_corners = False
+  c.model.ppm_channels = 512
+  c.optimizer.weight_decay = 5e-4
+  c.optimizer.head_lr_multiplier = 1.0
+  c.augment.crop_size = crop
+  c.augment.rotate_min = c.augment.rotate_max = 0.0
+  c.augment.blur = False
+  c.global_batch_size = batch
+  c.num_steps = iterations
+  c.eval.mode = 'whole'
+  c.eval.flip = False
+  c.eval.crop_size, c.eval.base_size = crop, long_side
+  return c
