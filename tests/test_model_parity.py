@@ -23,7 +23,11 @@ pytestmark = pytest.mark.parity
 
 def build_pair(seed=0, **kw):
   cfg = PSPNetConfig(**kw)
-  ref_kw = {k: v for k, v in cfg.to_dict().items() if k != 'dtype'}
+  # The reference is semseg's net: the Caffe fields (tested against tests/caffe_reference.py)
+  # and the normalisation (outside the network) are not its arguments.
+  caffe = ('stride_in_1x1', 'ceil_mode', 'pyramid_fixed_size', 'mean', 'std', 'dtype')
+  assert all(getattr(cfg, k) == getattr(PSPNetConfig(), k) for k in caffe[:3])
+  ref_kw = {k: v for k, v in cfg.to_dict().items() if k not in caffe}
   ref = randomize(TorchPSPNet(**ref_kw), seed=seed)
   model = PSPNet(cfg, rngs=nnx.Rngs(seed))
   load_state_dict(model, state_dict_numpy(ref), source='reference state dict')
