@@ -568,16 +568,18 @@ class _Reader:
     return classifier
 
   def zoom(self, classifier: int, out_stride: int):
-    """The deploy nets end with an Interp of zoom_factor 8; a training net may not."""
+    """The deploy nets end with an Interp of zoom_factor 8 (a training net may not: other
+    readers of the logits are training-only and dropped)."""
     g = self.g
     for j in g.readers(classifier):
       layer = g.layers[j]
-      if layer.type != 'Interp':
+      if layer.type != 'Interp' or not layer.has('interp_param', 'zoom_factor'):
         continue
-      has = {f for f in ('height', 'width', 'shrink_factor', 'pad_beg', 'pad_end') if layer.has('interp_param', f)}
+      others = [f for f in ('height', 'width', 'shrink_factor', 'pad_beg', 'pad_end')
+                if layer.has('interp_param', f)]
       zoom = layer.param('interp_param', 'zoom_factor')
-      if has or zoom != out_stride:
-        self.fail(j, f'resizes the logits by zoom_factor {zoom} with {sorted(has) or "nothing else"}; '
+      if others or zoom != out_stride:
+        self.fail(j, f'resizes the logits by zoom_factor {zoom} (and {others or "nothing else"}); '
                      f'pspnet_jax resizes them to the input size ((h - 1) * {out_stride} + 1 for the '
                      f'{out_stride}k + 1 inputs the net runs at), which is zoom_factor {out_stride}')
       self.used.add(j)
