@@ -158,12 +158,22 @@ def read_model_config(directory: str) -> tuple[PSPNetConfig, dict]:
     raise CheckpointError(f'{path}: unreadable model config ({e})') from None
 
 
-def model_metadata(path: str | os.PathLike) -> dict:
-  """The metadata kept beside a model directory, a training workdir or one of its steps."""
+def _config_directory(path: str | os.PathLike) -> str:
+  """Where the model config of a model directory, a training workdir or one of its steps is."""
   path = os.path.abspath(os.fspath(path))
   if not os.path.exists(os.path.join(path, MODEL_CONFIG)) and os.path.isdir(os.path.join(path, 'model')):
     path = os.path.dirname(os.path.dirname(path))  # workdir/checkpoints/<step>
-  return read_model_config(path)[1]
+  return path
+
+
+def model_metadata(path: str | os.PathLike) -> dict:
+  """The metadata kept beside a model directory, a training workdir or one of its steps."""
+  return read_model_config(_config_directory(path))[1]
+
+
+def model_config(path: str | os.PathLike) -> PSPNetConfig:
+  """The config of a model directory, a training workdir or one of its steps (no weights read)."""
+  return read_model_config(_config_directory(path))[0]
 
 
 def metadata_value(metadata: dict, key: str):

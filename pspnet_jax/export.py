@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pspnet_jax import checkpoint, errors, normalize
+from pspnet_jax import checkpoint, errors
 from pspnet_jax.errors import UserError
 from pspnet_jax.models import PSPNet
 from pspnet_jax.palette import as_palette
@@ -58,8 +58,11 @@ class ExportError(UserError):
   """An export that cannot be made as asked; says what to change."""
 
 
-def serving_function(model: PSPNet, output: str = 'logits', mean=normalize.MEAN, std=normalize.STD):
+def serving_function(model: PSPNet, output: str = 'logits', mean=None, std=None):
   """``serve(images)``: float32 RGB 0-255 ``[B, H, W, 3]`` -> the ``output`` at input size.
+
+  ``mean`` / ``std`` (RGB, 0-255 scale): the normalisation inside; by default the model's
+  own (``model.config.mean`` / ``.std``), the one its weights were trained with.
 
   The model's variables are closed over, so a program traced from ``serve`` carries them
   as constants. The model runs in eval mode (BN running statistics, no dropout).
@@ -68,7 +71,8 @@ def serving_function(model: PSPNet, output: str = 'logits', mean=normalize.MEAN,
     raise ExportError(f'--output {output!r}: choose one of {", ".join(OUTPUTS)}')
   model.eval()
   graphdef, state = nnx.split(model)
-  mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+  mean = jnp.asarray(model.config.mean if mean is None else mean, jnp.float32)
+  std = jnp.asarray(model.config.std if std is None else std, jnp.float32)
 
   def serve(images):
     logits = nnx.merge(graphdef, state)((images - mean) / std)
@@ -186,7 +190,7 @@ def export_model(model_dir: str, out: str, *, formats=('stablehlo',), platforms=
       'model': dataclasses.replace(config, dtype=dtype).to_dict(),
       'classes': checkpoint.metadata_value(metadata, 'class_names'),
       'palette': as_palette(checkpoint.metadata_value(metadata, 'palette'), config.num_classes).tolist(),
-      'normalization': {'mean': [float(v) for v in normalize.MEAN], 'std': [float(v) for v in normalize.STD],
+      'normalization': {'mean': list(config.mean), 'std': list(config.std),
                         'formula': '(image - mean) / std, inside the artifact; image RGB 0-255'},
       'input': {'name': INPUT_NAME, 'dtype': 'float32', 'layout': 'NHWC',
                 'shape': ['batch', 'height', 'width', 3], 'range': 'RGB, 0-255',

@@ -72,3 +72,16 @@ def test_train_checkpoints_keep_the_latest_k_and_the_best_miou(tmp_path):
   np.testing.assert_array_equal(np.asarray(model['params']['w']), [2.0, 2.0, 2.0])
   assert meta == {'step': 2} and it.state == {'step': 2}
   ckpt.close()
+
+
+def test_a_model_config_written_before_the_normalisation_fields_loads_with_semseg_s(tmp_path):
+  """model_config.json files from before ``mean`` / ``std`` were config fields: ImageNet's."""
+  from pspnet_jax.normalize import MEAN, STD
+  os.makedirs(tmp_path / 'old')
+  (tmp_path / 'old' / 'model_config.json').write_text(json.dumps({'model': {'depth': 18, 'num_classes': 5}}))
+  config = checkpoint.model_config(tmp_path / 'old')
+  assert config == PSPNetConfig(depth=18, num_classes=5)
+  np.testing.assert_array_equal(np.float32(config.mean), MEAN)
+  np.testing.assert_array_equal(np.float32(config.std), STD)
+  with pytest.raises(ValueError, match='std must be 3 numbers'):
+    PSPNetConfig(std=(1.0, 0.0, 1.0))

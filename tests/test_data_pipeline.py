@@ -145,6 +145,11 @@ def test_crop_padding_is_mean_and_ignore():
   # Centred: the image occupies rows 22..41 and columns 17..46.
   rows, cols = np.nonzero(~pad)
   assert (rows.min(), rows.max(), cols.min(), cols.max()) == (22, 41, 17, 46)
+  # Another model's normalisation (a Caffe port's: its mean, std 1) pads with its mean.
+  mean, std = (123.68, 116.779, 103.939), (1.0, 1.0, 1.0)
+  out_image, _ = transforms.augment(image, label, np.random.default_rng(0), config, mean, std)
+  np.testing.assert_array_equal(out_image[pad], 0)
+  np.testing.assert_allclose(out_image[~pad], np.broadcast_to(200 - np.float32(mean), (600, 3)), atol=1e-4)
 
 
 def test_rotation_border_is_mean_and_ignore():

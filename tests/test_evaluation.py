@@ -50,7 +50,8 @@ def np_resize(a, out_h, out_w):
                   axis=1)
 
 
-def np_protocol(forward, image, num_classes, scales, crop, base_size, stride_rate=2 / 3, flip=True):
+def np_protocol(forward, image, num_classes, scales, crop, base_size, stride_rate=2 / 3, flip=True,
+                mean=MEAN, std=STD):
   h, w, _ = image.shape
   image = image.astype(np.float64)
   prediction = np.zeros((h, w, num_classes))
@@ -65,7 +66,7 @@ def np_protocol(forward, image, num_classes, scales, crop, base_size, stride_rat
     pad_h, pad_w = max(crop - new_h, 0), max(crop - new_w, 0)
     ph0, pw0 = pad_h // 2, pad_w // 2
     padded = np.empty((new_h + pad_h, new_w + pad_w, 3))
-    padded[:] = MEAN
+    padded[:] = mean
     padded[ph0:ph0 + new_h, pw0:pw0 + new_w] = img
     H, W = padded.shape[:2]
     stride = int(np.ceil(crop * stride_rate))
@@ -76,7 +77,7 @@ def np_protocol(forward, image, num_classes, scales, crop, base_size, stride_rat
         e_h = min(ih * stride + crop, H)
         e_w = min(iw * stride + crop, W)
         s_h, s_w = e_h - crop, e_w - crop
-        win = (padded[s_h:e_h, s_w:e_w] - MEAN) / STD
+        win = (padded[s_h:e_h, s_w:e_w] - mean) / std
         batch = np.stack([win, win[:, ::-1]]) if flip else win[None]
         logits = np.asarray(forward(batch.astype(np.float32)), np.float64)
         p = np.exp(logits - logits.max(-1, keepdims=True))
@@ -114,6 +115,22 @@ def test_multiscale_flip_slide_matches_numpy_protocol(model):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     assert np.abs(want - 1 / TINY.num_classes).max() > 0.05  # not a flat, uninformative output
   assert ev.compilations == 1
+
+
+def test_the_models_own_mean_and_std_normalise_and_pad(model):
+  """A model whose config carries another normalisation (a Caffe port's, say) is evaluated
+  with it: the windows, and the padding (the mean, i.e. zero once normalised)."""
+  import dataclasses
+  config = dataclasses.replace(model.config, mean=(100.0, 110.0, 120.0), std=(50.0, 60.0, 70.0))
+  other = nnx.merge(nnx.split(checkpoint.abstract_model(config))[0], nnx.state(model))
+  cfg = EvalConfig(mode='slide', crop_size=33, base_size=40, window_batch=2)
+  image = _image(np.random.default_rng(5), 25, 40)  # padded to 33 rows
+  got = Evaluator(other, cfg).probabilities(image)
+  want = np_protocol(jitted_forward(other), image, TINY.num_classes, (1.0,), 33, 40,
+                     mean=np.float32(config.mean), std=np.float32(config.std))
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  default = np_protocol(jitted_forward(other), image, TINY.num_classes, (1.0,), 33, 40)
+  assert np.abs(default - want).max() > 1e-2  # the normalisation matters to this model
 
 
 def test_slide_with_one_covering_window_equals_whole(model):

@@ -142,6 +142,21 @@ def test_manifest_describes_the_artifacts(exported):
   assert manifest['weights_sha256'] == digest.hexdigest()
 
 
+def test_the_serving_function_normalises_with_the_models_own_mean_and_std():
+  import dataclasses
+  import jax.numpy as jnp
+  from flax import nnx
+  from tiny_models import tiny_model
+  model = tiny_model(seed=2)
+  config = dataclasses.replace(model.config, mean=(123.68, 116.779, 103.939), std=(1.0, 2.0, 4.0))
+  caffe_like = nnx.merge(nnx.split(checkpoint.abstract_model(config))[0], nnx.state(model))
+  caffe_like.eval()
+  x = _images()[0]
+  got = export.serving_function(caffe_like)(jnp.asarray(x))
+  want = caffe_like(jnp.asarray(normalize(x, config.mean, config.std)))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
+
+
 def test_class_ids_and_probabilities_outputs(exported):
   """The function API: ``classes`` is the argmax of the logits, ``probabilities`` sum to 1."""
   ref, model_dir, _, _ = exported

@@ -23,8 +23,12 @@ pytestmark = pytest.mark.parity
 
 def build_pair(seed=0, **kw):
   cfg = PSPNetConfig(**kw)
-  ref_kw = {k: v for k, v in cfg.to_dict().items()
-            if k not in ('dtype', 'backbone', 'ppm_channels')}  # ResNet fields only
+  # The reference is semseg's net: the Caffe fields (tested against tests/caffe_reference.py)
+  # and the normalisation (outside the network) are not its arguments.
+  caffe = ('stride_in_1x1', 'ceil_mode', 'pyramid_fixed_size', 'mean', 'std', 'dtype',
+           'backbone', 'ppm_channels')  # the last two: ResNet fields only
+  assert all(getattr(cfg, k) == getattr(PSPNetConfig(), k) for k in caffe[:3])
+  ref_kw = {k: v for k, v in cfg.to_dict().items() if k not in caffe}
   ref = randomize(TorchPSPNet(**ref_kw), seed=seed)
   model = PSPNet(cfg, rngs=nnx.Rngs(seed))
   load_state_dict(model, state_dict_numpy(ref), source='reference state dict')

@@ -1,4 +1,6 @@
-"""pspnet_jax.ops against PyTorch: adaptive average pooling, bilinear resizing, pyramid pooling."""
+"""pspnet_jax.ops against PyTorch: adaptive average pooling, bilinear resizing, pyramid pooling,
+the stem max pool (both roundings) and Caffe's fixed-window average pool. (Against Caffe's
+own layer code: tests/caffe_reference.py, in tests/test_port_caffe.py.)"""
 
 import jax
 import jax.numpy as jnp
@@ -146,6 +148,40 @@ def test_stem_max_pool_matches_torch_values_and_gradient_with_ties(h, w):
   np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(dy))[0]), _nhwc(xt.grad))
 
 
+@pytest.mark.parametrize('h, w', [(10, 8), (9, 12), (2, 1)])
+def test_stem_max_pool_ceil_mode_matches_torch(h, w):
+  """Rounding up (Caffe's pooling, ``ceil_mode=True``): one more window when H - 1 is odd."""
+  rng = np.random.default_rng(1)
+  x = np.maximum(rng.standard_normal((2, h, w, 3)), 0).astype(np.float32)
+  dy = rng.standard_normal((2, h // 2 + 1, w // 2 + 1, 3)).astype(np.float32)
+  xt = _nchw(x).requires_grad_(True)
+  yt = F.max_pool2d(xt, 3, 2, 1, ceil_mode=True)
+  yt.backward(_nchw(dy))
+  y, vjp = jax.vjp(lambda v: ops.max_pool_3x3_s2(v, True), jnp.asarray(x))
+  np.testing.assert_array_equal(np.asarray(y), _nhwc(yt.detach()))
+  np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(dy))[0]), _nhwc(xt.grad))
+
+
+@pytest.mark.parametrize('h, w, k', [(60, 60, 10), (64, 86, 10), (90, 90, 45), (13, 7, 20)])
+def test_avg_pool_ceil_matches_torch(h, w, k):
+  """Fixed windows of k, output rounded up, the last window averaged over what it covers."""
+  x = np.random.default_rng(2).standard_normal((1, h, w, 4)).astype(np.float32)
+  want = _nhwc(F.avg_pool2d(_nchw(x), k, k, ceil_mode=True))
+  got = np.asarray(ops.avg_pool_ceil(jnp.asarray(x), k))
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('n', [60, 90])
+def test_fixed_pyramid_pooling_is_adaptive_pooling_at_its_size(n):
+  """At the feature size it was sized for (60 at a 473 crop, 90 at 713) the Caffe pyramid
+  pools the same bins as adaptive pooling."""
+  x = jnp.asarray(np.random.default_rng(3).standard_normal((1, n, n, 8)).astype(np.float32))
+  branch = lambda i, p: p
+  fixed = ops.pyramid_pool(x, BINS, branch, fixed_size=n)
+  np.testing.assert_allclose(np.asarray(fixed), np.asarray(ops.pyramid_pool(x, BINS, branch)),
+                             rtol=0, atol=1e-6)
+
+
 def test_symbolic_sizes_give_the_static_taps_and_pooling():
   """Exported with symbolic height and width, the resize and pooling matrices computed in
   the program equal the NumPy ones of each concrete size."""
@@ -155,12 +191,14 @@ def test_symbolic_sizes_give_the_static_taps_and_pooling():
   def matrices(x):  # x: [n] only carries the symbolic size
     size = x.shape[0]
     return (ops.interpolation_matrix(size, 11, True), ops.interpolation_matrix(size, 11, False),
-            ops.interpolation_matrix(6, size, True), ops.adaptive_pool_matrix(size, 6))
+            ops.interpolation_matrix(6, size, True), ops.adaptive_pool_matrix(size, 6),
+            ops.ceil_pool_matrix(size, 10))
 
   program = export.export(jax.jit(matrices), platforms=['cpu'])(jax.ShapeDtypeStruct((n,), jnp.float32))
   for size in (1, 5, 60, 97):
     got = program.call(np.zeros(size, np.float32))
     want = (ops.interpolation_matrix(size, 11, True), ops.interpolation_matrix(size, 11, False),
-            ops.interpolation_matrix(6, size, True), ops.adaptive_pool_matrix(size, 6))
+            ops.interpolation_matrix(6, size, True), ops.adaptive_pool_matrix(size, 6),
+            ops.ceil_pool_matrix(size, 10))
     for g, w in zip(got, want):
       np.testing.assert_allclose(np.asarray(g), w, rtol=0, atol=2e-7)

@@ -330,6 +330,23 @@ def test_best_checkpoint_ranks_every_step_by_the_same_protocol(tmp_path, data_di
   assert m['miou'] == pytest.approx(val[4], abs=1e-6)
 
 
+def test_fields_config_model_leaves_out_come_from_the_init_checkpoint(tmp_path):
+  """The normalisation (and any field config.model does not list) is the init checkpoint's:
+  its weights were trained with it. Without one, the defaults (semseg's)."""
+  import ml_collections
+  from pspnet_jax.models import PSPNetConfig
+  from pspnet_jax.train.init_checkpoint import model_config_from
+  caffe_like = PSPNetConfig(depth=18, num_classes=7, mean=(123.68, 116.779, 103.939), std=(1.0, 1.0, 1.0))
+  os.makedirs(tmp_path / 'src')
+  checkpoint.write_model_config(str(tmp_path / 'src'), caffe_like)
+  config = ml_collections.ConfigDict({'init_checkpoint': str(tmp_path / 'src'),
+                                      'model': {'depth': 18, 'dropout': 0.0}})
+  got = model_config_from(config, 4)
+  assert (got.mean, got.std, got.num_classes, got.dropout) == (caffe_like.mean, caffe_like.std, 4, 0.0)
+  config.init_checkpoint = ''
+  assert model_config_from(config, 4).mean == PSPNetConfig().mean
+
+
 def test_init_checkpoint_with_other_classes_is_refused_unless_backbone_only(tmp_path):
   """A full checkpoint of 7 classes for a 4-class dataset: refused with what to do, instead of
   silently keeping the backbone only."""

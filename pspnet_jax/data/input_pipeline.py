@@ -22,6 +22,7 @@ import numpy as np
 from pspnet_jax.data import datasets
 from pspnet_jax.data.transforms import AugmentConfig, augment, example_rng
 from pspnet_jax.errors import UserError
+from pspnet_jax.normalize import MEAN, STD
 
 
 def steps_per_epoch(name: str, split: str, data_dir: str, global_batch_size: int) -> int:
@@ -73,14 +74,15 @@ class _Positions(Sequence):
 class _LoadAndAugment:
   """(epoch, position, record index) -> {'image': float32 [c, c, 3], 'label': int32 [c, c]}."""
 
-  def __init__(self, source: datasets.RecordSource, config: AugmentConfig, seed: int):
+  def __init__(self, source: datasets.RecordSource, config: AugmentConfig, seed: int, mean, std):
     self.source, self.config, self.seed = source, config, seed
+    self.mean, self.std = mean, std
 
   def __call__(self, item):
     epoch, position, record = item
     ex = self.source[record]
     image, label = augment(ex['image'], ex['label'], example_rng(self.seed, epoch, position),
-                           self.config)
+                           self.config, self.mean, self.std)
     return {'image': image, 'label': label}
 
 
@@ -111,7 +113,7 @@ class TrainLoader:
   """
 
   def __init__(self, name, split, data_dir, *, global_batch_size, augment_config, seed,
-               process_index, process_count, worker_count):
+               process_index, process_count, worker_count, mean=MEAN, std=STD):
     if not isinstance(seed, (int, np.integer)) or seed < 0:
       raise UserError(f'seed must be a non-negative integer, got {seed!r}')
     if not 0 <= process_index < process_count:
@@ -127,6 +129,10 @@ class TrainLoader:
                       'global_batch_size': int(global_batch_size), 'seed': int(seed),
                       'augment': repr(augment_config)}
     self._config, self._seed = augment_config, int(seed)
+    # The model's normalisation; a workdir's model config (hence these) cannot change on
+    # resume (checkpoint.check_workdir), so they are not part of the state's identity.
+    self._mean = tuple(float(v) for v in mean)
+    self._std = tuple(float(v) for v in std)
     self._global_batch, self._local_batch = global_batch_size, global_batch_size // process_count
     self._process_index, self._worker_count = process_index, worker_count
     self._step = 0
@@ -136,7 +142,7 @@ class TrainLoader:
     positions = _Positions(len(self._source), self._global_batch, self._local_batch,
                            self._process_index, self._seed, self._step)
     ds = (grain.MapDataset.source(positions)
-          .map(_LoadAndAugment(self._source, self._config, self._seed))
+          .map(_LoadAndAugment(self._source, self._config, self._seed, self._mean, self._std))
           .batch(self._local_batch, drop_remainder=True)
           # One background thread a process (grain's default is 16 threads and 500 queued
           # elements: here an element is a whole batch, gigabytes at crop 473).
@@ -184,8 +190,11 @@ class TrainLoader:
 
 def train_loader(name: str, split: str, data_dir: str, *, global_batch_size: int,
                  augment: AugmentConfig, seed: int, process_index: int | None = None,
-                 process_count: int | None = None, worker_count: int = 0) -> TrainLoader:
+                 process_count: int | None = None, worker_count: int = 0,
+                 mean=MEAN, std=STD) -> TrainLoader:
   """The training batches of a prepared split for this process (see the module doc).
+
+  mean/std: the model's normalisation (``PSPNetConfig.mean`` / ``.std``), RGB 0-255.
 
   process_index/process_count default to jax.process_index()/process_count().
   worker_count > 0 decodes and augments in that many grain worker processes.
@@ -196,4 +205,4 @@ def train_loader(name: str, split: str, data_dir: str, *, global_batch_size: int
     process_count = jax.process_count() if process_count is None else process_count
   return TrainLoader(name, split, data_dir, global_batch_size=global_batch_size,
                      augment_config=augment, seed=seed, process_index=process_index,
-                     process_count=process_count, worker_count=worker_count)
+                     process_count=process_count, worker_count=worker_count, mean=mean, std=std)

@@ -5,7 +5,8 @@ Order and parameters follow semseg's util/transform.py and tool/train.py: random
 border = mean, label border = 255), Gaussian blur 5x5 p=0.5, horizontal flip p=0.5, random
 crop with centred padding (image mean, label 255), normalise. As in semseg the image is
 float32 on the 0-255 scale from decoding on, so the padding is the mean exactly and becomes
-exactly 0 after normalisation.
+exactly 0 after normalisation. The mean and std are the model's (``PSPNetConfig.mean`` /
+``.std``; semseg's ImageNet values by default).
 
 Images are RGB [H, W, 3] float32 (0-255), labels uint8 [H, W]. Each function takes a
 ``np.random.Generator``; ``example_rng`` derives one per example from (seed, epoch, position),
@@ -17,7 +18,7 @@ import dataclasses
 import cv2
 import numpy as np
 
-from pspnet_jax.normalize import MEAN, normalize
+from pspnet_jax.normalize import MEAN, STD, normalize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +34,8 @@ class AugmentConfig:
   ignore_label: int = 255
 
 
-_PAD_RGB = tuple(float(v) for v in MEAN)
+def _rgb(mean) -> tuple[float, float, float]:
+  return tuple(float(v) for v in mean)
 
 
 def example_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
@@ -50,7 +52,7 @@ def random_scale(image, label, rng, scale_min: float, scale_max: float):
 
 
 def random_rotate(image, label, rng, angle_min: float, angle_max: float,
-                  ignore_label: int = 255, p: float = 0.5):
+                  ignore_label: int = 255, p: float = 0.5, mean=MEAN):
   """With probability p rotates about the centre, keeping the size; uncovered corners are
   the mean in the image and ignore_label in the label."""
   if rng.random() >= p:
@@ -59,7 +61,7 @@ def random_rotate(image, label, rng, angle_min: float, angle_max: float,
   h, w = label.shape
   matrix = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1)
   image = cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR,
-                         borderMode=cv2.BORDER_CONSTANT, borderValue=_PAD_RGB)
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=_rgb(mean))
   label = cv2.warpAffine(label, matrix, (w, h), flags=cv2.INTER_NEAREST,
                          borderMode=cv2.BORDER_CONSTANT, borderValue=ignore_label)
   return image, label
@@ -78,7 +80,7 @@ def random_hflip(image, label, rng, p: float = 0.5):
   return cv2.flip(image, 1), cv2.flip(label, 1)
 
 
-def random_crop(image, label, rng, crop_size: int, ignore_label: int = 255):
+def random_crop(image, label, rng, crop_size: int, ignore_label: int = 255, mean=MEAN):
   """Pads to at least crop_size (centred: the odd pixel goes bottom/right), then crops a
   uniformly placed crop_size x crop_size window."""
   h, w = label.shape
@@ -86,7 +88,7 @@ def random_crop(image, label, rng, crop_size: int, ignore_label: int = 255):
   if pad_h or pad_w:
     top, left = pad_h // 2, pad_w // 2
     border = (top, pad_h - top, left, pad_w - left)
-    image = cv2.copyMakeBorder(image, *border, cv2.BORDER_CONSTANT, value=_PAD_RGB)
+    image = cv2.copyMakeBorder(image, *border, cv2.BORDER_CONSTANT, value=_rgb(mean))
     label = cv2.copyMakeBorder(label, *border, cv2.BORDER_CONSTANT, value=ignore_label)
     h, w = label.shape
   y = int(rng.integers(0, h - crop_size + 1))
@@ -94,19 +96,19 @@ def random_crop(image, label, rng, crop_size: int, ignore_label: int = 255):
   return image[y:y + crop_size, x:x + crop_size], label[y:y + crop_size, x:x + crop_size]
 
 
-def augment(image, label, rng: np.random.Generator, config: AugmentConfig):
+def augment(image, label, rng: np.random.Generator, config: AugmentConfig, mean=MEAN, std=STD):
   """image: uint8/float [H, W, 3] RGB 0-255, label: uint8 [H, W] ->
-  (float32 [crop, crop, 3] normalised, int32 [crop, crop])."""
+  (float32 [crop, crop, 3] normalised with ``mean`` / ``std``, int32 [crop, crop])."""
   image = np.asarray(image, np.float32)
   label = np.ascontiguousarray(label, np.uint8)
   image, label = random_scale(image, label, rng, config.scale_min, config.scale_max)
   image, label = random_rotate(image, label, rng, config.rotate_min, config.rotate_max,
-                               config.ignore_label)
+                               config.ignore_label, mean=mean)
   if config.blur:
     image = random_gaussian_blur(image, rng)
   if config.flip:
     image, label = random_hflip(image, label, rng)
-  image, label = random_crop(image, label, rng, config.crop_size, config.ignore_label)
+  image, label = random_crop(image, label, rng, config.crop_size, config.ignore_label, mean=mean)
   # The crop is a strided view into the larger image; normalising a contiguous copy is
   # about twice as fast (the three passes of normalize() then stream through memory).
-  return normalize(np.ascontiguousarray(image)), label.astype(np.int32)
+  return normalize(np.ascontiguousarray(image), mean, std), label.astype(np.int32)

@@ -8,7 +8,7 @@ For each RGB image ``<stem>.<ext>`` writes ``DIR/<stem>.png`` (class ids, uint8)
 a model directory (``pspnet_jax.checkpoint``: the port CLI's output, or one step of a
 training run). The palette and class names come from its metadata (``palette``,
 ``class_names``, at the top level or under ``dataset``) when present, else the Pascal VOC
-colour map. Images are normalised as in training (``pspnet_jax.normalize``).
+colour map. Images are normalised with the model's own mean and std (its config's).
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ image of size ``h x w`` and each scale ``s``:
    antialiasing, i.e. ``align_corners=False``) so its long side is ``round(s * base_size)``
    and its short side ``round(long / h_or_w * short)`` (Python's ``round``, half to even);
 2. pad it to at least ``crop x crop``, centred (``floor(pad / 2)`` before, the rest after),
-   with the mean colour, which is zero after normalisation;
+   with the mean colour, which is zero after normalisation (with the model's own mean and
+   std, ``PSPNetConfig.mean`` / ``.std``);
 3. slide a ``crop x crop`` window with stride ``ceil(crop * stride_rate)``: window ``i`` of
    ``ceil((size - crop) / stride) + 1`` starts at ``min(i * stride + crop, size) - crop``;
 4. for each window, the softmax of the network's logits (at window size) averaged with the
@@ -57,7 +58,6 @@ from pspnet_jax import ops
 from pspnet_jax.errors import UserError
 from pspnet_jax.evaluation import metrics
 from pspnet_jax.models import PSPNet
-from pspnet_jax.normalize import MEAN, STD
 
 SINGLE_SCALE = (1.0,)
 MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # semseg's multi-scale test
@@ -186,6 +186,9 @@ class Evaluator:
       raise ValueError('set_model: a different architecture; build a new Evaluator')
     self.graphdef = graphdef
     self.state = mesh_lib.replicate(state, self.mesh)
+    # The normalisation the weights expect; part of the config, hence of the graphdef.
+    self.mean = np.asarray(model.config.mean, np.float32)
+    self.std = np.asarray(model.config.std, np.float32)
 
   # ---- host side: shapes and per-image data ------------------------------------------
 
@@ -304,7 +307,7 @@ class Evaluator:
 
   def _per_scale_probs(self, state, image: jax.Array, plans: Sequence[dict], key: tuple):
     """image: [Hb, Wb, 3] uint8 -> one [Hb, Wb, C] probability map per scale."""
-    x = (image.astype(jnp.float32) - jnp.asarray(MEAN)) / jnp.asarray(STD)
+    x = (image.astype(jnp.float32) - jnp.asarray(self.mean)) / jnp.asarray(self.std)
     return [self._scale_probs(state, x, plan, shape) for plan, shape in zip(plans, key[2:])]
 
   def _image_probs(self, state, image: jax.Array, plans: Sequence[dict], key: tuple) -> jax.Array:

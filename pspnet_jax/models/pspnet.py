@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pspnet_jax import ops
+from pspnet_jax import normalize, ops
 from pspnet_jax.errors import UserError
 from pspnet_jax.models.layers import BatchNorm, conv2d
 from pspnet_jax.models.mobilenet_v2 import MobileNetV2
@@ -47,6 +47,11 @@ class PSPNetConfig:
   contract_dilation: bool = False    # semseg: False; mmseg, torchvision: True
   align_corners: bool = True         # semseg: True; mmseg: False
   bins: tuple[int, ...] = (1, 2, 3, 6)
+  # Where the authors' Caffe nets (hszhao/PSPNet) differ from semseg; a Caffe port sets them.
+  stride_in_1x1: bool = False        # a bottleneck's stride on its first 1x1 conv (Caffe)
+  ceil_mode: bool = False            # the stem max pool rounds its output size up (Caffe)
+  pyramid_fixed_size: int = 0        # 0: adaptive pooling (semseg); N: Caffe's fixed AVE
+                                     # windows of N // bin, sized for N x N features
   base_width: int = 64               # ResNet width; smaller only for tiny test models
   head_channels: int = 512
   aux_channels: int = 256
@@ -55,11 +60,25 @@ class PSPNetConfig:
   # 'resnet' (depth, stem, base_width, contract_dilation apply) | 'mobilenet_v2' (mmseg's)
   backbone: str = 'resnet'
   ppm_channels: int = 0              # pyramid branch width; 0: C / len(bins) (semseg); mmseg: 512
+  # The input normalisation the weights were trained with: the network sees
+  # (rgb - mean) / std, RGB on the 0-255 scale. semseg's ImageNet values by default.
+  mean: tuple[float, float, float] = tuple(float(v) for v in normalize.MEAN)
+  std: tuple[float, float, float] = tuple(float(v) for v in normalize.STD)
 
   def __post_init__(self):
     object.__setattr__(self, 'bins', tuple(int(b) for b in self.bins))
     if self.backbone not in BACKBONES:
       raise UserError(f'unknown backbone {self.backbone!r}; expected one of {BACKBONES}')
+    n = int(self.pyramid_fixed_size)
+    if n < 0 or any(n % b for b in self.bins):
+      raise UserError(f'PSPNetConfig.pyramid_fixed_size must be 0 (adaptive pooling) or a '
+                      f'multiple of every bin {self.bins}, got {self.pyramid_fixed_size}')
+    for name in ('mean', 'std'):
+      value = tuple(float(v) for v in getattr(self, name))
+      if len(value) != 3 or (name == 'std' and min(value) <= 0):
+        raise UserError(f'PSPNetConfig.{name} must be 3 numbers (RGB, 0-255 scale)'
+                        f'{", all positive" if name == "std" else ""}; got {value}')
+      object.__setattr__(self, name, value)
     jnp.dtype(self.dtype)  # fails early on a typo
 
   def to_dict(self) -> dict:
@@ -92,7 +111,8 @@ class PSPNet(nnx.Module):
     else:
       self.backbone = ResNet(config.depth, stem=config.stem, output_stride=config.output_stride,
                              contract_dilation=config.contract_dilation,
-                             base_width=config.base_width, dtype=dtype, rngs=rngs)
+                             base_width=config.base_width, stride_in_1x1=config.stride_in_1x1,
+                             ceil_mode=config.ceil_mode, dtype=dtype, rngs=rngs)
     c3, c4 = self.backbone.out_channels[2:]
     reduction = config.ppm_channels or c4 // len(config.bins)
     self.ppm = nnx.Dict({'features': nnx.List([
@@ -116,7 +136,8 @@ class PSPNet(nnx.Module):
     return head['4'](x)
 
   def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None):
-    """x: [B, H, W, 3] normalised image -> logits [B, H, W, num_classes] float32.
+    """x: [B, H, W, 3] normalised image, ``(rgb - config.mean) / config.std`` -> logits
+    [B, H, W, num_classes] float32.
 
     In train mode returns ``(logits, aux_logits)``, both at input size; dropout then needs
     ``rngs`` with a ``dropout`` stream (none is needed when ``dropout == 0``).
@@ -124,7 +145,8 @@ class PSPNet(nnx.Module):
     h, w = x.shape[1:3]
     ac = self.config.align_corners
     _, _, c3, c4 = self.backbone(x)
-    y = ops.pyramid_pool(c4, self.config.bins, self._ppm_branch, align_corners=ac)
+    y = ops.pyramid_pool(c4, self.config.bins, self._ppm_branch, align_corners=ac,
+                         fixed_size=self.config.pyramid_fixed_size)
     logits = self._apply_head(self.cls, y, rngs)
     logits = ops.resize_bilinear(logits.astype(jnp.float32), (h, w), ac)
     if self.deterministic:

@@ -13,6 +13,10 @@ Stems: ``deep`` (semseg, 3x3 convs 64-64-128), ``deep32`` (mmseg ResNetV1c, 32-3
 ``torchvision`` (7x7 conv 64). Output stride 8 dilates layer3 by 2 and layer4 by 4; 16
 dilates layer4 by 2. ``contract_dilation`` gives the first block of a dilated layer half
 the dilation (mmseg, torchvision); semseg dilates every block fully.
+
+Two options are the authors' Caffe nets (hszhao/PSPNet): ``stride_in_1x1`` (a bottleneck's
+stride on its first 1x1 conv) and ``ceil_mode`` (the stem's max pool rounds its output size
+up, as every Caffe pooling does).
 """
 
 from __future__ import annotations
@@ -73,13 +77,16 @@ class BasicBlock(nnx.Module):
 
 
 class Bottleneck(nnx.Module):
-  """ResNet v1.5 bottleneck: the stride sits on the 3x3 conv (torchvision, semseg)."""
+  """ResNet bottleneck. v1.5 by default, the stride on the 3x3 conv (torchvision, semseg);
+  ``stride_in_1x1`` puts it on the first 1x1 conv, as the original ResNet and the authors'
+  Caffe PSPNet do."""
   expansion = 4
 
-  def __init__(self, in_ch, planes, stride, dilation, *, dtype, rngs):
-    self.conv1 = conv2d(in_ch, planes, 1, dtype=dtype, rngs=rngs)
+  def __init__(self, in_ch, planes, stride, dilation, *, dtype, rngs, stride_in_1x1=False):
+    s1, s2 = (stride, 1) if stride_in_1x1 else (1, stride)
+    self.conv1 = conv2d(in_ch, planes, 1, stride=s1, dtype=dtype, rngs=rngs)
     self.bn1 = BatchNorm(planes)
-    self.conv2 = conv2d(planes, planes, 3, stride=stride, dilation=dilation, dtype=dtype, rngs=rngs)
+    self.conv2 = conv2d(planes, planes, 3, stride=s2, dilation=dilation, dtype=dtype, rngs=rngs)
     self.bn2 = BatchNorm(planes)
     self.conv3 = conv2d(planes, planes * 4, 1, dtype=dtype, rngs=rngs)
     self.bn3 = BatchNorm(planes * 4)
@@ -115,12 +122,17 @@ class ResNet(nnx.Module):
 
   def __init__(self, depth: int = 50, *, stem: str = 'deep', output_stride: int = 8,
                contract_dilation: bool = False, base_width: int = 64,
+               stride_in_1x1: bool = False, ceil_mode: bool = False,
                dtype=jnp.float32, rngs: nnx.Rngs):
     if depth not in BLOCKS:
       raise UserError(f'unsupported ResNet depth {depth}; expected one of {sorted(BLOCKS)}')
     kind, counts = BLOCKS[depth]
+    if stride_in_1x1 and kind != 'bottleneck':
+      raise UserError(f'stride_in_1x1 places a bottleneck\'s stride; ResNet-{depth} has basic blocks')
     block = Bottleneck if kind == 'bottleneck' else BasicBlock
+    options = {'stride_in_1x1': True} if stride_in_1x1 else {}
     self.dtype = dtype
+    self.ceil_mode = ceil_mode
     widths = stem_widths(stem, base_width)
     if stem == 'torchvision':
       layers = {'0': conv2d(3, widths[0], 7, stride=2, dtype=dtype, rngs=rngs),
@@ -140,7 +152,8 @@ class ResNet(nnx.Module):
       blocks = []
       for i in range(n):
         blocks.append(block(in_ch, planes, stride if i == 0 else 1,
-                            first_dilation if i == 0 else dilation, dtype=dtype, rngs=rngs))
+                            first_dilation if i == 0 else dilation, dtype=dtype, rngs=rngs,
+                            **options))
         in_ch = planes * block.expansion
       stages.append(nnx.List(blocks))
     self.layer1, self.layer2, self.layer3, self.layer4 = stages
@@ -150,7 +163,7 @@ class ResNet(nnx.Module):
     n = len(self.layer0) // 2
     for i in range(n):
       x = jax.nn.relu(self.layer0[str(3 * i + 1)](self.layer0[str(3 * i)](x)))
-    return ops.max_pool_3x3_s2(x)
+    return ops.max_pool_3x3_s2(x, self.ceil_mode)
 
   def __call__(self, x: jax.Array) -> list[jax.Array]:
     x = self.stem(x.astype(self.dtype))

@@ -1,25 +1,29 @@
 """python -m pspnet_jax.port SRC --out DIR [--layout auto] [--num-classes N] [--backbone-only]
+                            [--prototxt DEPLOY.prototxt]
 
-Ports a PyTorch checkpoint (.pth or .safetensors) to a model directory that
-``pspnet_jax.checkpoint.load_model`` (and so train.py / eval.py) loads. Prints the layout
-it chose, what it dropped and whether the heads are fresh. Exit status 1 with a message on
-stderr (exit status 2) when the file cannot be ported.
+Ports a PyTorch checkpoint (.pth or .safetensors) or one of the authors' Caffe releases
+(.caffemodel, no Caffe needed; --prototxt checks it against its deploy prototxt) to a model
+directory that ``pspnet_jax.checkpoint.load_model`` (and so train.py / eval.py) loads.
+Prints the layout it chose, what it dropped and whether the heads are fresh. One line on
+stderr and exit status 2 when the file cannot be ported.
 """
 
 import argparse
 import sys
 
 from pspnet_jax import checkpoint, errors
-from pspnet_jax.port.convert import AUTO, LAYOUTS, port_checkpoint
+from pspnet_jax.port.convert import AUTO, CAFFE, LAYOUTS, port_checkpoint
 
 
 @errors.command
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(prog='python -m pspnet_jax.port', description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument('src', help='.pth or .safetensors file')
+  ap.add_argument('src', help='.pth, .safetensors or .caffemodel file')
   ap.add_argument('--out', required=True, help='model directory to write')
-  ap.add_argument('--layout', default=AUTO, choices=[AUTO, *LAYOUTS])
+  ap.add_argument('--layout', default=AUTO, choices=[AUTO, *LAYOUTS, CAFFE])
+  ap.add_argument('--prototxt', default=None,
+                  help='a Caffe deploy .prototxt to check a .caffemodel against')
   ap.add_argument('--num-classes', type=int, default=None,
                   help='checked against the checkpoint; sets the classes of fresh heads')
   ap.add_argument('--backbone-only', action='store_true',
@@ -30,7 +34,7 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
   ported = port_checkpoint(args.src, args.layout, args.num_classes,
                            backbone_only=args.backbone_only, seed=args.seed,
-                           trust_pickle=args.trust_pickle)
+                           trust_pickle=args.trust_pickle, prototxt=args.prototxt)
   print(ported.report())
   out = checkpoint.save_model(args.out, ported.model, ported.metadata())
   print(f'wrote:   {out} (pspnet_jax.checkpoint.load_model reads it)')

@@ -26,8 +26,9 @@ DEFAULT_NUM_CLASSES = PSPNetConfig.num_classes
 
 
 def infer_config(state_dict: Mapping[str, np.ndarray], layout: Layout, *, with_heads: bool,
-                 num_classes: int | None, source: str) -> PSPNetConfig:
-  """Canonical state dict -> config. ``with_heads``: read classes and head widths too.
+                 num_classes: int | None, source: str, with_aux: bool = True) -> PSPNetConfig:
+  """Canonical state dict -> config. ``with_heads``: read classes and head widths too;
+  ``with_aux=False``: the file has no auxiliary head (it keeps the default width).
 
   ``num_classes`` must agree with the checkpoint's classifier when heads are ported;
   without heads it sets the fresh heads' classes (default ``DEFAULT_NUM_CLASSES``).
@@ -52,15 +53,16 @@ def infer_config(state_dict: Mapping[str, np.ndarray], layout: Layout, *, with_h
                     'num_classes, or port the backbone only (backbone_only=True, CLI '
                     '--backbone-only) to train new heads')
   branches = _count(state_dict, r'^ppm\.features\.(\d+)\.1\.weight$')
-  bins = PSPNetConfig.bins
+  bins = fields.get('bins', PSPNetConfig.bins)
   if branches != len(bins):
     raise PortError(f'{source}: {branches} pyramid pooling branches; only the {len(bins)} bins '
                     f'{bins} of PSPNet are supported')
   # A branch conv [width, C, 1, 1]: semseg's width is C / len(bins) (ppm_channels 0).
   width, features = shape('ppm.features.0.1.weight')[:2]
   fields.update(num_classes=classes, head_channels=shape('cls.0.weight')[0],
-                aux_channels=shape('aux.0.weight')[0],
                 ppm_channels=0 if width == features // len(bins) else width)
+  if with_aux:
+    fields['aux_channels'] = shape('aux.0.weight')[0]
   return PSPNetConfig(**fields)
 
 

@@ -77,12 +77,13 @@ def export_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
 
 
 def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *,
-                    only: str | None = None, source: str = 'state dict',
+                    only: str | None = None, skip: str | None = None, source: str = 'state dict',
                     source_names: Mapping[str, str] | None = None) -> list[str]:
   """Copies a canonical (semseg-layout) state dict into ``model``, strictly.
 
   ``only``: restrict the target to variables whose NNX path starts with it (``'backbone'``
-  for a backbone-only port); the rest keep their initial values.
+  for a backbone-only port); ``skip``: leave out those whose path starts with it (``'aux'``
+  for a file without an auxiliary head). The rest keep their initial values.
   Every source key must fill exactly one target and every target must be filled, with
   matching shapes; otherwise one ``StateDictMismatch`` lists all problems at once.
   ``source_names``: canonical key -> the key in the file it was renamed from, so that the
@@ -94,7 +95,8 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *,
   def name(key):
     return f'{key} (file key {names[key]})' if names.get(key, key) != key else key
 
-  targets = {torch_key(p): (p, v) for p, v in _variables(model, only)}
+  targets = {torch_key(p): (p, v) for p, v in _variables(model, only)
+             if skip is None or not '.'.join(map(str, p)).startswith(skip)}
   missing = sorted(set(targets) - set(state_dict))
   unexpected = sorted(set(state_dict) - set(targets))
   misshaped = []

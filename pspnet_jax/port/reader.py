@@ -65,6 +65,15 @@ def read_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> S
   return SourceFile(tensors, kind, ignored, stripped)
 
 
+def looks_like_torch(path: str) -> bool:
+  """A ``.safetensors`` file, or a ``torch.save`` file (zip or pickle header)."""
+  if _is_safetensors(path):
+    return True
+  with open(path, 'rb') as f:
+    magic = f.read(2)
+  return magic[:2] == b'PK' or magic[:1] == b'\x80'
+
+
 def _is_safetensors(path: str) -> bool:
   """By name, or by header (8-byte little-endian length, then JSON) whatever the name."""
   if path.endswith(SAFETENSORS_SUFFIX):

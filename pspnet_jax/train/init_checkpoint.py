@@ -13,9 +13,24 @@ from pspnet_jax.errors import UserError
 from pspnet_jax.models import PSPNet, PSPNetConfig
 
 
+# What the backbone's weights fix: a backbone-only init must agree on these.
+BACKBONE_FIELDS = ('backbone', 'depth', 'stem', 'base_width', 'output_stride', 'contract_dilation',
+                   'stride_in_1x1', 'ceil_mode', 'mean', 'std')
+
+
 def model_config_from(config, num_classes: int) -> PSPNetConfig:
+  """``config.model`` with the dataset's classes.
+
+  A ``PSPNetConfig`` field that ``config.model`` does not list (the input normalisation
+  ``mean`` / ``std``, the Caffe architecture fields) comes from ``config.init_checkpoint``'s
+  config when there is one: the weights fix it. Otherwise it keeps its default (semseg's).
+  """
   fields = dict(config.model)
   fields['num_classes'] = num_classes
+  path = config.get('init_checkpoint') or ''
+  if path:
+    for key, value in ckpt_lib.model_config(path).to_dict().items():
+      fields.setdefault(key, value)
   return PSPNetConfig.from_dict(fields)
 
 
@@ -41,7 +56,7 @@ def initial_model(config, model_config: PSPNetConfig) -> PSPNet:
         'and train fresh pyramid pooling and heads)')
   arch = lambda c: {k: v for k, v in c.to_dict().items() if k not in ('num_classes', 'dtype', 'dropout')}
   if backbone_only:
-    keys = ('backbone', 'depth', 'stem', 'base_width', 'output_stride', 'contract_dilation')
+    keys = BACKBONE_FIELDS
     diff = {k: (getattr(src_cfg, k), getattr(dst_cfg, k)) for k in keys
             if getattr(src_cfg, k) != getattr(dst_cfg, k)}
     if diff:

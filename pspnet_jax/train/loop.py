@@ -69,7 +69,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   augment = data_lib.AugmentConfig(**dict(config.augment))
   loader = data_lib.train_loader(ds.name, ds.train_split, data_dir,
                                  global_batch_size=config.global_batch_size, augment=augment,
-                                 seed=config.seed, worker_count=int(config.get('worker_count', 0)))
+                                 seed=config.seed, worker_count=int(config.get('worker_count', 0)),
+                                 mean=model_config.mean, std=model_config.std)
   ckpt = ckpt_lib.TrainCheckpointer(
       workdir, model_config, keep=int(config.get('keep_checkpoints', 3)),
       metadata={'dataset': ds.name, 'class_names': list(info.class_names),
