@@ -69,27 +69,112 @@ def test_head_layers_get_ten_times_the_backbone_learning_rate():
       np.testing.assert_allclose(updates[head]['w'], -10 * lr, rtol=1e-6)
 
 
+def _groups(rng, scale=1.0):
+  """A backbone tensor and a head tensor (10x learning rate), float32."""
+  return {'backbone': (scale * rng.standard_normal(6)).astype(np.float32),
+          'cls': (scale * rng.standard_normal(4)).astype(np.float32)}
+
+
+def _optax_trajectory(config, total, p0, grads):
+  """Parameters after each of ``grads``' updates through ``make_optimizer(config, total)``."""
+  tx = make_optimizer(config, total)
+  params = jax.tree.map(jnp.asarray, p0)
+  state, out = tx.init(params), []
+  for g in grads:
+    updates, state = tx.update(jax.tree.map(jnp.asarray, g), state, params)
+    params = optax.apply_updates(params, updates)
+    out.append(jax.tree.map(np.asarray, params))
+  return out
+
+
+def _torch_trajectory(make_opt, p0, grads, *, lr, total, clip=0.0):
+  """The same in PyTorch as semseg steps it: per-iteration poly lr, 10x on the head group,
+  ``clip_grad_norm_`` over all parameters before ``opt.step()`` when ``clip``."""
+  tp = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in p0.items()}
+  opt = make_opt([{'params': [tp['backbone']]}, {'params': [tp['cls']]}])
+  out = []
+  for k, g in enumerate(grads):
+    opt.param_groups[0]['lr'] = lr * (1 - k / total) ** 0.9
+    opt.param_groups[1]['lr'] = 10 * lr * (1 - k / total) ** 0.9
+    for name, p in tp.items():
+      p.grad = torch.from_numpy(g[name].copy())
+    if clip:
+      torch.nn.utils.clip_grad_norm_(list(tp.values()), clip)
+    opt.step()
+    out.append({k: v.detach().numpy().copy() for k, v in tp.items()})
+  return out
+
+
+def _assert_trajectories_equal(got, want):
+  assert len(got) == len(want)
+  for k, (g, w) in enumerate(zip(got, want)):
+    for name in w:
+      np.testing.assert_allclose(g[name], w[name], rtol=1e-5, atol=1e-6, err_msg=f'step {k}: {name}')
+
+
 def test_sgd_matches_torch_coupled_weight_decay_and_momentum():
   """optax chain == torch.optim.SGD(momentum=0.9, weight_decay=1e-4) with semseg's per-
-  iteration poly learning rate, over several steps."""
+  iteration poly learning rate and 10x heads, over several steps."""
   rng = np.random.default_rng(0)
-  p0 = rng.standard_normal(6).astype(np.float32)
-  grads = [rng.standard_normal(6).astype(np.float32) for _ in range(5)]
-  total = 10
-  tx = make_optimizer(OptimizerConfig(learning_rate=0.1), total)
-  params = {'backbone': jnp.asarray(p0)}
-  state = tx.init(params)
-  for g in grads:
-    updates, state = tx.update({'backbone': jnp.asarray(g)}, state, params)
-    params = optax.apply_updates(params, updates)
-  tp = torch.nn.Parameter(torch.from_numpy(p0.copy()))
-  opt = torch.optim.SGD([tp], lr=0.1, momentum=0.9, weight_decay=1e-4)
-  for k, g in enumerate(grads):
-    for group in opt.param_groups:
-      group['lr'] = 0.1 * (1 - k / total) ** 0.9
-    tp.grad = torch.from_numpy(g)
-    opt.step()
-  np.testing.assert_allclose(np.asarray(params['backbone']), tp.detach().numpy(), rtol=1e-5, atol=1e-6)
+  p0, grads = _groups(rng), [_groups(rng) for _ in range(5)]
+  got = _optax_trajectory(OptimizerConfig(learning_rate=0.1), 10, p0, grads)
+  want = _torch_trajectory(lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9, weight_decay=1e-4),
+                           p0, grads, lr=0.1, total=10)
+  _assert_trajectories_equal(got, want)
+
+
+def test_adamw_matches_torch_adamw():
+  """optimizer.name=adamw == torch.optim.AdamW (decoupled decay, bias-corrected moments)
+  on the same gradients, 6 steps, both learning-rate groups. The decay is large (0.05 at
+  lr 0.1, 10x on the head) so that coupled decay (Adam + L2) would be far off."""
+  rng = np.random.default_rng(1)
+  p0, grads = _groups(rng), [_groups(rng) for _ in range(6)]
+  config = OptimizerConfig(name='adamw', learning_rate=0.1, weight_decay=0.05, b1=0.8, b2=0.99)
+  got = _optax_trajectory(config, 10, p0, grads)
+  want = _torch_trajectory(lambda g: torch.optim.AdamW(g, lr=0.1, betas=(0.8, 0.99), eps=1e-8,
+                                                       weight_decay=0.05),
+                           p0, grads, lr=0.1, total=10)
+  _assert_trajectories_equal(got, want)
+
+
+def test_clip_grad_norm_matches_torch_clip_grad_norm():
+  """optimizer.clip_grad_norm == torch.nn.utils.clip_grad_norm_ over all parameters (one
+  global norm across both groups, before weight decay and momentum), with SGD: steps whose
+  gradient norm is above the threshold (scaled down) and below it (left alone)."""
+  rng = np.random.default_rng(2)
+  p0 = _groups(rng)
+  grads = [_groups(rng, scale) for scale in (3.0, 0.1, 2.0, 0.2, 5.0)]
+  norms = [np.sqrt(sum(np.sum(v ** 2) for v in g.values())) for g in grads]
+  assert min(norms) < 1.0 < max(norms)
+  config = OptimizerConfig(learning_rate=0.1, clip_grad_norm=1.0)
+  got = _optax_trajectory(config, 10, p0, grads)
+  want = _torch_trajectory(lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9, weight_decay=1e-4),
+                           p0, grads, lr=0.1, total=10, clip=1.0)
+  _assert_trajectories_equal(got, want)
+  unclipped = _optax_trajectory(OptimizerConfig(learning_rate=0.1), 10, p0, grads)
+  assert not np.allclose(unclipped[-1]['cls'], got[-1]['cls'], rtol=1e-3)
+
+
+def test_warmup_learning_rate_at_every_step():
+  """optimizer.warmup_steps=4 of 12: the learning rate the optimiser applies at steps 0..11
+  (unit gradients, no momentum or decay, so each update is -lr), the one the step logs, and
+  10x on the head: a linear ramp from 0 to the poly value at step 4, then the poly decay."""
+  from pspnet_jax.train import schedules
+  base, total, warm = 0.01, 12, 4
+  end_of_warmup = base * (1 - warm / total) ** 0.9
+  want = [end_of_warmup * k / warm for k in range(warm)]
+  want += [base * (1 - k / total) ** 0.9 for k in range(warm, total)]
+  config = OptimizerConfig(learning_rate=base, momentum=0.0, weight_decay=0.0, warmup_steps=warm)
+  zeros = {'backbone': np.zeros(1, np.float32), 'cls': np.zeros(1, np.float32)}
+  ones = {'backbone': np.ones(1, np.float32), 'cls': np.ones(1, np.float32)}
+  params = _optax_trajectory(config, total, zeros, [ones] * total)
+  applied = -np.diff([0.0] + [float(p['backbone'][0]) for p in params])
+  applied_head = -np.diff([0.0] + [float(p['cls'][0]) for p in params])
+  np.testing.assert_allclose(applied, want, rtol=1e-5, atol=1e-9)
+  np.testing.assert_allclose(applied_head, 10 * np.asarray(want), rtol=1e-5, atol=1e-8)
+  logged = schedules(config, total)['backbone']
+  np.testing.assert_allclose([float(logged(k)) for k in range(total)], want, rtol=1e-5, atol=1e-9)
+  assert want[0] == 0.0 and max(want) == want[warm]
 
 
 def test_cross_entropy_ignores_255_like_torch():
