@@ -324,8 +324,9 @@ def test_bfloat16_layers_return_float32_accumulated_weight_gradients(k, stride, 
 
 def _torch_train(ref, images, labels, *, dtype, steps, accum, lr, total):
   """semseg's train step in PyTorch: CE + 0.4 aux (ignore 255), SGD momentum 0.9, coupled
-  wd 1e-4, poly lr per iteration, 10x on ppm/cls/aux; `accum` half-batch backward passes
-  (loss / accum each) before one opt.step()."""
+  wd 1e-4, poly lr per iteration, 10x on ppm/cls/aux; `accum` backward passes over equal
+  parts of the batch before one opt.step(), each loss weighted by its share of the batch's
+  labelled pixels, so that the gradient is that of the whole batch's mean loss."""
   import copy
   import torch.nn.functional as F
   from torch_reference import state_dict_numpy
@@ -339,10 +340,11 @@ def _torch_train(ref, images, labels, *, dtype, steps, accum, lr, total):
     opt.param_groups[0]['lr'] = lr * (1 - k / total) ** 0.9
     opt.param_groups[1]['lr'] = 10 * lr * (1 - k / total) ** 0.9
     opt.zero_grad()
+    labelled = (y != 255).sum()
     for xi, yi in zip(x.chunk(accum), y.chunk(accum)):
       out, aux = m(xi)
       loss = F.cross_entropy(out, yi, ignore_index=255) + 0.4 * F.cross_entropy(aux, yi, ignore_index=255)
-      (loss / accum).backward()
+      (loss * (yi != 255).sum() / labelled).backward()
     opt.step()
   return state_dict_numpy(m)
 
@@ -352,7 +354,9 @@ def _torch_train(ref, images, labels, *, dtype, steps, accum, lr, total):
 def test_train_steps_match_torch_semseg_step(accum):
   """The whole jitted train step, twice (forward, losses, backward through train-mode BN,
   SGD with 10x heads and the poly lr, BN running statistics), against PyTorch doing semseg's
-  step on the same weights and batch; with accum=2 both accumulate two half batches.
+  step on the same weights and batch; with accum=2 both accumulate two half batches
+  weighted by their labelled pixels (the images ignore different numbers of pixels, so an
+  unweighted mean of the halves' gradients fails this test).
 
   As in test_model_parity, the reference is PyTorch float64 and JAX float32 must be as close
   to it as PyTorch float32 is (within 2x, over all tensors); weights are compared by their
@@ -367,7 +371,11 @@ def test_train_steps_match_torch_semseg_step(accum):
   rng = np.random.default_rng(3)
   images = rng.standard_normal((4, 33, 33, 3)).astype(np.float32)
   labels = rng.integers(0, 5, (4, 33, 33)).astype(np.int32)
-  labels[:, :4] = 255
+  # Each image ignores a different number of pixels, so the two half batches hold 1419 and
+  # 2162 labelled pixels: a mean of the halves' means differs from the batch's mean.
+  labels[0, :20] = 255
+  labels[1, :, :3] = 255
+  labels[3, 5:9, 5:9] = 255
   steps, lr, total = 2, 0.01, 10
   init = export_state_dict(model)
   graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
