@@ -1,7 +1,7 @@
 """Train PSPNet: python train.py --config configs/X.py --workdir DIR [--config.key=value ...]
 
 Resumes from the latest checkpoint in DIR. Multi-host: launched on every host of a TPU
-slice or as one SLURM task per node, JAX's environment detection initialises
+slice or as one SLURM task per GPU, JAX's environment detection initialises
 jax.distributed; elsewhere pass --coordinator, --num_processes and --process_id.
 """
 

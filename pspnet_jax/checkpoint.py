@@ -7,7 +7,8 @@ dict of arrays, keyed like ``nnx.to_pure_dict``). The port CLI writes one.
 A *training workdir* holds ``model_config.json`` and ``checkpoints/<step>/`` written by an
 orbax ``CheckpointManager`` (``TrainCheckpointer``) with the items ``model`` (same format as
 ``state/``), ``opt_state``, ``meta`` (step, epoch, ...) and ``data`` (the input iterator's
-state, one JSON file per process, via grain's orbax handler). ``load_model`` reads a model
+state, one JSON file per process, via grain's orbax handler), and ``metrics`` (the step's
+validation mIoU, where it has one). ``load_model`` reads a model
 directory, a training workdir (its latest step) or one step directory of it.
 """
 
@@ -79,6 +80,14 @@ class _OrbaxTaskFilter(logging.Filter):
     message = record.getMessage()
     ours = f'{os.sep}orbax{os.sep}' in message or 'OCDBT' in message or 'TensorStore' in message
     return not ('never retrieved' in message and ours)
+
+
+class _NoMetricsWarningFilter(logging.Filter):
+  """orbax's warning on every save without metrics once best_fn is set: periodic and
+  preemption saves have no validation mIoU by design."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return 'did not provide metrics' not in record.getMessage()
 
 
 def _cause(error: BaseException) -> str:
@@ -302,10 +311,14 @@ class TrainCheckpointer:
         ocp_policy.LatestN(keep),
         ocp_policy.BestN(get_metric_fn=lambda m: m['miou'], n=1,
                          keep_checkpoints_without_metrics=False)])
+    # best_fn makes orbax write each step's metrics into the step (item 'metrics'): without
+    # it they live in this manager's memory only, and a resumed run, knowing no step's
+    # mIoU, lets BestN delete the best checkpoint at its next save.
+    logging.getLogger('absl').addFilter(_NoMetricsWarningFilter())
     self.manager = ocp.CheckpointManager(
         os.path.join(self.workdir, CHECKPOINTS_DIR),
-        options=ocp.CheckpointManagerOptions(preservation_policy=policy,
-                                             enable_async_checkpointing=async_save))
+        options=ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=lambda m: m['miou'],
+                                             best_mode='max', enable_async_checkpointing=async_save))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

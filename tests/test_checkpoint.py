@@ -46,7 +46,8 @@ def test_load_errors_name_the_path(tmp_path):
 def test_train_checkpoints_keep_the_latest_k_and_the_best_miou(tmp_path):
   """keep=2: after saving steps 1-6 (validation mIoU at 1-5, none at 6, as a preemption
   save has none) the latest two (5, 6) and the best by mIoU (2) remain, and that best
-  step restores its own values."""
+  step restores its own values. A new checkpointer on the same workdir (a resumed run)
+  still knows step 2 is the best: after saving 7 and 8 it keeps 2, 7 and 8."""
   import jax.numpy as jnp
   import optax
   ckpt = checkpoint.TrainCheckpointer(str(tmp_path), PSPNetConfig(depth=18), keep=2)
@@ -73,6 +74,15 @@ def test_train_checkpoints_keep_the_latest_k_and_the_best_miou(tmp_path):
   assert meta == {'step': 2} and it.state == {'step': 2}
   ckpt.close()
 
+  resumed = checkpoint.TrainCheckpointer(str(tmp_path), PSPNetConfig(depth=18), keep=2)
+  for step, miou in ((7, 0.5), (8, None)):
+    variables = {'params': {'w': jnp.full((3,), float(step))}}
+    resumed.save(step, model_variables=variables, opt_state=tx.init(variables['params']),
+                 meta={'step': step}, data_state={'step': step},
+                 metrics=None if miou is None else {'miou': miou})
+  resumed.wait()
+  assert sorted(resumed.manager.all_steps()) == [2, 7, 8]
+  resumed.close()
 
 def test_a_model_config_written_before_the_normalisation_fields_loads_with_semseg_s(tmp_path):
   """model_config.json files from before ``mean`` / ``std`` were config fields: ImageNet's."""

@@ -19,13 +19,18 @@ from torch_reference import TorchPSPNet, randomize, state_dict_numpy
 TINY = PSPNetConfig(depth=18, base_width=8, num_classes=5, head_channels=16, aux_channels=8)
 
 
-def tiny_model(config: PSPNetConfig = TINY, seed: int = 0) -> PSPNet:
+def tiny_pair(config: PSPNetConfig = TINY, seed: int = 0):
+  """(PyTorch reference, PSPNet) holding the same random weights."""
   graphdef, state = nnx.split(checkpoint.abstract_model(config))
   nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), nnx.to_pure_dict(state)))
   model = nnx.merge(graphdef, state)
   ref = TorchPSPNet(num_classes=config.num_classes, depth=config.depth, base_width=config.base_width,
                     head_channels=config.head_channels, aux_channels=config.aux_channels,
-                    align_corners=config.align_corners, bins=config.bins)
+                    align_corners=config.align_corners, bins=config.bins, dropout=config.dropout)
   load_state_dict(model, state_dict_numpy(randomize(ref, seed=seed)))
   graphdef, state = nnx.split(model)
-  return nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))
+  return ref, nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))
+
+
+def tiny_model(config: PSPNetConfig = TINY, seed: int = 0) -> PSPNet:
+  return tiny_pair(config, seed)[1]

@@ -21,8 +21,21 @@ from flax import nnx
 from pspnet_jax import ops
 from pspnet_jax.ops import convolution
 
-# PyTorch's default init for the ResNet convs (kaiming_normal_, fan_out, relu).
+# Initialisation as semseg's model has it (hszhao/semseg at 4f274c3f): its ResNet
+# (model/resnet.py, torchvision's rule) sets every convolution to kaiming_normal_(mode=
+# 'fan_out', nonlinearity='relu') and every BN to weight 1, bias 0; the layers PSPNet adds
+# (ppm, cls, aux in model/pspnet.py) keep nn.Conv2d's own default, kaiming_uniform_(a=sqrt(5)),
+# i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and a bias from the same range. BN's default is
+# weight 1, bias 0 everywhere.
+INITS = ('resnet', 'pytorch_default')
 he_normal_fan_out = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+pytorch_default_kernel = nnx.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+
+
+def pytorch_default_bias(fan_in: int):
+  """nn.Conv2d's default bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = C_in * k * k."""
+  bound = fan_in ** -0.5
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 class BatchNorm(nnx.Module):
@@ -97,8 +110,12 @@ def _compute_dtype_input(args, /, *, dtype=None, inexact=True):
 
 
 def conv2d(in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1, dilation: int = 1,
-           groups: int = 1, bias: bool = False, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
+           groups: int = 1, bias: bool = False, init: str = 'resnet', dtype=jnp.float32,
+           rngs: nnx.Rngs) -> nnx.Conv:
   """``nn.Conv2d`` with PyTorch's explicit symmetric padding ``dilation * (k - 1) // 2``.
+
+  ``init``: ``'resnet'`` (He normal, fan out: the backbone) or ``'pytorch_default'``
+  (``nn.Conv2d``'s own: PSPNet's new layers); see ``INITS`` above.
 
   Never 'SAME': at stride 2 'SAME' pads asymmetrically and shifts every feature map by
   half a pixel relative to PyTorch. Parameters are float32; with ``dtype=bfloat16`` the
@@ -106,9 +123,15 @@ def conv2d(in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1, dilati
   ``groups``: PyTorch's ``groups`` (``groups == in_ch``: depthwise); the kernel is then
   [k, k, in_ch / groups, out_ch], PyTorch's [out_ch, in_ch / groups, k, k] transposed.
   """
+  if init not in INITS:
+    raise ValueError(f'init must be one of {INITS}, got {init!r}')
+  fan_in = in_ch // groups * kernel_size * kernel_size
+  kernel_init = he_normal_fan_out if init == 'resnet' else pytorch_default_kernel
+  bias_init = pytorch_default_bias(fan_in) if init == 'pytorch_default' else nnx.initializers.zeros
   return nnx.Conv(
       in_ch, out_ch, (kernel_size, kernel_size), strides=stride,
       padding=ops.conv_padding(kernel_size, dilation), kernel_dilation=dilation,
       feature_group_count=groups, use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=he_normal_fan_out, conv_general_dilated=convolution.conv_general_dilated,
+      kernel_init=kernel_init, bias_init=bias_init,
+      conv_general_dilated=convolution.conv_general_dilated,
       promote_dtype=_compute_dtype_input, rngs=rngs)

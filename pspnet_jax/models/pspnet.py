@@ -93,12 +93,17 @@ class PSPNetConfig:
     return cls(**d)
 
 
+# semseg initialises only its ResNet (model/resnet.py); the layers model/pspnet.py adds keep
+# PyTorch's defaults. The backbone's convolutions use conv2d's default, 'resnet'.
+NEW_LAYER_INIT = 'pytorch_default'
+
+
 def _head(in_ch, mid_ch, num_classes, dtype, rngs) -> nnx.Dict:
   """semseg's ``cls`` / ``aux`` Sequential: 0 conv3x3, 1 BN, (2 ReLU, 3 Dropout2d), 4 conv1x1."""
   return nnx.Dict({
-      '0': conv2d(in_ch, mid_ch, 3, dtype=dtype, rngs=rngs),
+      '0': conv2d(in_ch, mid_ch, 3, init=NEW_LAYER_INIT, dtype=dtype, rngs=rngs),
       '1': BatchNorm(mid_ch),
-      '4': conv2d(mid_ch, num_classes, 1, bias=True, dtype=dtype, rngs=rngs),
+      '4': conv2d(mid_ch, num_classes, 1, bias=True, init=NEW_LAYER_INIT, dtype=dtype, rngs=rngs),
   })
 
 
@@ -116,7 +121,8 @@ class PSPNet(nnx.Module):
     c3, c4 = self.backbone.out_channels[2:]
     reduction = config.ppm_channels or c4 // len(config.bins)
     self.ppm = nnx.Dict({'features': nnx.List([
-        nnx.Dict({'1': conv2d(c4, reduction, 1, dtype=dtype, rngs=rngs), '2': BatchNorm(reduction)})
+        nnx.Dict({'1': conv2d(c4, reduction, 1, init=NEW_LAYER_INIT, dtype=dtype, rngs=rngs),
+                  '2': BatchNorm(reduction)})
         for _ in config.bins])})
     fea = c4 + reduction * len(config.bins)
     self.cls = _head(fea, config.head_channels, config.num_classes, dtype, rngs)

@@ -33,8 +33,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, aux_weight: f
   ``params``, ``batch_stats``, ``opt_state``, ``step`` (int32) and ``rng`` (a key).
 
   With ``grad_accum_steps = k`` the global batch is split into k micro-batches whose
-  gradients are averaged (BN statistics are then those of each micro-batch, updated in
-  sequence, as PyTorch does when it accumulates).
+  gradients are summed weighted by their labelled (non-ignored) pixels, so the loss is the
+  mean over the global batch's labelled pixels, as without accumulation (a plain mean of
+  the micro-batches' means would weigh a pixel by how many others its micro-batch ignores).
+  BN statistics are those of each micro-batch, updated in sequence, as PyTorch does when it
+  accumulates.
   """
 
   def loss_fn(params, batch_stats, images, labels, rng):
@@ -64,14 +67,16 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, aux_weight: f
       def body(carry, xs):
         bs, g_acc = carry
         (l, (bs, m, a)), g = grad_fn(state['params'], bs, xs[0], xs[1], xs[2])
-        return (bs, jax.tree.map(jnp.add, g_acc, g)), (l, m, a)
+        n = jnp.sum(xs[1] != ignore_label).astype(jnp.float32)
+        return (bs, jax.tree.map(lambda acc, g: acc + n * g, g_acc, g)), (l, m, a, n)
 
       zeros = jax.tree.map(jnp.zeros_like, state['params'])
       rngs = jax.random.split(rng, k)
-      (batch_stats, grads), (ls, ms, as_) = jax.lax.scan(
+      (batch_stats, grads), (ls, ms, as_, ns) = jax.lax.scan(
           body, (state['batch_stats'], zeros), (micro(images), micro(labels), rngs))
-      grads = jax.tree.map(lambda g: g / k, grads)
-      loss, main_loss, aux_loss = ls.mean(), ms.mean(), as_.mean()
+      total = jnp.maximum(jnp.sum(ns), 1.0)
+      grads = jax.tree.map(lambda g: g / total, grads)
+      loss, main_loss, aux_loss = (jnp.sum(v * ns) / total for v in (ls, ms, as_))
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     metrics = {'loss': loss, 'main_loss': main_loss, 'aux_loss': aux_loss,
