@@ -78,6 +78,9 @@ class _OrbaxTaskFilter(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     message = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None:  # the traceback is not in the message
+      import traceback
+      message += ''.join(traceback.format_exception(*record.exc_info))
     ours = f'{os.sep}orbax{os.sep}' in message or 'OCDBT' in message or 'TensorStore' in message
     return not ('never retrieved' in message and ours)
 
