@@ -73,8 +73,11 @@ def _drop_orbax_leftovers():
 
 
 class _OrbaxTaskFilter(logging.Filter):
-  """asyncio's "Task/Future exception was never retrieved" for the reads a failed orbax
-  restore abandoned."""
+  """What asyncio logs for the reads a failed orbax restore abandoned: "Task/Future
+  exception was never retrieved" when they are collected, "unhandled exception during
+  asyncio.run() shutdown" when orbax's event loop cancels them on closing."""
+
+  _ABANDONED = ('never retrieved', 'unhandled exception during asyncio.run() shutdown')
 
   def filter(self, record: logging.LogRecord) -> bool:
     message = record.getMessage()
@@ -82,7 +85,7 @@ class _OrbaxTaskFilter(logging.Filter):
       import traceback
       message += ''.join(traceback.format_exception(*record.exc_info))
     ours = f'{os.sep}orbax{os.sep}' in message or 'OCDBT' in message or 'TensorStore' in message
-    return not ('never retrieved' in message and ours)
+    return not (ours and any(text in message for text in self._ABANDONED))
 
 
 class _NoMetricsWarningFilter(logging.Filter):
