@@ -3,6 +3,7 @@ input gradient and weight gradient, in XLA's plain convolution, in `cpu_conv` un
 weight-gradient strategy, and in PyTorch (oneDNN), same shapes, one invocation.
 
   python benchmarks/conv_cpu.py [--only cls l4_3x3] [--reps 3]
+  python benchmarks/conv_cpu.py --depthwise   # MobileNetV2-d8's depthwise convolutions
 
 This is where `pspnet_jax/ops/cpu_conv.py` gets its CPU rules (which weight gradient, when to split
 wide inputs, 1x1 as matmul). Prints one JSON line per layer (milliseconds, min over reps)
@@ -41,6 +42,26 @@ SHAPES = [
     ('aux', (2, 60, 60, 1024, 256, 3, 1, 1), 1),
 ]
 
+# --depthwise: the 3x3 depthwise convs of PSPNet-MobileNetV2-d8 (mmseg's strides and
+# dilations), batch 2 x 473, Cin = Cout = groups.
+DEPTHWISE_SHAPES = [
+    ('l1_dw', (2, 237, 237, 32, 32, 3, 1, 1), 1),
+    ('l2_dw_s2', (2, 237, 237, 96, 96, 3, 1, 2), 1),
+    ('l2_dw', (2, 119, 119, 144, 144, 3, 1, 1), 1),
+    ('l3_dw_s2', (2, 119, 119, 144, 144, 3, 1, 2), 1),
+    ('l3_dw', (2, 60, 60, 192, 192, 3, 1, 1), 2),
+    ('l4_dw_first', (2, 60, 60, 192, 192, 3, 2, 1), 1),
+    ('l4_dw', (2, 60, 60, 384, 384, 3, 2, 1), 3),
+    ('l5_dw_first', (2, 60, 60, 384, 384, 3, 2, 1), 1),
+    ('l5_dw', (2, 60, 60, 576, 576, 3, 2, 1), 2),
+    ('l6_dw_first', (2, 60, 60, 576, 576, 3, 4, 1), 1),
+    ('l6_7_dw', (2, 60, 60, 960, 960, 3, 4, 1), 3),
+]
+
+
+def _shapes(args):
+  return DEPTHWISE_SHAPES if args.depthwise else SHAPES
+
 
 def _time(fn, reps):
   fn()
@@ -54,12 +75,12 @@ def _time(fn, reps):
 
 def run_jax(args):
   sys.path.insert(0, ROOT)
-  for name, shape, count in SHAPES:
+  for name, shape, count in _shapes(args):
     if not args.only or name in args.only:
-      print(json.dumps(_jax_row(name, shape, count, args.reps)), flush=True)
+      print(json.dumps(_jax_row(name, shape, count, args.reps, args.depthwise)), flush=True)
 
 
-def _jax_row(name, shape, count, reps):
+def _jax_row(name, shape, count, reps, depthwise):
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -71,13 +92,17 @@ def _jax_row(name, shape, count, reps):
   pad = ops.conv_padding(k, d)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((n, h, w_, ci), np.float32))
-  w = jnp.asarray(rng.standard_normal((k, k, ci, co), np.float32) * 0.05)
+  groups = ci if depthwise else 1
+  w = jnp.asarray(rng.standard_normal((k, k, ci // groups, co), np.float32) * 0.05)
 
   def plain(x, w):
     return lax.conv_general_dilated(x, w, (s, s), pad, rhs_dilation=(d, d),
-                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                    feature_group_count=groups)
 
   def mine(x, w):
+    if depthwise:
+      return cpu_conv.depthwise_conv(x, w, (s, s), pad, (d, d))
     return cpu_conv.cpu_conv(x, w, (s, s), pad, (d, d))
 
   def split(x, w):
@@ -98,6 +123,9 @@ def _jax_row(name, shape, count, reps):
     row[f'{tag}_wgrad'] = _time(lambda: jax.block_until_ready(wgrad(x, w, dy)), reps)
 
   parts(plain, 'xla')
+  if depthwise:
+    parts(mine, 'taps')
+    return row
   if k == 1:
     parts(mine, 'matmul')
     return row
@@ -115,20 +143,21 @@ def _jax_row(name, shape, count, reps):
 def run_torch(args):
   import torch
   torch.set_num_threads(os.cpu_count())
-  for name, shape, count in SHAPES:
+  for name, shape, count in _shapes(args):
     if not args.only or name in args.only:
-      print(json.dumps(_torch_row(name, shape, count, args.reps)), flush=True)
+      print(json.dumps(_torch_row(name, shape, count, args.reps, args.depthwise)), flush=True)
 
 
-def _torch_row(name, shape, count, reps):
+def _torch_row(name, shape, count, reps, depthwise):
   import torch
   import torch.nn.functional as F
   n, h, w_, ci, co, k, d, s = shape
   x = torch.randn(n, ci, h, w_, requires_grad=True)
-  w = (torch.randn(co, ci, k, k) * 0.05).requires_grad_()
+  groups = ci if depthwise else 1
+  w = (torch.randn(co, ci // groups, k, k) * 0.05).requires_grad_()
 
   def conv():
-    return F.conv2d(x, w, stride=s, padding=d * (k - 1) // 2, dilation=d)
+    return F.conv2d(x, w, stride=s, padding=d * (k - 1) // 2, dilation=d, groups=groups)
 
   def fwd():
     with torch.no_grad():
@@ -146,6 +175,7 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument('--only', nargs='*', default=None)
   ap.add_argument('--reps', type=int, default=3)
+  ap.add_argument('--depthwise', action='store_true', help="MobileNetV2-d8's depthwise convs")
   ap.add_argument('--child', default=None)
   args = ap.parse_args()
   if args.child:
@@ -155,6 +185,8 @@ def main():
     cmd = [sys.executable, __file__, '--child', fw, '--reps', str(args.reps)]
     if args.only:
       cmd += ['--only', *args.only]
+    if args.depthwise:
+      cmd.append('--depthwise')
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=True).stdout
     for line in out.splitlines():
       r = json.loads(line)

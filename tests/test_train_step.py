@@ -235,6 +235,80 @@ def test_cpu_conv_equals_xla_convolution(k, ci, co, stride, dilation, size, stra
   np.testing.assert_allclose(gw, rw, rtol=1e-5, atol=1e-5 * float(jnp.abs(rw).max()))
 
 
+DEPTHWISE_CASES = [(1, 1, 9), (2, 1, 10), (2, 1, 11), (1, 2, 13), (1, 4, 17), (2, 2, 12)]
+
+
+def _torch_depthwise(x, w, stride, dilation):
+  """PyTorch's depthwise conv on NHWC / HWIO numpy arrays; returns (y, y -> grads)."""
+  import torch.nn.functional as F
+  tx = torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 3, 1, 2))).requires_grad_()
+  tw = torch.from_numpy(np.ascontiguousarray(np.asarray(w, np.float32).transpose(3, 2, 0, 1))).requires_grad_()
+  y = F.conv2d(tx, tw, stride=stride, padding=dilation, dilation=dilation, groups=tw.shape[0])
+  return tx, tw, y
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize('stride,dilation,size', DEPTHWISE_CASES)
+def test_depthwise_conv_matches_torch(stride, dilation, size):
+  """ops.conv(groups=C) (on this CPU: the tap kernel) has PyTorch's depthwise conv's output
+  and both gradients, on odd sizes, strides and dilations."""
+  from pspnet_jax import ops
+  rng = np.random.default_rng(size)
+  c = 6
+  x = rng.standard_normal((2, size, size + 3, c)).astype(np.float32)
+  w = rng.standard_normal((3, 3, 1, c)).astype(np.float32)
+  mine = lambda x, w: ops.conv(x, w, (stride, stride), ops.conv_padding(3, dilation), (dilation, dilation), groups=c)
+  y, grads = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(mine(x, w))), argnums=(0, 1)))(x, w)
+  tx, tw, ty = _torch_depthwise(x, w, stride, dilation)
+  loss = torch.sin(ty).sum()
+  loss.backward()
+  np.testing.assert_allclose(np.asarray(jax.jit(mine)(x, w)), ty.detach().numpy().transpose(0, 2, 3, 1),
+                             rtol=1e-5, atol=1e-5 * float(ty.detach().abs().max()))
+  for got, want in zip(grads, (tx.grad.numpy().transpose(0, 2, 3, 1), tw.grad.numpy().transpose(2, 3, 1, 0))):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize('kernel', ['taps', 'xla'])
+@pytest.mark.parametrize('stride,dilation,size', DEPTHWISE_CASES[1:4])
+def test_bfloat16_depthwise_weight_gradient_is_float32(stride, dilation, size, kernel, monkeypatch):
+  """A bfloat16 depthwise conv with float32 weights: its weight gradient is float32 and
+  equals PyTorch's float32 gradient on the same bfloat16-rounded inputs to float32
+  precision, from the CPU's tap sums and from XLA's grouped convolution (GPU/TPU) alike."""
+  from pspnet_jax import ops
+  if kernel == 'xla':
+    monkeypatch.setenv('PSPNET_CONV', 'xla')
+  rng = np.random.default_rng(size)
+  c = 8
+  x = jnp.asarray(rng.standard_normal((2, size, size + 1, c)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((3, 3, 1, c)), jnp.float32)
+  mine = lambda x, w: ops.conv(x, w, (stride, stride), ops.conv_padding(3, dilation), (dilation, dilation), groups=c)
+  y, vjp = jax.vjp(mine, x, w)
+  assert y.dtype == jnp.bfloat16
+  dy = jnp.asarray(rng.standard_normal(y.shape), jnp.bfloat16)
+  _, dw = jax.jit(vjp)(dy)
+  assert dw.dtype == jnp.float32
+  tx, tw, ty = _torch_depthwise(np.asarray(x, np.float32), np.asarray(w.astype(jnp.bfloat16), np.float32),
+                                stride, dilation)
+  ty.backward(torch.from_numpy(np.ascontiguousarray(np.asarray(dy, np.float32).transpose(0, 3, 1, 2))))
+  want = tw.grad.numpy().transpose(2, 3, 1, 0)
+  np.testing.assert_allclose(dw, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_depthwise_kernel_follows_the_lowering_platform(monkeypatch):
+  """A depthwise conv, forward and backward, lowered for the CPU holds no convolution (the
+  taps); lowered for a GPU or a TPU it holds XLA's grouped convolutions only, in float32
+  and in mixed precision."""
+  from pspnet_jax import ops
+  x, w = jnp.ones((2, 9, 9, 8)), jnp.ones((3, 3, 1, 8))
+  grads = lambda x, w: jax.grad(lambda x, w: jnp.sum(ops.conv(x, w, padding=ops.conv_padding(3, 2), dilation=(2, 2),
+                                                              groups=8) ** 2), argnums=(0, 1))(x, w)
+  assert _lowered_ops(grads, x, w, platforms=['cpu'])[0] == 0
+  for platform in ('cuda', 'tpu'):
+    assert _lowered_ops(grads, x, w, platforms=[platform])[0] == 3, platform  # forward, dx, dw
+    assert _lowered_ops(grads, x.astype(jnp.bfloat16), w, platforms=[platform])[0] == 3, platform
+
+
 def _lowered_ops(fn, *args, platforms):
   """(convolutions, dot_generals) in the StableHLO of ``fn`` exported for ``platforms``."""
   text = jax.export.export(jax.jit(fn), platforms=platforms)(*args).mlir_module()

@@ -38,49 +38,58 @@ def conv_padding(kernel_size: int, dilation: int = 1) -> Padding:
 
 
 def conv(x: jax.Array, w: jax.Array, strides=(1, 1), padding: Padding = ((0, 0), (0, 0)),
-         dilation=(1, 1)) -> jax.Array:
-  """x: [B, H, W, Cin], w: [kh, kw, Cin, Cout] -> [B, H', W', Cout]; differentiable.
+         dilation=(1, 1), groups: int = 1) -> jax.Array:
+  """x: [B, H, W, Cin], w: [kh, kw, Cin / groups, Cout] -> [B, H', W', Cout]; differentiable.
 
-  XLA's convolution on GPU/TPU; ``cpu_conv.cpu_conv`` (same values and gradients up to
-  float reassociation) when lowered for the CPU, unless ``PSPNET_CONV=xla``. With ``w`` in
-  a wider dtype than ``x`` (float32 weights, bfloat16 compute) the output has ``x``'s
-  dtype and the weight gradient ``w``'s, accumulated in float32.
+  XLA's convolution on GPU/TPU; when lowered for the CPU (unless ``PSPNET_CONV=xla``)
+  ``cpu_conv.cpu_conv`` for ``groups=1`` and ``cpu_conv.depthwise_conv`` for depthwise
+  convolutions (``groups == Cin == Cout``), with the same values and gradients up to float
+  reassociation; other grouped convolutions are XLA's everywhere. With ``w`` in a wider
+  dtype than ``x`` (float32 weights, bfloat16 compute) the output has ``x``'s dtype and the
+  weight gradient ``w``'s, accumulated in float32.
   """
   strides, dilation = tuple(int(s) for s in strides), tuple(int(d) for d in dilation)
   padding = tuple((int(a), int(b)) for a, b in padding)
   if w.dtype != x.dtype:
-    return _mixed_precision_conv(x, w, strides, padding, dilation)
-  return _same_dtype_conv(x, w, strides, padding, dilation)
+    return _mixed_precision_conv(x, w, strides, padding, dilation, int(groups))
+  return _same_dtype_conv(x, w, strides, padding, dilation, int(groups))
 
 
-def _same_dtype_conv(x, w, strides, padding, dilation):
+def _depthwise(w_shape, groups):
+  """``groups == Cin == Cout``: one input channel per group, one output per input."""
+  return groups > 1 and w_shape[2] == 1 and w_shape[3] == groups
+
+
+def _same_dtype_conv(x, w, strides, padding, dilation, groups=1):
   def plain(x, w):
-    return cpu_conv.xla_conv(x, w, strides, padding, dilation)
+    return cpu_conv.xla_conv(x, w, strides, padding, dilation, groups)
 
-  if os.environ.get('PSPNET_CONV', 'auto') == 'xla':
+  if os.environ.get('PSPNET_CONV', 'auto') == 'xla' or (groups > 1 and not _depthwise(w.shape, groups)):
     return plain(x, w)
 
   def fast(x, w):
+    if groups > 1:
+      return cpu_conv.depthwise_conv(x, w, strides, padding, dilation)
     return cpu_conv.cpu_conv(x, w, strides, padding, dilation)
 
   return lax.platform_dependent(x, w, cpu=fast, default=plain)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _mixed_precision_conv(x, w, strides, padding, dilation):
-  return _same_dtype_conv(x, w.astype(x.dtype), strides, padding, dilation)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _mixed_precision_conv(x, w, strides, padding, dilation, groups):
+  return _same_dtype_conv(x, w.astype(x.dtype), strides, padding, dilation, groups)
 
 
-def _mixed_precision_fwd(x, w, strides, padding, dilation):
-  return _mixed_precision_conv(x, w, strides, padding, dilation), (x, w)
+def _mixed_precision_fwd(x, w, strides, padding, dilation, groups):
+  return _mixed_precision_conv(x, w, strides, padding, dilation, groups), (x, w)
 
 
-def _mixed_precision_bwd(strides, padding, dilation, residuals, dy):
+def _mixed_precision_bwd(strides, padding, dilation, groups, residuals, dy):
   x, w = residuals
   _, input_vjp = jax.vjp(lambda x_: _same_dtype_conv(x_, w.astype(x.dtype), strides, padding,
-                                                     dilation), x)
+                                                     dilation, groups), x)
   (dx,) = input_vjp(dy)
-  dw = weight_gradient(x, dy, w.shape[:2], strides, padding, dilation)
+  dw = weight_gradient(x, dy, w.shape[:2], strides, padding, dilation, groups)
   return dx, dw.astype(w.dtype)
 
 
@@ -88,35 +97,48 @@ _mixed_precision_conv.defvjp(_mixed_precision_fwd, _mixed_precision_bwd)
 
 
 def weight_gradient(x: jax.Array, dy: jax.Array, kernel_size, strides, padding,
-                    dilation) -> jax.Array:
-  """dL/dW [kh, kw, Cin, Cout] float32 of the NHWC x HWIO convolution ``y = conv(x, w)``,
-  given ``dy = dL/dy``: one convolution that slides ``dy`` over ``x`` (the batch is its
-  contracted feature axis, ``Cin`` its batch axis; the forward stride becomes the kernel
-  dilation and the forward dilation the stride), accumulating in float32.
+                    dilation, groups: int = 1) -> jax.Array:
+  """dL/dW [kh, kw, Cin / groups, Cout] float32 of the NHWC x HWIO convolution
+  ``y = conv(x, w)``, given ``dy = dL/dy``: one convolution that slides ``dy`` over ``x``
+  (the batch is its contracted feature axis, ``Cin`` its batch axis, split into ``groups``
+  batch groups; the forward stride becomes the kernel dilation and the forward dilation the
+  stride), accumulating in float32. Depthwise ones lowered for the CPU sum the taps instead
+  (``cpu_conv.depthwise_weight_gradient``).
 
   dW[i, j, c, o] = sum over n, p, q of x_pad[n, p*s + i*d, q*s + j*d, c] * dy[n, p, q, o].
   """
   (kh, kw), (sh, sw), (dh, dw) = kernel_size, strides, dilation
   (top, bottom), (left, right) = padding
-  _, h, wd, _ = x.shape
-  _, oh, ow, _ = dy.shape
+  _, h, wd, cin = x.shape
+  _, oh, ow, cout = dy.shape
   # Pad (or crop, when the forward never reached the last rows) so the output is kh x kw.
   bottom = (kh - 1) * dh + (oh - 1) * sh + 1 - h - top
   right = (kw - 1) * dw + (ow - 1) * sw + 1 - wd - left
-  return lax.conv_general_dilated(
-      x, dy, window_strides=(dh, dw), padding=((top, bottom), (left, right)),
-      rhs_dilation=(sh, sw), dimension_numbers=('CHWN', 'IHWO', 'HWNC'),
-      preferred_element_type=jnp.float32)
+
+  def plain(x, dy):
+    return lax.conv_general_dilated(
+        x, dy, window_strides=(dh, dw), padding=((top, bottom), (left, right)),
+        rhs_dilation=(sh, sw), dimension_numbers=('CHWN', 'IHWO', 'HWNC'),
+        batch_group_count=groups, preferred_element_type=jnp.float32)
+
+  w_shape = (kh, kw, cin // groups, cout)
+  if not _depthwise(w_shape, groups) or os.environ.get('PSPNET_CONV', 'auto') == 'xla':
+    return plain(x, dy)
+
+  def fast(x, dy):
+    return cpu_conv.depthwise_weight_gradient(x, dy, w_shape, strides, padding, dilation)
+
+  return lax.platform_dependent(x, dy, cpu=fast, default=plain)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None, out_sharding=None):
   """``lax.conv_general_dilated``'s signature (``nnx.Conv(conv_general_dilated=...)``):
-  NHWC x HWIO convolutions with explicit padding go through ``conv``; anything else
-  (grouped, input-dilated, other layouts) is XLA's convolution as asked."""
+  NHWC x HWIO convolutions with explicit padding, plain or grouped, go through ``conv``;
+  anything else (input-dilated, other layouts) is XLA's convolution as asked."""
   nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, cpu_conv.NHWC)
-  simple = (lhs.ndim == 4 and not isinstance(padding, str) and feature_group_count == 1
+  simple = (lhs.ndim == 4 and not isinstance(padding, str)
             and batch_group_count == 1 and tuple(lhs_dilation or (1, 1)) == (1, 1)
             and (dimension_numbers is None or lax.conv_dimension_numbers(
                 lhs.shape, rhs.shape, dimension_numbers) == nhwc)
@@ -126,4 +148,4 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         lhs, rhs.astype(lhs.dtype), window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count, batch_group_count, precision, preferred_element_type,
         out_sharding=out_sharding)
-  return conv(lhs, rhs, window_strides, padding, rhs_dilation or (1, 1))
+  return conv(lhs, rhs, window_strides, padding, rhs_dilation or (1, 1), feature_group_count)

@@ -21,10 +21,10 @@ from jax import lax
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
-def xla_conv(x, w, strides, padding, dilation):
-  """XLA's own NHWC x HWIO convolution."""
+def xla_conv(x, w, strides, padding, dilation, groups=1):
+  """XLA's own NHWC x HWIO convolution (``groups``: its ``feature_group_count``)."""
   return lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation,
-                                  dimension_numbers=NHWC)
+                                  dimension_numbers=NHWC, feature_group_count=groups)
 
 
 CIN_CHUNK = 1024  # XLA CPU convs with a wider input run at ~60% speed; split and sum
@@ -42,21 +42,27 @@ def split_conv(x, w, strides, padding, dilation):
   return y
 
 
+def _tap(xp, i, j, out_hw, strides, dilation):
+  """The window of padded ``xp`` that kernel tap ``(i, j)`` multiplies: [B, Ho, Wo, C]."""
+  b, _, _, c = xp.shape
+  (ho, wo), (sh, sw), (dh, dw_) = out_hw, strides, dilation
+  return lax.slice(xp, (0, i * dh, j * dw_, 0),
+                   (b, i * dh + (ho - 1) * sh + 1, j * dw_ + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
+
+
+def _pad(x, padding):
+  (pt, pb), (pl, pr) = padding
+  return jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0))) if (pt or pb or pl or pr) else x
+
+
 def _wgrad_taps(x, dy, w_shape, strides, padding, dilation):
   """dW[i, j] = x_pad[taps (i, j)]^T dy: one matmul per kernel tap (slices of x)."""
   kh, kw, ci, co = w_shape
-  (pt, pb), (pl, pr) = padding
-  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0))) if (pt or pb or pl or pr) else x
-  b, ho, wo, _ = dy.shape
-  (sh, sw), (dh, dw_) = strides, dilation
+  xp = _pad(x, padding)
   dyf = dy.reshape(-1, co)
-  taps = []
-  for i in range(kh):
-    for j in range(kw):
-      tap = lax.slice(xp, (0, i * dh, j * dw_, 0),
-                      (b, i * dh + (ho - 1) * sh + 1, j * dw_ + (wo - 1) * sw + 1, ci),
-                      (1, sh, sw, 1))
-      taps.append(jnp.dot(tap.reshape(-1, ci).T, dyf, preferred_element_type=jnp.float32))
+  taps = [jnp.dot(_tap(xp, i, j, dy.shape[1:3], strides, dilation).reshape(-1, ci).T, dyf,
+                  preferred_element_type=jnp.float32)
+          for i in range(kh) for j in range(kw)]
   return jnp.stack(taps).reshape(kh, kw, ci, co)
 
 
@@ -147,3 +153,62 @@ def cpu_conv(x, w, strides, padding, dilation):
     b, h, wd, _ = xs.shape
     return jnp.dot(xs.reshape(-1, ci), w.reshape(ci, co)).reshape(b, h, wd, co)
   return _conv_kxk(x, w, strides, padding, dilation)
+
+
+# ---- depthwise convolutions (groups == channels: MobileNetV2) ---------------------------
+# XLA:CPU runs a grouped convolution one group at a time: on MobileNetV2-d8's depthwise
+# layers at batch 2 x 473 it is ~11x slower than PyTorch's forward and ~14x slower in the
+# backward (benchmarks/conv_cpu.py --depthwise). A depthwise conv is k*k shifted copies of
+# the input scaled per channel and summed, which XLA fuses into one elementwise loop; its
+# gradients are the same taps: dx scatters dy back through them, dW[i, j] sums
+# tap(i, j) * dy over batch and space (in float32).
+
+
+def _depthwise_out_hw(x_shape, w_shape, strides, padding, dilation):
+  return tuple((n + lo + hi - d * (k - 1) - 1) // s + 1 for n, (lo, hi), k, s, d in
+               zip(x_shape[1:3], padding, w_shape[:2], strides, dilation))
+
+
+def _depthwise_taps(x, w, strides, padding, dilation):
+  kh, kw = w.shape[:2]
+  xp = _pad(x, padding)
+  out_hw = _depthwise_out_hw(x.shape, w.shape, strides, padding, dilation)
+  y = None
+  for i in range(kh):
+    for j in range(kw):
+      term = _tap(xp, i, j, out_hw, strides, dilation) * w[i, j, 0]
+      y = term if y is None else y + term
+  return y
+
+
+def depthwise_weight_gradient(x, dy, w_shape, strides, padding, dilation):
+  """dW [kh, kw, 1, C] float32 of the depthwise conv, given ``dy``: per tap, the sum over
+  batch and space of ``tap(i, j) * dy``, multiplied and summed in float32."""
+  kh, kw, _, c = w_shape
+  xp = _pad(x, padding)
+  dyf = dy.astype(jnp.float32)
+  taps = [jnp.sum(_tap(xp, i, j, dy.shape[1:3], strides, dilation).astype(jnp.float32) * dyf,
+                  axis=(0, 1, 2)) for i in range(kh) for j in range(kw)]
+  return jnp.stack(taps).reshape(kh, kw, 1, c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def depthwise_conv(x, w, strides, padding, dilation):
+  """Depthwise NHWC x [kh, kw, 1, C] convolution (PyTorch's ``groups == in_ch == out_ch``)
+  as a sum of shifted, per-channel scaled taps; XLA's grouped convolution's values and
+  gradients up to float reassociation, the weight gradient accumulated in float32."""
+  return _depthwise_taps(x, w, strides, padding, dilation)
+
+
+def _depthwise_fwd(x, w, strides, padding, dilation):
+  return _depthwise_taps(x, w, strides, padding, dilation), (x, w)
+
+
+def _depthwise_bwd(strides, padding, dilation, res, dy):
+  x, w = res
+  (dx,) = jax.vjp(lambda x_: _depthwise_taps(x_, w, strides, padding, dilation), x)[1](dy)
+  dw = depthwise_weight_gradient(x, dy, w.shape, strides, padding, dilation)
+  return dx, dw.astype(w.dtype)
+
+
+depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
