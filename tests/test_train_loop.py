@@ -155,6 +155,21 @@ def test_sigterm_saves_and_exits_zero(tmp_path, data_dir):
   assert 'at step 5' in p.stdout and max(_losses(workdir)) == 12
 
 
+def test_mobilenet_v2_trains_on_the_synthetic_set(tmp_path, data_dir):
+  """The light backbone through the same CLI (``--config.model.backbone=mobilenet_v2``,
+  mmseg's widths, a narrow pyramid): 12 steps, the loss falls, the final validation runs,
+  and the saved model is a MobileNetV2 PSPNet."""
+  workdir = tmp_path / 'mobilenet'
+  p = _train(workdir, data_dir, '--config.model.backbone=mobilenet_v2', '--config.model.ppm_channels=16',
+             '--config.optimizer.learning_rate=0.02', '--config.checkpoint_every_steps=12')
+  losses = _losses(workdir)
+  assert sorted(losses) == list(range(1, 13))
+  assert np.mean([losses[s] for s in (10, 11, 12)]) < np.mean([losses[s] for s in (1, 2, 3)]), losses
+  assert 'validation mIoU' in p.stdout
+  model = checkpoint.load_model(workdir)
+  assert model.config.backbone == 'mobilenet_v2' and model.config.ppm_channels == 16
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
   """Metrics are read back only every 5 steps, checkpoints written every 2: the check of
   every pending step still runs before each save."""
