@@ -13,6 +13,7 @@ import scipy.io
 
 from pspnet_jax import data
 from pspnet_jax.data.builders import cityscapes_trainid
+from cli import cli_env
 
 
 def _png(array: np.ndarray, palette: bool = False) -> bytes:
@@ -281,9 +282,7 @@ def _prepare_cli(*args):
   import subprocess
   import sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', ''))
-  env.pop('PSPNET_DEBUG', None)
-  return subprocess.run([sys.executable, '-m', 'pspnet_jax.data.prepare', *args], env=env,
+  return subprocess.run([sys.executable, '-m', 'pspnet_jax.data.prepare', *args], env=cli_env(),
                         capture_output=True, text=True, timeout=300, cwd=root)
 
 

@@ -18,6 +18,7 @@ from pspnet_jax.evaluation import EvalConfig, Evaluator, evaluate, metrics, outp
 from pspnet_jax.normalize import MEAN, STD
 from pspnet_jax.palette import default_palette
 from tiny_models import TINY, tiny_model
+from cli import cli_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -217,8 +218,7 @@ def test_predict_cli_writes_promised_files(tmp_path, model):
   cmd = [sys.executable, '-m', 'pspnet_jax.predict', str(tmp_path / 'in'), '--checkpoint',
          str(tmp_path / 'model'), '--out', str(tmp_path / 'out'), '--mode', 'slide',
          '--scales', '0.75,1.0', '--base-size', '32', '--crop-size', '17']
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')]))
-  run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+  run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=cli_env(), cwd=ROOT)
   assert run.returncode == 0, run.stderr[-3000:]
   ev = Evaluator(model, EvalConfig(scales=(0.75, 1.0), base_size=32, crop_size=17))
   for stem, img in images.items():
@@ -317,10 +317,8 @@ print(json.dumps(out))
 '''
   results = {}
   for devices in (1, 4):
-    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')]))
     run = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'model'), str(tmp_path / 'data.npz')],
-                         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+                         capture_output=True, text=True, timeout=300, env=cli_env(devices), cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     results[devices] = json.loads(run.stdout.strip().splitlines()[-1])
   assert results[4]['devices'] == 4 and results[4]['slide']['batch'] == 4
@@ -337,12 +335,11 @@ def test_predict_skips_an_unreadable_file_and_says_which(tmp_path, model):
   cmd = [sys.executable, '-m', 'pspnet_jax.predict', str(tmp_path / 'in'), '--checkpoint',
          str(tmp_path / 'model'), '--out', str(tmp_path / 'out'), '--mode', 'whole',
          '--base-size', '32']
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')]))
-  run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+  run = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=cli_env(), cwd=ROOT)
   assert run.returncode == 2, run.stderr[-3000:]
   assert 'Traceback' not in run.stderr
   assert 'broken.png' in run.stderr and '1 of 2 files' in run.stderr
   assert sorted(os.listdir(tmp_path / 'out')) == ['good.png', 'good_color.png', 'good_overlay.jpg']
   run = subprocess.run(cmd[:5] + [str(tmp_path / 'nowhere')] + cmd[6:], capture_output=True,
-                       text=True, timeout=240, env=env, cwd=ROOT)
+                       text=True, timeout=240, env=cli_env(), cwd=ROOT)
   assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith('error: ')

@@ -28,9 +28,7 @@ CLASSES = [f'class{i}' for i in range(5)]
 
 
 def _env():
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
-  env.pop('PSPNET_DEBUG', None)
-  return env
+  return cli_env()
 
 
 def _images(seed=0):
@@ -70,6 +68,7 @@ import os, sys
 import numpy as np
 import jax
 import onnxruntime
+from cli import cli_env
 folder, inputs, outputs = sys.argv[1:]
 exported = jax.export.deserialize(bytearray(open(os.path.join(folder, 'model.jax_exported'), 'rb').read()))
 session = onnxruntime.InferenceSession(os.path.join(folder, 'model.onnx'), providers=['CPUExecutionProvider'])

@@ -29,6 +29,7 @@ from pspnet_jax.port.architecture import infer_config
 from pspnet_jax.port.reader import read_state_dict
 from test_model_parity import assert_logits_close, forward, run_torch
 from torch_reference import TorchPSPNet, TorchResNet, randomize
+from cli import cli_env
 
 torch.set_num_threads(2)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,9 +87,8 @@ def save_mmseg(ref, path, num_classes):
 
 
 def run_cli(*args, expect_ok=True):
-  env = {**os.environ, 'PYTHONPATH': REPO + os.pathsep + os.environ.get('PYTHONPATH', '')}
   proc = subprocess.run([sys.executable, '-m', 'pspnet_jax.port', *map(str, args)],
-                        capture_output=True, text=True, timeout=CLI_TIMEOUT_S, env=env, cwd=REPO)
+                        capture_output=True, text=True, timeout=CLI_TIMEOUT_S, env=cli_env(), cwd=REPO)
   assert (proc.returncode == 0) == expect_ok, proc.stdout + proc.stderr
   return proc
 

@@ -27,6 +27,7 @@ from pspnet_jax import checkpoint
 from pspnet_jax.models import PSPNetConfig
 from pspnet_jax.port import PortError, load_caffe, port_checkpoint
 from pspnet_jax.port.caffe import CAFFE_MEAN, CAFFE_STD
+from cli import cli_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 600
@@ -34,9 +35,7 @@ SMALL = dict(width=8, head=16)
 
 
 def _env():
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
-  env.pop('PSPNET_DEBUG', None)
-  return env
+  return cli_env()
 
 
 def _images(n, size, seed):

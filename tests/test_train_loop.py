@@ -17,6 +17,7 @@ from flax import nnx
 from PIL import Image
 
 from pspnet_jax import checkpoint
+from cli import cli_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 420
@@ -45,8 +46,7 @@ def _cmd(workdir, data_dir, *extra):
 
 
 def _env(devices=1):
-  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-              PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''), PYTHONUNBUFFERED='1')
+  return cli_env(devices)
 
 
 def _train(workdir, data_dir, *extra, devices=1, check=True):

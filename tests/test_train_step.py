@@ -21,16 +21,15 @@ from pspnet_jax import mesh as mesh_lib
 from pspnet_jax.train import (OptimizerConfig, cross_entropy, make_optimizer, make_train_step,
                               param_groups, poly_schedule)
 from tiny_models import TINY, tiny_pair
+from cli import cli_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run_step(tmp_path, devices):
   out = tmp_path / f'step_{devices}.npz'
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
   subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'scripts', 'one_train_step.py'), str(out)],
-                 env=env, check=True, timeout=300)
+                 env=cli_env(devices), check=True, timeout=300)
   return dict(np.load(out))
 
 
@@ -197,9 +196,7 @@ def test_batch_size_must_divide_devices():
   code = ('from pspnet_jax import mesh\n'
           'try:\n  mesh.check_batch_size(6)\nexcept ValueError as e:\n  print(e)\n'
           'mesh.check_batch_size(8)\n')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
-  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+  out = subprocess.run([sys.executable, '-c', code], env=cli_env(4), capture_output=True, text=True,
                        timeout=120, check=True).stdout
   assert 'global_batch_size=6 does not divide over 4 devices' in out
   with pytest.raises(ValueError, match='micro-batches'):
