@@ -20,6 +20,7 @@ from pspnet_jax.normalize import normalize
 from test_model_parity import assert_logits_close, run_torch
 from test_port import run_cli, save_semseg
 from torch_reference import TorchPSPNet, randomize
+from cli import cli_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 420
@@ -68,7 +69,6 @@ import os, sys
 import numpy as np
 import jax
 import onnxruntime
-from cli import cli_env
 folder, inputs, outputs = sys.argv[1:]
 exported = jax.export.deserialize(bytearray(open(os.path.join(folder, 'model.jax_exported'), 'rb').read()))
 session = onnxruntime.InferenceSession(os.path.join(folder, 'model.onnx'), providers=['CPUExecutionProvider'])
