@@ -55,6 +55,11 @@ def conv(x: jax.Array, w: jax.Array, strides=(1, 1), padding: Padding = ((0, 0),
   return _same_dtype_conv(x, w, strides, padding, dilation, int(groups))
 
 
+def _xla_only() -> bool:
+  """``PSPNET_CONV=xla``: XLA's convolutions on every platform (read at trace time)."""
+  return os.environ.get('PSPNET_CONV', 'auto') == 'xla'
+
+
 def _depthwise(w_shape, groups):
   """``groups == Cin == Cout``: one input channel per group, one output per input."""
   return groups > 1 and w_shape[2] == 1 and w_shape[3] == groups
@@ -64,7 +69,7 @@ def _same_dtype_conv(x, w, strides, padding, dilation, groups=1):
   def plain(x, w):
     return cpu_conv.xla_conv(x, w, strides, padding, dilation, groups)
 
-  if os.environ.get('PSPNET_CONV', 'auto') == 'xla' or (groups > 1 and not _depthwise(w.shape, groups)):
+  if _xla_only() or (groups > 1 and not _depthwise(w.shape, groups)):
     return plain(x, w)
 
   def fast(x, w):
@@ -122,7 +127,7 @@ def weight_gradient(x: jax.Array, dy: jax.Array, kernel_size, strides, padding,
         batch_group_count=groups, preferred_element_type=jnp.float32)
 
   w_shape = (kh, kw, cin // groups, cout)
-  if not _depthwise(w_shape, groups) or os.environ.get('PSPNET_CONV', 'auto') == 'xla':
+  if _xla_only() or not _depthwise(w_shape, groups):
     return plain(x, dy)
 
   def fast(x, dy):
