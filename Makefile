@@ -6,6 +6,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 AOT_BIN := .venv-aot/bin
+# pytest-xdist workers for `make test`: one per core, at most 4 (each holds a few GiB).
+TEST_WORKERS ?= auto
 
 .PHONY: run test install clean
 
@@ -27,7 +29,8 @@ run: $(BIN)/.installed
 	$(BIN)/python train.py --config configs/synthetic.py --workdir runs/synthetic
 
 test: $(BIN)/.installed $(AOT_BIN)/.installed
-	PSPNET_AOT_PYTHON=$(CURDIR)/$(AOT_BIN)/python $(BIN)/python -m pytest -q -rs tests
+	PSPNET_AOT_PYTHON=$(CURDIR)/$(AOT_BIN)/python $(BIN)/python -m pytest -q -rs \
+	  -n $(TEST_WORKERS) --maxprocesses=4 --dist loadgroup tests
 
 clean:
 	rm -rf $(VENV) .venv-aot runs

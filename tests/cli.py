@@ -8,7 +8,7 @@ on the same shapes, and each fresh process would otherwise compile the same trai
 eval steps again (a 12-step train.py run: ~95 s cold, ~30 s with the cache, on 2 loaded
 cores). XLA's cache key covers the program, the compile options, XLA_FLAGS and the jax
 version, so a run that differs in any of them compiles its own. conftest.py creates the
-folder for the session and removes it afterwards.
+folder for the session (under pytest-xdist, once for all workers) and removes it afterwards.
 """
 
 import os
@@ -27,6 +27,10 @@ def cli_env(devices: int | None = None, **extra: str) -> dict:
     env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   if COMPILE_CACHE is not None:
     env.update(JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+               # A size limit turns on the cache's file lock: pytest-xdist workers and
+               # multi-process tests read and write it at the same time, and without the
+               # lock a reader can meet a half-written entry.
+               JAX_COMPILATION_CACHE_MAX_SIZE=str(16 << 30))
   env.update(extra)
   return env

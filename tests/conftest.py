@@ -12,12 +12,25 @@ import cli  # noqa: E402  (after the path above)
 
 
 def pytest_configure(config):
-  """One XLA compilation cache for the subprocesses of this session (see tests/cli.py)."""
+  """One XLA compilation cache for the subprocesses of this session (see tests/cli.py).
+  Under pytest-xdist the controller makes it and hands it to every worker, so the workers
+  share it too."""
+  worker = getattr(config, 'workerinput', None)
+  if worker is not None:
+    cli.COMPILE_CACHE = worker['pspnet_compile_cache']
+    return
   cli.COMPILE_CACHE = tempfile.mkdtemp(prefix='pspnet_jax_test_xla_cache_')
+  config._pspnet_owns_cache = True
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+  """pytest-xdist: hand the session's cache folder to a worker it starts."""
+  node.workerinput['pspnet_compile_cache'] = cli.COMPILE_CACHE
 
 
 def pytest_unconfigure(config):
-  if cli.COMPILE_CACHE is not None:
+  if getattr(config, '_pspnet_owns_cache', False) and cli.COMPILE_CACHE is not None:
     shutil.rmtree(cli.COMPILE_CACHE, ignore_errors=True)
     cli.COMPILE_CACHE = None
 
@@ -31,3 +44,27 @@ def pytest_runtest_makereport(item, call):
   if report.skipped and marker is not None and os.environ.get('PSPNET_REQUIRE_PARITY'):
     report.outcome = 'failed'
     report.longrepr = f'{marker.name} test was skipped, which CI does not allow: {report.longrepr}'
+
+
+# Module fixtures that cost tens of seconds (a train.py run, an export, a compiled
+# initialisation, a 20-step recipe run, a full-width Caffe net). Under pytest-xdist
+# (``--dist loadgroup``, as `make test` runs it) the tests that share one form a group that
+# runs on one worker, so it is built once; every other test is spread by load.
+EXPENSIVE_MODULE_FIXTURES = ('reference_run', 'exported', 'fresh_and_expected', 'recipe_run', 'ade20k50',
+                             'mmseg_file', 'mmseg_checkpoint', 'small_semseg')
+# The files whose tests run train.py / eval.py / multi-device subprocesses (minutes each, a
+# group of them ~5 min) go first, so the workers do not end on them one at a time.
+SLOW_FILES_FIRST = ('test_train_loop.py', 'test_evaluation.py', 'test_export.py', 'test_aot.py')
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    shared = [f for f in EXPENSIVE_MODULE_FIXTURES if f in getattr(item, 'fixturenames', ())]
+    if shared:
+      item.add_marker(pytest.mark.xdist_group(f'{item.module.__name__}:{shared[0]}'))
+
+  def rank(item):
+    name = os.path.basename(str(item.fspath))
+    return SLOW_FILES_FIRST.index(name) if name in SLOW_FILES_FIRST else len(SLOW_FILES_FIRST)
+  items.sort(key=rank)  # stable: the order within a file stays

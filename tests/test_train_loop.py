@@ -18,6 +18,7 @@ from PIL import Image
 
 from pspnet_jax import checkpoint
 from cli import cli_env
+from tiny_models import tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 420
@@ -297,7 +298,7 @@ def test_init_checkpoint_full_and_backbone_only(tmp_path, data_dir):
   after training are the initial ones."""
   from pspnet_jax.models import PSPNetConfig
   cfg = PSPNetConfig(depth=18, num_classes=4, base_width=8, head_channels=16, aux_channels=8)
-  source = checkpoint.create_model(cfg, seed=123)
+  source = tiny_model(cfg, seed=123)
   full = checkpoint.save_model(tmp_path / 'full', source)
   backbone = checkpoint.save_model(tmp_path / 'backbone', source, metadata={'backbone_only': True})
   src = {'.'.join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(source, nnx.Param))}

@@ -34,3 +34,15 @@ def tiny_pair(config: PSPNetConfig = TINY, seed: int = 0):
 
 def tiny_model(config: PSPNetConfig = TINY, seed: int = 0) -> PSPNet:
   return tiny_pair(config, seed)[1]
+
+
+def random_model(config: PSPNetConfig, seed: int = 0) -> PSPNet:
+  """A PSPNet of any config holding distinct random values (positive ones for BN variances),
+  for tests that move weights around rather than compute with them."""
+  graphdef, state = nnx.split(checkpoint.abstract_model(config))
+  rng = np.random.default_rng(seed)
+  values = jax.tree.map(lambda a: np.abs(rng.standard_normal(a.shape)).astype(a.dtype) + 0.5
+                        if a.ndim == 1 else rng.standard_normal(a.shape).astype(a.dtype),
+                        nnx.to_pure_dict(state))
+  nnx.replace_by_pure_dict(state, values)
+  return nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))

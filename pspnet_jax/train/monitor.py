@@ -11,6 +11,22 @@ import time
 import jax
 
 
+def _import_summary_writer():
+  """tensorboardX's SummaryWriter, imported without torch. tensorboardX imports torch, when
+  it is installed, only to accept its tensors (which training never passes); that import
+  costs 2-4 s at every start of train.py. With torch not yet imported, it is hidden for the
+  duration of this import, so tensorboardX takes the path it takes without torch."""
+  if 'torch' in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules['torch'] = None  # makes ``import torch`` raise ImportError
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules['torch']
+  return SummaryWriter
+
+
 class MetricsLogger:
   """metrics.jsonl and TensorBoard event files in the workdir; process 0 only."""
 
@@ -21,7 +37,7 @@ class MetricsLogger:
       return
     self.file = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
     try:
-      from tensorboardX import SummaryWriter
+      SummaryWriter = _import_summary_writer()
       self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
     except ImportError:
       pass
