@@ -21,9 +21,7 @@ TINY = PSPNetConfig(depth=18, base_width=8, num_classes=5, head_channels=16, aux
 
 def tiny_pair(config: PSPNetConfig = TINY, seed: int = 0):
   """(PyTorch reference, PSPNet) holding the same random weights."""
-  graphdef, state = nnx.split(checkpoint.abstract_model(config))
-  nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), nnx.to_pure_dict(state)))
-  model = nnx.merge(graphdef, state)
+  model = _filled(config, lambda a: np.zeros(a.shape, a.dtype))
   ref = TorchPSPNet(num_classes=config.num_classes, depth=config.depth, base_width=config.base_width,
                     head_channels=config.head_channels, aux_channels=config.aux_channels,
                     align_corners=config.align_corners, bins=config.bins, dropout=config.dropout)
@@ -37,12 +35,16 @@ def tiny_model(config: PSPNetConfig = TINY, seed: int = 0) -> PSPNet:
 
 
 def random_model(config: PSPNetConfig, seed: int = 0) -> PSPNet:
-  """A PSPNet of any config holding distinct random values (positive ones for BN variances),
-  for tests that move weights around rather than compute with them."""
-  graphdef, state = nnx.split(checkpoint.abstract_model(config))
+  """A PSPNet of any config holding distinct random values (every 1-D tensor, BN variances
+  among them, in 0.5 + |N(0, 1)|), for tests that move weights around rather than compute
+  with them."""
   rng = np.random.default_rng(seed)
-  values = jax.tree.map(lambda a: np.abs(rng.standard_normal(a.shape)).astype(a.dtype) + 0.5
-                        if a.ndim == 1 else rng.standard_normal(a.shape).astype(a.dtype),
-                        nnx.to_pure_dict(state))
-  nnx.replace_by_pure_dict(state, values)
+  return _filled(config, lambda a: (np.abs(rng.standard_normal(a.shape)) + 0.5 if a.ndim == 1
+                                    else rng.standard_normal(a.shape)).astype(a.dtype))
+
+
+def _filled(config: PSPNetConfig, fill) -> PSPNet:
+  """The model of ``config`` with each tensor ``fill(abstract array)``, without compiling."""
+  graphdef, state = nnx.split(checkpoint.abstract_model(config))
+  nnx.replace_by_pure_dict(state, jax.tree.map(fill, nnx.to_pure_dict(state)))
   return nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))
