@@ -24,10 +24,10 @@ once (scaled here by the known trip counts, an approximation). XLA's own
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
-import re
 import sys
 import time
 
@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from pspnet_jax import checkpoint, errors
+from pspnet_jax import checkpoint, errors, hlo
 from pspnet_jax import mesh as mesh_lib
 from pspnet_jax.data import BUILDERS
 from pspnet_jax.errors import UserError
@@ -57,9 +57,6 @@ CHIPS = {
     'v6e': dict(peak_bf16_flops=918e12, hbm_bytes=32 * 10**9, hbm_bytes_per_s=1638e9,
                 ici_bytes_per_s=800e9),
 }
-COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'collective-permute', 'all-to-all')
-DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'bf16': 2, 'f16': 2, 's32': 4,
-               'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8}
 
 
 class AotError(UserError):
@@ -92,77 +89,6 @@ def tpu_devices(generation: str, topology: str) -> list:
 
 # ---- what the compiler says -------------------------------------------------------------
 
-_SHAPE = re.compile(r'\b([a-z][a-z0-9]*)\[([0-9,]*)\]')
-_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$')
-_COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$')
-
-
-def _split_shape(text: str) -> tuple[str, str]:
-  """'<shape> <opcode>(...)' -> (shape, rest); shapes may be nested tuples with layouts."""
-  depth = 0
-  for i, ch in enumerate(text):
-    depth += ch in '({[' and 1 or (ch in ')}]' and -1 or 0)
-    if ch == ' ' and depth == 0:
-      return text[:i], text[i + 1:]
-  return text, ''
-
-
-def _arrays(shape: str) -> list[tuple[str, int]]:
-  """(dtype, element count) of every array in an HLO shape, layouts ignored."""
-  out = []
-  for dtype, dims in _SHAPE.findall(re.sub(r'\{[^{}]*\}', '', shape)):
-    if dtype in DTYPE_BYTES:
-      out.append((dtype, int(np.prod([int(d) for d in dims.split(',') if d] or [1]))))
-  return out
-
-
-def _group_size(attrs: str, num_devices: int) -> int:
-  m = re.search(r'replica_groups=\[\d+,(\d+)\]<=', attrs)  # iota form [groups, size]<=[n]
-  if m:
-    return int(m.group(1))
-  m = re.search(r'replica_groups=\{\{([0-9,]*)\}', attrs)  # explicit {{0,1,...},...}
-  if m:
-    return len(m.group(1).split(','))
-  return num_devices
-
-
-def collectives(hlo_text: str, num_devices: int) -> list[dict]:
-  """Every collective of an optimised HLO module once: ``op``, ``dtype``, ``elements`` and
-  ``bytes`` of its operands per device, ``group`` (participants) and ``in_loop`` (its
-  computation is a while body, run once per iteration). Asynchronous pairs count at their
-  ``-start``; a combined (tuple) collective is one entry per dtype."""
-  shapes: dict[str, str] = {}
-  loop_bodies = set(re.findall(r'\bwhile\(.*?body=%?([\w.\-]+)', hlo_text))
-  out, computation = [], ''
-  for line in hlo_text.splitlines():
-    if not line.startswith(' ') and line.rstrip().endswith('{'):
-      m = _COMPUTATION.match(line)
-      computation = m.group(1) if m else ''
-      continue
-    m = _INSTRUCTION.match(line)
-    if not m:
-      continue
-    name, body = m.groups()
-    shape, rest = _split_shape(body)
-    shapes[name] = shape
-    op = rest.split('(', 1)[0]
-    base = op[:-len('-start')] if op.endswith('-start') else op
-    if base not in COLLECTIVES:
-      continue
-    args = rest[len(op) + 1:]
-    operands = re.findall(r'%([\w.\-]+)', args.split(')', 1)[0])
-    arrays = [a for o in operands if o in shapes for a in _arrays(shapes[o])]
-    if not arrays:
-      arrays = _arrays(shape)[:1] if op != base else _arrays(shape)
-    by_dtype: dict[str, int] = {}
-    for dtype, n in arrays:
-      by_dtype[dtype] = by_dtype.get(dtype, 0) + n
-    for dtype, n in sorted(by_dtype.items()):
-      out.append({'op': base, 'dtype': dtype, 'elements': n, 'bytes': n * DTYPE_BYTES[dtype],
-                  'group': _group_size(args, num_devices), 'in_loop': computation in loop_bodies})
-  return out
-
-
 def _wire_bytes(c: dict) -> float:
   """Bytes one device sends for a collective, ring algorithms."""
   g = max(c['group'], 1)
@@ -171,8 +97,18 @@ def _wire_bytes(c: dict) -> float:
   return c['bytes'] * factor
 
 
-def analyse(compiled, *, generation: str, num_devices: int, loop_trips: int = 1) -> dict:
-  """Per-device figures of a compiled program and its roofline bound (seconds)."""
+def analyse(compiled, *, generation: str, num_devices: int, loop_trips: int = 1,
+            breakdown: int = 10) -> dict:
+  """Per-device figures of a compiled program and its roofline bound (seconds).
+
+  The memory term is the audited HBM traffic (``hlo.hbm_traffic``, tile-padded): what the
+  program's instructions read from and write to HBM, loops counted per trip (a loop whose
+  trip count depends on data, the evaluator's window loop, ``loop_trips`` times). XLA's own
+  ``bytes accessed`` stays beside it as ``xla_bytes_accessed``: it counts VMEM-resident
+  buffers, whole arrays where slices are read and both halves of async copies, and loop
+  bodies once. FLOPs are XLA's, its loop bodies scaled by ``loop_trips`` (gradient
+  accumulation's scan or the window loop hold the network).
+  """
   chip = CHIPS[generation]
   mem = compiled.memory_analysis()
   gib = lambda b: b / 2**30
@@ -183,8 +119,9 @@ def analyse(compiled, *, generation: str, num_devices: int, loop_trips: int = 1)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get('flops', 0.0)) * loop_trips
-  bytes_accessed = float(cost.get('bytes accessed', 0.0)) * loop_trips
-  colls = collectives(compiled.as_text(), num_devices)
+  text = compiled.as_text()
+  traffic = hlo.hbm_traffic(text, unknown_trips=loop_trips, top=breakdown)
+  colls = hlo.collectives(text, num_devices)
   wire = sum(_wire_bytes(c) * (loop_trips if c['in_loop'] else 1) for c in colls)
   summary: dict[str, dict] = {}
   for c in colls:
@@ -192,15 +129,17 @@ def analyse(compiled, *, generation: str, num_devices: int, loop_trips: int = 1)
     s['count'] += 1
     s['elements'] += c['elements']
   bound = {'compute': flops / chip['peak_bf16_flops'],
-           'memory': bytes_accessed / chip['hbm_bytes_per_s'],
+           'memory': traffic['bytes_padded'] / chip['hbm_bytes_per_s'],
            'interconnect': wire / chip['ici_bytes_per_s']}
   seconds = max(bound.values())
   return {
       'memory_gib': {'arguments': gib(arguments), 'outputs': gib(outputs), 'aliased': gib(aliased),
                      'temporaries': gib(temporaries), 'total': gib(total), 'peak': gib(peak),
                      'hbm': gib(chip['hbm_bytes']), 'fits': peak <= chip['hbm_bytes']},
-      'flops': flops, 'bytes_accessed': bytes_accessed,
+      'flops': flops, 'hbm_traffic': traffic,
+      'xla_bytes_accessed': float(cost.get('bytes accessed', 0.0)) * loop_trips,
       'collectives': colls, 'collective_summary': summary, 'collective_wire_bytes': wire,
+      'collective_bytes': sum(c['bytes'] * (loop_trips if c['in_loop'] else 1) for c in colls),
       'roofline_seconds': {**bound, 'bound': seconds,
                            'limited_by': max(bound, key=bound.get)},
       'mfu_upper_bound': bound['compute'] / seconds if seconds > 0 else None,
@@ -240,8 +179,10 @@ def compile_train(config, devices, num_classes: int):
   crop = int(config.augment.crop_size)
   data = {'image': jax.ShapeDtypeStruct((batch, crop, crop, 3), jnp.float32, sharding=sharded),
           'label': jax.ShapeDtypeStruct((batch, crop, crop), jnp.int32, sharding=sharded)}
-  step = make_train_step(graphdef, tx, aux_weight=config.aux_weight, ignore_label=255,
-                         grad_accum_steps=accum, lr_schedules=schedules(opt_config, total_steps))
+  step = make_train_step(graphdef, tx, aux_weight=config.aux_weight,
+                         ignore_label=int(config.augment.ignore_label), grad_accum_steps=accum,
+                         lr_schedules=schedules(opt_config, total_steps),
+                         loss_block_rows=int(config.loss_block_rows))
   jitted = jax.jit(step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
                    donate_argnums=(0,))
   t0 = time.perf_counter()
@@ -273,7 +214,7 @@ def compile_eval(config, devices, num_classes: int, image_size: tuple[int, int])
 
 
 def run(config, target: str, program: str, *, num_classes: int = 0,
-        image_size: tuple[int, int] = (512, 683)) -> dict:
+        image_size: tuple[int, int] = (512, 683), breakdown: int = 10) -> dict:
   """Compiles ``program`` ('train' | 'eval') of ``config`` for ``target``; the JSON dict."""
   generation, topology = parse_target(target)
   if program not in ('train', 'eval'):
@@ -287,10 +228,11 @@ def run(config, target: str, program: str, *, num_classes: int = 0,
   else:
     compiled, info = compile_eval(config, devices, classes, image_size)
   # XLA counts a loop's body once: the accumulation scan (train) or the window loop (eval)
-  # holds the network, so its trip count scales the program's cost (exact for one loop,
-  # approximate for several scales, whose loops differ).
+  # holds the network, so its trip count scales the program's FLOPs (exact for one loop,
+  # approximate for several scales, whose loops differ); the traffic audit reads static
+  # trip counts from the program and uses this one only for data-dependent loops.
   figures = analyse(compiled, generation=generation, num_devices=len(devices),
-                    loop_trips=info['loop_trips'])
+                    loop_trips=info['loop_trips'], breakdown=breakdown)
   step_s = figures['roofline_seconds']['bound']
   chip = CHIPS[generation]
   return {
@@ -302,6 +244,87 @@ def run(config, target: str, program: str, *, num_classes: int = 0,
   }
 
 
+def parse_sweep(config, spec: str) -> tuple[str, list]:
+  """'global_batch_size=8,16,32' -> ('global_batch_size', [8, 16, 32]), each value of the
+  key's own type; the key must exist in ``config``."""
+  key, sep, values = spec.partition('=')
+  if not sep or not values:
+    raise AotError(f'--sweep {spec!r}: expected KEY=V1,V2,..., e.g. global_batch_size=8,16,32')
+  node = config
+  *path, last = key.split('.')
+  for part in path:
+    node = node.get(part) if hasattr(node, 'get') else None
+  if node is None or not hasattr(node, 'get') or last not in node:
+    raise AotError(f'--sweep: {key!r} is not a key of the config (e.g. global_batch_size, '
+                   'model.dtype, loss_block_rows)')
+  old = node[last]
+  out = []
+  for text in values.split(','):
+    try:
+      if isinstance(old, bool):
+        if text.lower() not in ('true', 'false', '1', '0'):
+          raise ValueError(text)
+        value = text.lower() in ('true', '1')
+      elif isinstance(old, (int, float, str)):
+        value = type(old)(text)
+      else:
+        raise AotError(f'--sweep {key}: only number, text or true/false keys can be swept')
+    except ValueError:
+      raise AotError(f'--sweep {key}: {text!r} is not of type {type(old).__name__}') from None
+    out.append(value)
+  return key, out
+
+
+def with_value(config, key: str, value):
+  """A copy of ``config`` with ``key`` (dotted) set to ``value``."""
+  config = copy.deepcopy(config)
+  node = config
+  *path, last = key.split('.')
+  for part in path:
+    node = node[part]
+  node[last] = value
+  return config
+
+
+def sweep_row(key: str, value, result: dict) -> dict:
+  """One line of ``--sweep``'s table."""
+  m = result['per_chip']
+  return {key: value, 'gib_per_chip': m['memory_gib']['peak'], 'fits': m['memory_gib']['fits'],
+          'hbm_traffic_gb': m['hbm_traffic']['bytes_padded'] / 1e9,
+          'bound_ms': m['roofline_seconds']['bound'] * 1e3,
+          'limited_by': m['roofline_seconds']['limited_by'],
+          'images_per_second_upper_bound': result['images_per_second_upper_bound'],
+          'mfu_upper_bound': m['mfu_upper_bound'], 'compile_s': result['timings']['compile_s']}
+
+
+def format_table(rows: list[dict]) -> str:
+  """Rows of equal keys as a Markdown table."""
+  keys = list(rows[0])
+  fmt = lambda v: f'{v:.3g}' if isinstance(v, float) else str(v)
+  lines = ['| ' + ' | '.join(keys) + ' |', '|' + '---|' * len(keys)]
+  lines += ['| ' + ' | '.join(fmt(r[k]) for k in keys) + ' |' for r in rows]
+  return '\n'.join(lines)
+
+
+def format_breakdown(traffic: dict, top: int) -> str:
+  """The audit as text: totals, by kind, by source and the top instructions."""
+  gb = lambda b: b / 1e9
+  lines = [f'HBM traffic per chip: {gb(traffic["bytes_padded"]):.2f} GB tile-padded '
+           f'({gb(traffic["bytes"]):.2f} GB raw)', '', 'by kind (GB padded, instructions):']
+  lines += [f'  {k:24s} {gb(v["bytes_padded"]):8.3f}  {v["count"]}' for k, v in traffic['by_kind'].items()]
+  lines += ['', f'by source, top {top}:']
+  lines += [f'  {k[:72]:72s} {gb(v["bytes_padded"]):8.3f}  {v["count"]}'
+            for k, v in list(traffic['by_source'].items())[:top]]
+  lines += ['', f'top {top} instructions (GB padded, executions):']
+  lines += [f'  {r["bytes_padded"] / 1e9:8.3f} x{r["times"]:<4.0f} {r["kind"]:20s} {r["name"][:28]:28s} '
+            f'{r["shape"][:44]:44s} {r["source"][:60]}' for r in traffic['top'][:top]]
+  loops = [f'{l["body"]} x{l["trips"]}{"" if l["known"] else " (data-dependent: assumed)"}'
+           for l in traffic['loops']]
+  if loops:
+    lines += ['', 'loops: ' + ', '.join(loops)]
+  return '\n'.join(lines)
+
+
 @errors.command
 def main(argv):
   from absl import flags
@@ -311,18 +334,39 @@ def main(argv):
   h, _, w = flags_.image_size.partition('x')
   if not (h.isdigit() and (w or h).isdigit()):
     raise AotError(f'--image_size {flags_.image_size!r}: expected HxW, e.g. 512x683')
-  result = run(flags_.config, flags_.target, flags_.program, num_classes=flags_.num_classes,
-               image_size=(int(h), int(w or h)))
-  text = json.dumps(result, indent=1, default=float)
-  if flags_.json:
-    with open(flags_.json, 'w') as f:
-      f.write(text + '\n')
+  if flags_.breakdown < 0:
+    raise AotError(f'--breakdown {flags_.breakdown}: expected a number of instructions >= 0')
+  kwargs = dict(num_classes=flags_.num_classes, image_size=(int(h), int(w or h)),
+                breakdown=max(flags_.breakdown, 10))
+  if flags_.sweep:
+    key, values = parse_sweep(flags_.config, flags_.sweep)
+    results = []
+    for value in values:
+      results.append(run(with_value(flags_.config, key, value), flags_.target, flags_.program, **kwargs))
+      print(f'{key}={value}: compiled in {results[-1]["timings"]["compile_s"]:.0f} s', flush=True)
+    rows = [sweep_row(key, v, r) for v, r in zip(values, results)]
+    _write(flags_.json, {'sweep': key, 'rows': rows, 'results': results})
+    print(format_table(rows))
+    return
+  result = run(flags_.config, flags_.target, flags_.program, **kwargs)
+  _write(flags_.json, result)
   m = result['per_chip']
-  print(text if not flags_.json else
-        f'{result["program"]} on {result["target"]}: {m["memory_gib"]["peak"]:.2f} GiB a chip '
-        f'(fits {m["memory_gib"]["fits"]}), {m["flops"]:.3g} FLOP, bound '
+  if flags_.breakdown:
+    print(format_breakdown(m['hbm_traffic'], flags_.breakdown))
+  if not flags_.json:
+    print(json.dumps(result, indent=1, default=float))
+    return
+  print(f'{result["program"]} on {result["target"]}: {m["memory_gib"]["peak"]:.2f} GiB a chip '
+        f'(fits {m["memory_gib"]["fits"]}), {m["flops"]:.3g} FLOP, HBM traffic '
+        f'{m["hbm_traffic"]["bytes_padded"] / 1e9:.2f} GB, bound '
         f'{m["roofline_seconds"]["bound"] * 1e3:.1f} ms ({m["roofline_seconds"]["limited_by"]}), '
         f'compile {result["timings"]["compile_s"]:.0f} s -> {flags_.json}')
+
+
+def _write(path, obj):
+  if path:
+    with open(path, 'w') as f:
+      f.write(json.dumps(obj, indent=1, default=float) + '\n')
 
 
 if __name__ == '__main__':
@@ -335,5 +379,9 @@ if __name__ == '__main__':
   flags.DEFINE_string('json', None, 'Write the figures to this file (else print them).')
   flags.DEFINE_integer('num_classes', 0, 'Classes, when the dataset does not fix them.')
   flags.DEFINE_string('image_size', '512x683', 'HxW of the image the eval program is built for.')
+  flags.DEFINE_integer('breakdown', 0, 'Print the HBM traffic audit: by kind, by source and '
+                       'the top N instructions (the JSON holds at least the top 10).')
+  flags.DEFINE_string('sweep', None, 'KEY=V1,V2,...: compile once per value of a config key '
+                      '(e.g. global_batch_size=8,16,32,64) and print one row per value.')
   logging.set_verbosity(logging.WARNING)
   app.run(main)

@@ -1,5 +1,7 @@
-"""python -m pspnet_jax.aot on tiny models, compiled on this CPU for a TPU v5e 2x2 slice, and
-its HLO collective parser on hand-written HLO.
+"""python -m pspnet_jax.aot on tiny models, compiled on this CPU for a TPU v5e 2x2 slice: the
+per-chip figures, the HBM traffic audit on programs whose traffic is known by hand,
+``--breakdown`` and ``--sweep``. (The HLO reader's rules on hand-written HLO:
+tests/test_hlo.py.)
 
 The compile needs libtpu, which the main test environment does not hold (with it every
 process start probes for a TPU); ``make test`` builds a second environment with
@@ -26,20 +28,24 @@ TINY = ['--config.dataset.builder_kwargs.image_size=32', '--config.model.base_wi
         '--config.augment.crop_size=33', '--config.model.dtype=bfloat16']
 
 
-def _aot(tmp_path, *args):
+def _env():
+  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+
+
+def _aot(tmp_path, *args, stdout=False):
   out = tmp_path / 'aot.json'
   cmd = [AOT_PYTHON, '-m', 'pspnet_jax.aot', '--config', os.path.join(ROOT, 'configs', 'synthetic.py'),
          '--target', 'tpu:v5e:2x2', '--json', str(out), *TINY, *args]
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
-  p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+  p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=_env(), cwd=ROOT)
   assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
-  return json.loads(out.read_text())
+  return (json.loads(out.read_text()), p.stdout) if stdout else json.loads(out.read_text())
 
 
 @pytest.mark.aot
 @needs_libtpu
 def test_train_step_compiles_for_v5e_with_per_chip_figures(tmp_path):
-  r = _aot(tmp_path, '--program=train', '--config.global_batch_size=8')
+  r, printed = _aot(tmp_path, '--program=train', '--config.global_batch_size=8', '--breakdown=5',
+                    '--config.loss_block_rows=8', stdout=True)
   assert r['chips'] == 4 and r['device_kind'].startswith('TPU v5')
   m = r['per_chip']
   mem = m['memory_gib']
@@ -53,6 +59,18 @@ def test_train_step_compiles_for_v5e_with_per_chip_figures(tmp_path):
   assert bound['bound'] == max(bound['compute'], bound['memory'], bound['interconnect']) > 0
   assert r['images_per_second_upper_bound'] == pytest.approx(8 / bound['bound'])
   assert 0 < m['mfu_upper_bound'] <= 1
+  # The memory term is the audited traffic, tile-padded; XLA's own count stays beside it.
+  traffic = m['hbm_traffic']
+  assert 0 < traffic['bytes'] <= traffic['bytes_padded'] < m['xla_bytes_accessed']
+  assert bound['memory'] == pytest.approx(traffic['bytes_padded'] / r['chip']['hbm_bytes_per_s'])
+  assert sum(g['bytes_padded'] for g in traffic['by_kind'].values()) == pytest.approx(traffic['bytes_padded'])
+  assert sum(g['bytes_padded'] for g in traffic['by_source'].values()) == pytest.approx(traffic['bytes_padded'])
+  assert len(traffic['top']) == 10 and traffic['top'][0]['bytes_padded'] >= traffic['top'][-1]['bytes_padded']
+  # The loss is taken at the logits' resolution: two loops (forward, backward) per head
+  # over the 33 rows in blocks of 8 (5 trips), and no gather reads full-resolution logits.
+  assert [l['trips'] for l in traffic['loops']].count(5) == 4 and all(l['known'] for l in traffic['loops'])
+  assert 'gather' not in traffic['by_kind'], traffic['by_kind']
+  assert 'HBM traffic per chip' in printed and 'by kind' in printed and 'top 5 instructions' in printed
 
 
 @pytest.mark.aot
@@ -65,35 +83,64 @@ def test_eval_program_compiles_for_v5e(tmp_path):
   assert r['per_chip']['memory_gib']['fits'] and r['per_chip']['flops'] > 0
 
 
-def test_collectives_are_counted_once_with_dtype_and_elements():
-  hlo = '''HloModule m
+@pytest.mark.aot
+@needs_libtpu
+def test_sweep_compiles_one_program_per_value(tmp_path):
+  r, printed = _aot(tmp_path, '--program=train', '--sweep=global_batch_size=4,16', stdout=True)
+  small, large = r['rows']
+  assert (r['sweep'], small['global_batch_size'], large['global_batch_size']) == ('global_batch_size', 4, 16)
+  # (Peak memory need not grow with the batch on a tiny model: the compiler keeps more of
+  # it in VMEM at one size than at another.)
+  assert small['fits'] and large['fits'] and small['hbm_traffic_gb'] < large['hbm_traffic_gb']
+  assert small['images_per_second_upper_bound'] > 0 and large['mfu_upper_bound'] > 0
+  for row, result in zip(r['rows'], r['results']):
+    assert result['images_per_step'] == row['global_batch_size']
+    assert row['bound_ms'] == pytest.approx(result['per_chip']['roofline_seconds']['bound'] * 1e3)
+  assert '| global_batch_size | gib_per_chip |' in printed and printed.count('\n| ') >= 3
 
-%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
-  %p = (s32[], f32[4]{0}) parameter(0)
-  %g = f32[4]{0} get-tuple-element(%p), index=1
-  %ar = f32[4]{0} all-reduce(%g), replica_groups={{0,1,2,3}}, to_apply=%add
-  ROOT %t = (s32[], f32[4]{0}) tuple(%c, %ar)
-}
 
-ENTRY %main (a: bf16[8,16], b: f32[3]) -> f32[3] {
-  %a = bf16[8,16]{1,0:T(8,128)(2,1)} parameter(0)
-  %b = f32[3]{0} parameter(1)
-  %s = bf16[8,16]{1,0} all-reduce-start(%a), replica_groups=[1,4]<=[4], to_apply=%add
-  %d = bf16[8,16]{1,0} all-reduce-done(%s)
-  %c = (f32[3]{0}, bf16[8,16]{1,0}) all-reduce(%b, %d), replica_groups={{0,1},{2,3}}, to_apply=%add
-  %w = (s32[], f32[4]{0}) while(%init), condition=%cond, body=%body
-  ROOT %x = f32[12]{0} all-gather(%b), dimensions={0}, replica_groups={{0,1,2,3}}
-}
-'''
-  got = aot.collectives(hlo, num_devices=4)
-  key = lambda c: (c['op'], c['dtype'], c['elements'], c['group'], c['in_loop'])
-  assert sorted(map(key, got)) == sorted([
-      ('all-reduce', 'f32', 4, 4, True),        # in the while body
-      ('all-reduce', 'bf16', 128, 4, False),    # the -start, not the -done
-      ('all-reduce', 'f32', 3, 2, False),       # a combined all-reduce: one entry per dtype
-      ('all-reduce', 'bf16', 128, 2, False),
-      ('all-gather', 'f32', 3, 4, False)])      # operand elements
-  assert [c['bytes'] for c in got if c['dtype'] == 'bf16'] == [256, 256]
+@pytest.mark.aot
+@needs_libtpu
+def test_traffic_audit_on_programs_known_by_hand():
+  p = subprocess.run([AOT_PYTHON, os.path.join(ROOT, 'tests', 'scripts', 'aot_traffic.py')],
+                     capture_output=True, text=True, timeout=900, env=_env(), cwd=ROOT)
+  assert p.returncode == 0, p.stderr[-4000:]
+  r = json.loads(p.stdout)
+  MiB = 2**20
+  # x * 2 + 1 on f32[1024, 1024]: read 4 MiB, write 4 MiB.
+  assert r['elementwise']['bytes_padded'] == 8 * MiB
+  # bf16 [512, 1024] @ [1024, 2048]: read 1 + 4 MiB, write 2 MiB; XLA counts the weights'
+  # prefetch into VMEM (an async copy) as well as the matmul reading them from VMEM.
+  assert r['matmul']['bytes_padded'] == 7 * MiB < r['matmul']['xla_bytes_accessed']
+  assert r['matmul']['vmem_buffers'] > 0
+  # One [1024, 1024] slice of a 256 MiB array, doubled: read 4 MiB, write 4 MiB (+ the index).
+  assert 8 * MiB <= r['slice']['bytes_padded'] < 8 * MiB + 4096
+  # f32[1000, 100]: tiles of (8, 128) pad the minor 100 (or 1000) up: more than the raw bytes.
+  assert r['padded']['bytes'] == 2 * 1000 * 100 * 4 < r['padded']['bytes_padded']
+  # Five trips of sin(x) * 2 in VMEM: x in, the result out, the trips never touch HBM;
+  # XLA's count holds the VMEM buffers.
+  loop = r['loop_in_vmem']
+  assert loop['loops'] == [[5, True]] and 8 * MiB <= loop['bytes_padded'] < 8 * MiB + 65536
+  assert loop['xla_bytes_accessed'] > 4 * loop['bytes_padded']
+  # The loss at the logits' resolution moves a hundredth of what the composition does, and
+  # has no gather.
+  assert r['loss_fused']['bytes_padded'] * 100 < r['loss_plain']['bytes_padded']
+  assert 'gather' in r['loss_plain']['by_kind'] and 'gather' not in r['loss_fused']['by_kind']
+
+
+def test_sweep_values_take_the_key_type_and_bad_ones_are_one_line():
+  from configs.synthetic import get_config
+  config = get_config()
+  assert aot.parse_sweep(config, 'global_batch_size=8,16') == ('global_batch_size', [8, 16])
+  assert aot.parse_sweep(config, 'model.dtype=float32,bfloat16') == ('model.dtype', ['float32', 'bfloat16'])
+  assert aot.with_value(config, 'model.dtype', 'bfloat16').model.dtype == 'bfloat16'
+  assert config.model.dtype == 'float32'  # a copy
+  with pytest.raises(aot.AotError, match="'global_batch' is not a key"):
+    aot.parse_sweep(config, 'global_batch=8')
+  with pytest.raises(aot.AotError, match="'eight' is not of type int"):
+    aot.parse_sweep(config, 'global_batch_size=8,eight')
+  with pytest.raises(aot.AotError, match='expected KEY=V1,V2'):
+    aot.parse_sweep(config, 'global_batch_size')
 
 
 def test_bad_target_is_one_clear_error():

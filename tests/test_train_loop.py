@@ -478,13 +478,14 @@ import pspnet_jax.data as data
 import pspnet_jax.train.step as step_module
 
 POISON_AT = int(sys.argv.pop(1))
-real_loss, real_loader = step_module.cross_entropy, data.train_loader
+real_loss, real_loader = step_module.upsampled_cross_entropy, data.train_loader
 
-def cross_entropy(logits, labels, ignore_label=255):
+def upsampled_cross_entropy(logits, labels, *, ignore_label=255, **kwargs):
   # A batch marked with label 254 gets a finite loss (254 is ignored) and NaN gradients:
   # d sqrt(u)/du at u = 0 is inf, times zero.
   flag = jnp.any(labels == 254)
-  loss = real_loss(logits, jnp.where(labels == 254, ignore_label, labels), ignore_label)
+  loss = real_loss(logits, jnp.where(labels == 254, ignore_label, labels),
+                   ignore_label=ignore_label, **kwargs)
   u = jnp.where(flag, 0.0, 1.0) * jnp.sum(logits.astype(jnp.float32) ** 2)
   return loss + 0.0 * jnp.sqrt(u)
 
@@ -502,7 +503,7 @@ class Loader:
       batch['label'][0, 0, 0] = 254
     return batch
 
-step_module.cross_entropy = cross_entropy
+step_module.upsampled_cross_entropy = upsampled_cross_entropy
 data.train_loader = lambda *a, **k: Loader(real_loader(*a, **k))
 sys.argv[0] = 'train.py'
 runpy.run_path('train.py', run_name='__main__')

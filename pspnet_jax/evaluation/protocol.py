@@ -253,9 +253,8 @@ class Evaluator:
   # ---- device side ---------------------------------------------------------------------
 
   def _window_probs(self, state, windows: jax.Array) -> jax.Array:
-    """windows: [B, h, w, 3] normalised -> softmax [B, h, w, C], averaged with the flip."""
-    spec = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names))
-    windows = jax.lax.with_sharding_constraint(windows, spec)
+    """windows: [B, h, w, 3] normalised -> softmax [B, h, w, C], averaged with the flip.
+    Runs on one device's windows (inside ``_scale_probs``'s ``shard_map``)."""
     b = windows.shape[0]
     if self.config.flip:  # semseg runs the window and its flip as one batch
       windows = jnp.concatenate([windows, windows[:, :, ::-1]], axis=0)
@@ -266,7 +265,13 @@ class Evaluator:
 
   def _scale_probs(self, state, x: jax.Array, plan: dict, shape: _ScaleShape) -> jax.Array:
     """One scale: x [Hb, Wb, 3] normalised -> summed-over-windows probabilities resized to
-    [Hb, Wb, C] (rows/columns past the image are zero)."""
+    [Hb, Wb, C] (rows/columns past the image are zero).
+
+    Each device runs its share of every window batch (``batch / devices`` windows, the same
+    windows as a sharded batch would give it) and adds them into a canvas of its own; the
+    canvases are summed across devices once, after the window loop. A replicated canvas fed
+    by sharded windows would ship every window's probabilities between devices instead.
+    """
     c = self.num_classes
     b = shape.batch
     wh, ww = shape.window
@@ -279,24 +284,36 @@ class Evaluator:
               + jnp.take(a, i1, axis=axis) * w1.reshape(bshape))
 
     canvas = gather(gather(x, plan['in_rows'], 0), plan['in_cols'], 1)  # [PH, PW, 3]
+    devices, axes = self.mesh.size, self.mesh.axis_names
+    per = b // devices
+    # [batches, devices, windows per device, ...]: device d takes [:, d] of every batch.
+    offsets = plan['offsets'].reshape(-1, devices, per, 2)
+    valid = plan['valid'].reshape(-1, devices, per)
 
-    def body(i, carry):
-      acc, count = carry
-      offsets = jax.lax.dynamic_slice_in_dim(plan['offsets'], i * b, b)
-      valid = jax.lax.dynamic_slice_in_dim(plan['valid'], i * b, b)
-      windows = jax.vmap(lambda o: jax.lax.dynamic_slice(canvas, (o[0], o[1], 0), (wh, ww, 3)))(offsets)
-      probs = self._window_probs(state, windows)
-      for k in range(b):  # windows overlap: add them one after another
-        y, xx = offsets[k, 0], offsets[k, 1]
-        acc = jax.lax.dynamic_update_slice(
-            acc, jax.lax.dynamic_slice(acc, (y, xx, 0), (wh, ww, c)) + probs[k] * valid[k], (y, xx, 0))
-        count = jax.lax.dynamic_update_slice(
-            count, jax.lax.dynamic_slice(count, (y, xx), (wh, ww)) + valid[k], (y, xx))
-      return acc, count
+    def local(state, canvas, offsets, valid, batches):
+      offsets, valid = offsets[:, 0], valid[:, 0]
 
-    acc = jnp.zeros(shape.canvas + (c,), jnp.float32)
-    count = jnp.zeros(shape.canvas, jnp.float32)
-    acc, count = jax.lax.fori_loop(0, plan['batches'], body, (acc, count))
+      def body(i, carry):
+        acc, count = carry
+        windows = jax.vmap(lambda o: jax.lax.dynamic_slice(canvas, (o[0], o[1], 0), (wh, ww, 3)))(offsets[i])
+        probs = self._window_probs(state, windows)
+        for k in range(per):  # windows overlap: add them one after another
+          y, xx = offsets[i, k, 0], offsets[i, k, 1]
+          acc = jax.lax.dynamic_update_slice(
+              acc, jax.lax.dynamic_slice(acc, (y, xx, 0), (wh, ww, c)) + probs[k] * valid[i, k], (y, xx, 0))
+          count = jax.lax.dynamic_update_slice(
+              count, jax.lax.dynamic_slice(count, (y, xx), (wh, ww)) + valid[i, k], (y, xx))
+        return acc, count
+
+      acc = jnp.zeros(shape.canvas + (c,), jnp.float32)
+      count = jnp.zeros(shape.canvas, jnp.float32)
+      acc, count = jax.lax.fori_loop(0, batches, body, (acc, count))
+      return jax.lax.psum((acc, count), axes)
+
+    spread = PartitionSpec(None, axes)
+    acc, count = jax.shard_map(
+        local, mesh=self.mesh, in_specs=(PartitionSpec(), PartitionSpec(), spread, spread, PartitionSpec()),
+        out_specs=PartitionSpec(), check_vma=False)(state, canvas, offsets, valid, plan['batches'])
 
     # Average overlapping windows pixel by pixel, then resize (semseg divides, then
     # resizes): gather rows of both, divide, interpolate; then the columns.

@@ -141,21 +141,23 @@ class PSPNet(nnx.Module):
       x = self.dropout(x, rngs=rngs)
     return head['4'](x)
 
-  def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None):
+  def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None, upsample: bool = True):
     """x: [B, H, W, 3] normalised image, ``(rgb - config.mean) / config.std`` -> logits
     [B, H, W, num_classes] float32.
 
     In train mode returns ``(logits, aux_logits)``, both at input size; dropout then needs
     ``rngs`` with a ``dropout`` stream (none is needed when ``dropout == 0``).
+    ``upsample=False`` returns them at the heads' own resolution (the input's / output
+    stride), still float32: the train step's loss resizes them itself
+    (``pspnet_jax.train.loss.upsampled_cross_entropy``).
     """
     h, w = x.shape[1:3]
     ac = self.config.align_corners
+    resize = (lambda z: ops.resize_bilinear(z, (h, w), ac)) if upsample else (lambda z: z)
     _, _, c3, c4 = self.backbone(x)
     y = ops.pyramid_pool(c4, self.config.bins, self._ppm_branch, align_corners=ac,
                          fixed_size=self.config.pyramid_fixed_size)
-    logits = self._apply_head(self.cls, y, rngs)
-    logits = ops.resize_bilinear(logits.astype(jnp.float32), (h, w), ac)
+    logits = resize(self._apply_head(self.cls, y, rngs).astype(jnp.float32))
     if self.deterministic:
       return logits
-    aux = ops.resize_bilinear(self._apply_head(self.aux, c3, rngs).astype(jnp.float32), (h, w), ac)
-    return logits, aux
+    return logits, resize(self._apply_head(self.aux, c3, rngs).astype(jnp.float32))

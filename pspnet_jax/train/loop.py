@@ -90,7 +90,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   train_step = jax.jit(
       make_train_step(graphdef, tx, aux_weight=config.aux_weight, ignore_label=info.ignore_label,
-                      grad_accum_steps=accum, lr_schedules=lr_schedules),
+                      grad_accum_steps=accum, lr_schedules=lr_schedules,
+                      loss_block_rows=int(config.loss_block_rows)),
       in_shardings=(replicated, NamedSharding(mesh, P('data'))),
       out_shardings=(replicated, replicated), donate_argnums=(0,))
 

@@ -1,5 +1,6 @@
 """The train step as pure functions: semseg's loss (cross entropy with ignored pixels, plus
-the weighted auxiliary loss) and one optimiser update, with optional gradient accumulation.
+the weighted auxiliary loss; ``pspnet_jax.train.loss``) and one optimiser update, with
+optional gradient accumulation.
 
 Jit it with the batch sharded over a mesh (``pspnet_jax.mesh``): BN statistics are means
 over the batch axis of a sharded array, so they are the statistics of the *global* batch
@@ -13,22 +14,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int = 255) -> jax.Array:
-  """PyTorch ``CrossEntropyLoss(ignore_index=...)``: mean over non-ignored pixels.
-
-  logits: [B, H, W, C] float32, labels: [B, H, W] int -> scalar float32.
-  """
-  logits = logits.astype(jnp.float32)
-  valid = labels != ignore_label
-  safe = jnp.where(valid, labels, 0)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
-  return jnp.sum(nll * valid) / jnp.maximum(jnp.sum(valid), 1)
+from pspnet_jax.train.loss import upsampled_cross_entropy
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, aux_weight: float,
-                    ignore_label: int, grad_accum_steps: int = 1, lr_schedules=None):
+                    ignore_label: int, grad_accum_steps: int = 1, lr_schedules=None,
+                    loss_block_rows: int = 64):
   """Returns ``step(state, batch) -> (state, metrics)``; ``state`` is a dict with
   ``params``, ``batch_stats``, ``opt_state``, ``step`` (int32) and ``rng`` (a key).
 
@@ -38,6 +29,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, aux_weight: f
   the micro-batches' means would weigh a pixel by how many others its micro-batch ignores).
   BN statistics are those of each micro-batch, updated in sequence, as PyTorch does when it
   accumulates.
+
+  Both heads' losses are taken at the heads' own resolution (``upsampled_cross_entropy``,
+  ``loss_block_rows`` output rows at a time): the same loss as resizing the logits to the
+  label's size first, without the full-resolution float32 arrays.
   """
 
   def loss_fn(params, batch_stats, images, labels, rng):
@@ -46,9 +41,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, aux_weight: f
     batch_stats = jax.tree.map(lambda x: x, batch_stats)
     model = nnx.merge(graphdef, params, batch_stats)
     model.train()
-    logits, aux = model(images, rngs=nnx.Rngs(dropout=rng))
-    main_loss = cross_entropy(logits, labels, ignore_label)
-    aux_loss = cross_entropy(aux, labels, ignore_label)
+    logits, aux = model(images, rngs=nnx.Rngs(dropout=rng), upsample=False)
+    loss = lambda z: upsampled_cross_entropy(
+        z, labels, align_corners=model.config.align_corners, ignore_label=ignore_label,
+        block_rows=loss_block_rows)
+    main_loss, aux_loss = loss(logits), loss(aux)
     loss = main_loss + aux_weight * aux_loss
     return loss, (nnx.state(model, nnx.BatchStat), main_loss, aux_loss)
 
