@@ -196,20 +196,22 @@ def compile_train(config, devices, num_classes: int):
 
 
 def compile_eval(config, devices, num_classes: int, image_size: tuple[int, int]):
-  """The evaluator's program for one ``image_size`` image with ``config.eval``."""
+  """The evaluator's program for ``image_size`` images with ``config.eval``, as
+  ``eval.py`` runs it on a slice: one image a chip (``Evaluator.evaluate_dataset``)."""
   model_config = model_config_from(config, num_classes)
   eval_config = EvalConfig.from_config(config.eval, 255)
   evaluator = Evaluator(checkpoint.abstract_model(model_config), eval_config,
                         mesh_lib.mesh_over(devices))
   t0 = time.perf_counter()
-  lowered, batches = evaluator.lower(*image_size)
+  lowered, batches = evaluator.lower(*image_size, one_image_per_device=len(devices) > 1)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   times = {'trace_and_lower_s': t1 - t0, 'compile_s': time.perf_counter() - t1}
-  return compiled, {'images_per_step': 1, 'loop_trips': max(sum(batches), 1), 'timings': times,
-                    'model': model_config.to_dict(), 'eval': dataclasses.asdict(eval_config),
-                    'image_size': list(image_size), 'window_batches_per_scale': batches,
-                    'window_batch': evaluator.window_batch,
+  return compiled, {'images_per_step': len(devices), 'loop_trips': max(sum(batches), 1),
+                    'timings': times, 'model': model_config.to_dict(),
+                    'eval': dataclasses.asdict(eval_config), 'image_size': list(image_size),
+                    'window_batches_per_scale': batches,
+                    'windows_per_call_per_chip': evaluator.window_batch // len(devices),
                     'convolutions_in_program': lowered.as_text().count('stablehlo.convolution')}
 
 

@@ -430,8 +430,27 @@ def hbm_traffic(hlo_text: str, *, unknown_trips: int = 1, top: int = 10) -> dict
   rows: list[dict] = []
   loops: list[dict] = []
 
+  def source(inst: Instruction, users: dict[str, list[Instruction]]) -> str:
+    """Where ``inst`` comes from in the JAX program; an instruction the compiler added
+    (a prefetch, a layout copy without metadata) is charged to its first user that has one."""
+    queue, seen = [inst], set()
+    while queue:
+      i = queue.pop(0)
+      if i.name in seen or len(seen) > 64:
+        continue
+      seen.add(i.name)
+      where = module.source(i)
+      if where != '?':
+        return where
+      queue.extend(users.get(i.name, []))
+    return '?'
+
   def walk(computation: str, times: float, depth: int = 0):
     instructions = module.instructions(computation)
+    users: dict[str, list[Instruction]] = {}
+    for i in module.computations.get(computation, []):
+      for o in i.operands:
+        users.setdefault(o, []).append(i)
     for inst in module.computations.get(computation, []):
       op = inst.opcode
       if op == 'while':
@@ -460,7 +479,7 @@ def hbm_traffic(hlo_text: str, *, unknown_trips: int = 1, top: int = 10) -> dict
       raw, padded = _instruction_bytes(module, inst, instructions)
       if raw or padded:
         rows.append({'name': inst.name, 'opcode': op, 'kind': kind_of(module, inst),
-                     'source': module.source(inst), 'shape': re.sub(r'\{[^{}]*\}', '', inst.shape)[:120],
+                     'source': source(inst, users), 'shape': re.sub(r'\{[^{}]*\}', '', inst.shape)[:120],
                      'times': times, 'bytes': raw * times, 'bytes_padded': padded * times})
 
   walk(module.entry, 1.0)

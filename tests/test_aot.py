@@ -78,8 +78,14 @@ def test_train_step_compiles_for_v5e_with_per_chip_figures(tmp_path):
 def test_eval_program_compiles_for_v5e(tmp_path):
   r = _aot(tmp_path, '--program=eval', '--image_size=40x56', '--config.eval.mode=slide',
            '--config.eval.crop_size=33', '--config.eval.base_size=48')
-  assert r['chips'] == 4 and r['window_batch'] == 4  # one window per chip
-  assert r['window_batches_per_scale'] == [1]  # 34x48 -> 33x48 padded: 1x2 windows, 1 batch
+  # eval.py's program on a slice: one image a chip, one window (and its flip) a call.
+  assert r['chips'] == 4 and r['images_per_step'] == 4 and r['windows_per_call_per_chip'] == 1
+  assert r['window_batches_per_scale'] == [4]  # 34x48: 2x2 windows of 33, one a call
+  # Only confusion counts cross between chips: no window's probabilities, no canvas.
+  c = r['num_classes']
+  colls = r['per_chip']['collectives']
+  assert colls and all(x['op'] == 'all-reduce' and x['dtype'] == 's32' for x in colls), colls
+  assert sum(x['elements'] for x in colls) <= c * c
   assert r['per_chip']['memory_gib']['fits'] and r['per_chip']['flops'] > 0
 
 

@@ -291,7 +291,8 @@ def test_process_shares_cover_everything_once_and_balance_cost():
 
 def test_evaluator_and_predict_on_four_devices_equal_one_device(tmp_path, model):
   """A loaded model (committed to one device) evaluates on a 4-device mesh: the weights are
-  replicated there and window batches sharded; metrics and labels equal one device's."""
+  replicated there; a dataset runs one image a device and ``predict`` spreads one image's
+  windows over the devices; metrics and labels equal one device's."""
   checkpoint.save_model(tmp_path / 'model', model)
   rng = np.random.default_rng(3)
   data = {'images': [], 'labels': []}
@@ -301,7 +302,7 @@ def test_evaluator_and_predict_on_four_devices_equal_one_device(tmp_path, model)
   np.savez(tmp_path / 'data.npz', *data['images'], *data['labels'])
   code = '''
 import json, sys, numpy as np, jax
-from pspnet_jax import checkpoint
+from pspnet_jax import checkpoint, hlo
 from pspnet_jax.evaluation import EvalConfig, Evaluator, evaluate
 model = checkpoint.load_model(sys.argv[1])
 arrays = np.load(sys.argv[2]); n = len(arrays.files) // 2
@@ -311,8 +312,14 @@ for mode in ('slide', 'whole'):
   cfg = EvalConfig(mode=mode, scales=(0.75, 1.0), crop_size=17, base_size=32, bucket_multiple=32)
   m = evaluate(model, examples, 5, cfg)
   ev = Evaluator(model, cfg)
+  seen = {}
+  ev.evaluate_dataset(examples, on_prediction=lambda i, p: seen.__setitem__(i, p.tolist()))
+  # What crosses between devices when each scores whole images: confusion counts only.
+  text = ev.lower(30, 40, one_image_per_device=True)[0].compile().as_text()
   out[mode] = {'per_class': m['per_class'], 'miou': m['miou'], 'batch': ev.window_batch,
-               'labels': [ev.predict(e['image']).tolist() for e in examples]}
+               'labels': [ev.predict(e['image']).tolist() for e in examples],
+               'dataset_labels': [seen[i] for i in range(n)],
+               'collectives': [(c['op'], c['dtype'], c['elements']) for c in hlo.collectives(text, 4)]}
 print(json.dumps(out))
 '''
   results = {}
@@ -325,6 +332,10 @@ print(json.dumps(out))
   for mode in ('slide', 'whole'):
     assert results[4][mode]['labels'] == results[1][mode]['labels'], mode
     assert results[4][mode]['per_class'] == results[1][mode]['per_class'], mode
+    # evaluate_dataset's predictions (one image a device on 4) are predict's, in order.
+    assert results[4][mode]['dataset_labels'] == results[1][mode]['labels'], mode
+    colls = results[4][mode]['collectives']
+    assert colls and all(op == 'all-reduce' and dtype == 's32' and n <= 5 * 5 for op, dtype, n in colls), colls
 
 
 def test_predict_skips_an_unreadable_file_and_says_which(tmp_path, model):

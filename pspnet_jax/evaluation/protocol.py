@@ -144,6 +144,14 @@ def _taps(in_size: int, out_size: int, out_len: int, out_offset: int, in_offset:
   return idx, wts
 
 
+def _apply_taps(a: jax.Array, taps, axis: int) -> jax.Array:
+  """Two-tap linear interpolation of ``a`` along ``axis`` with ``_taps``' arrays."""
+  (i0, i1), (w0, w1) = taps
+  bshape = [1] * a.ndim
+  bshape[axis] = -1
+  return jnp.take(a, i0, axis=axis) * w0.reshape(bshape) + jnp.take(a, i1, axis=axis) * w1.reshape(bshape)
+
+
 @dataclasses.dataclass(frozen=True)
 class _ScaleShape:
   """Static shapes of one scale in one bucket."""
@@ -174,6 +182,8 @@ class Evaluator:
     self.set_model(model)
     self._probs = jax.jit(self._probs_program, static_argnames='key')
     self._confusion = jax.jit(self._confusion_program, static_argnames='key')
+    self._group_confusion = jax.jit(self._group_program, static_argnames='key')
+    self._spread = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names))  # a leading axis
 
   def set_model(self, model: PSPNet):
     """Takes new weights (e.g. after a training step); compiled programs are kept as long
@@ -235,7 +245,7 @@ class Evaluator:
           'in_cols': _taps(w, nw, shape.canvas[1], left, 0),
           'out_rows': _taps(nh, h, hb, 0, top),
           'out_cols': _taps(nw, w, wb, 0, left),
-          'offsets': offsets, 'valid': valid,
+          'offsets': offsets, 'valid': valid, 'windows': np.int32(n),
           'batches': np.int32(-(-n // shape.batch)),
       })
     return plans
@@ -263,64 +273,110 @@ class Evaluator:
       probs = (probs[:b] + probs[b:, :, ::-1]) / 2
     return probs
 
+  def _accumulate(self, state, canvas, offsets, valid, trips, shape: _ScaleShape):
+    """One device's windows of one scale: ``trips`` batches of ``offsets`` [n, per, 2]
+    (``valid`` [n, per] masks absent windows) cut from ``canvas`` [PH, PW, 3], their
+    probabilities added into a canvas of its own. Returns (acc [PH, PW, C], count [PH, PW])."""
+    c = self.num_classes
+    wh, ww = shape.window
+    per = offsets.shape[1]
+
+    def body(i, carry):
+      acc, count = carry
+      windows = jax.vmap(lambda o: jax.lax.dynamic_slice(canvas, (o[0], o[1], 0), (wh, ww, 3)))(offsets[i])
+      probs = self._window_probs(state, windows)
+      for k in range(per):  # windows overlap: add them one after another
+        y, xx = offsets[i, k, 0], offsets[i, k, 1]
+        acc = jax.lax.dynamic_update_slice(
+            acc, jax.lax.dynamic_slice(acc, (y, xx, 0), (wh, ww, c)) + probs[k] * valid[i, k], (y, xx, 0))
+        count = jax.lax.dynamic_update_slice(
+            count, jax.lax.dynamic_slice(count, (y, xx), (wh, ww)) + valid[i, k], (y, xx))
+      return acc, count
+
+    acc = jnp.zeros(shape.canvas + (c,), jnp.float32)
+    count = jnp.zeros(shape.canvas, jnp.float32)
+    return jax.lax.fori_loop(0, trips, body, (acc, count))
+
+  @staticmethod
+  def _finish(acc, count, plan: dict) -> jax.Array:
+    """Average overlapping windows pixel by pixel, then resize to [Hb, Wb, C] (semseg
+    divides, then resizes): gather rows of both, divide, interpolate; then the columns."""
+    (r0, r1), (rw0, rw1) = plan['out_rows']
+    count = jnp.maximum(count, 1.0)[..., None]  # pixels outside all windows are never read
+    rows = (acc[r0] / count[r0]) * rw0[:, None, None] + (acc[r1] / count[r1]) * rw1[:, None, None]
+    return _apply_taps(rows, plan['out_cols'], 1)
+
   def _scale_probs(self, state, x: jax.Array, plan: dict, shape: _ScaleShape) -> jax.Array:
-    """One scale: x [Hb, Wb, 3] normalised -> summed-over-windows probabilities resized to
-    [Hb, Wb, C] (rows/columns past the image are zero).
+    """One scale of one image on every device: x [Hb, Wb, 3] normalised -> summed-over-
+    windows probabilities resized to [Hb, Wb, C] (rows/columns past the image are zero).
 
     Each device runs its share of every window batch (``batch / devices`` windows, the same
     windows as a sharded batch would give it) and adds them into a canvas of its own; the
-    canvases are summed across devices once, after the window loop. A replicated canvas fed
-    by sharded windows would ship every window's probabilities between devices instead.
+    canvases are summed across devices once, after the window loop. (A replicated canvas
+    fed by sharded windows would ship every window's probabilities between devices.)
+    ``evaluate_dataset`` on several devices goes further: one image per device
+    (``_group_program``), and nothing but confusion counts crosses between them.
     """
-    c = self.num_classes
-    b = shape.batch
-    wh, ww = shape.window
-
-    def gather(a, taps, axis):
-      (i0, i1), (w0, w1) = taps
-      bshape = [1] * a.ndim
-      bshape[axis] = -1
-      return (jnp.take(a, i0, axis=axis) * w0.reshape(bshape)
-              + jnp.take(a, i1, axis=axis) * w1.reshape(bshape))
-
-    canvas = gather(gather(x, plan['in_rows'], 0), plan['in_cols'], 1)  # [PH, PW, 3]
+    canvas = _apply_taps(_apply_taps(x, plan['in_rows'], 0), plan['in_cols'], 1)  # [PH, PW, 3]
     devices, axes = self.mesh.size, self.mesh.axis_names
-    per = b // devices
+    per = shape.batch // devices
     # [batches, devices, windows per device, ...]: device d takes [:, d] of every batch.
     offsets = plan['offsets'].reshape(-1, devices, per, 2)
     valid = plan['valid'].reshape(-1, devices, per)
 
     def local(state, canvas, offsets, valid, batches):
-      offsets, valid = offsets[:, 0], valid[:, 0]
-
-      def body(i, carry):
-        acc, count = carry
-        windows = jax.vmap(lambda o: jax.lax.dynamic_slice(canvas, (o[0], o[1], 0), (wh, ww, 3)))(offsets[i])
-        probs = self._window_probs(state, windows)
-        for k in range(per):  # windows overlap: add them one after another
-          y, xx = offsets[i, k, 0], offsets[i, k, 1]
-          acc = jax.lax.dynamic_update_slice(
-              acc, jax.lax.dynamic_slice(acc, (y, xx, 0), (wh, ww, c)) + probs[k] * valid[i, k], (y, xx, 0))
-          count = jax.lax.dynamic_update_slice(
-              count, jax.lax.dynamic_slice(count, (y, xx), (wh, ww)) + valid[i, k], (y, xx))
-        return acc, count
-
-      acc = jnp.zeros(shape.canvas + (c,), jnp.float32)
-      count = jnp.zeros(shape.canvas, jnp.float32)
-      acc, count = jax.lax.fori_loop(0, batches, body, (acc, count))
+      acc, count = self._accumulate(state, canvas, offsets[:, 0], valid[:, 0], batches, shape)
       return jax.lax.psum((acc, count), axes)
 
-    spread = PartitionSpec(None, axes)
+    spread, whole = PartitionSpec(None, axes), PartitionSpec()
     acc, count = jax.shard_map(
-        local, mesh=self.mesh, in_specs=(PartitionSpec(), PartitionSpec(), spread, spread, PartitionSpec()),
-        out_specs=PartitionSpec(), check_vma=False)(state, canvas, offsets, valid, plan['batches'])
+        local, mesh=self.mesh, in_specs=(whole, whole, spread, spread, whole), out_specs=whole,
+        check_vma=False)(state, canvas, offsets, valid, plan['batches'])
+    return self._finish(acc, count, plan)
 
-    # Average overlapping windows pixel by pixel, then resize (semseg divides, then
-    # resizes): gather rows of both, divide, interpolate; then the columns.
-    (r0, r1), (rw0, rw1) = plan['out_rows']
-    count = jnp.maximum(count, 1.0)[..., None]  # pixels outside all windows are never read
-    rows = (acc[r0] / count[r0]) * rw0[:, None, None] + (acc[r1] / count[r1]) * rw1[:, None, None]
-    return gather(rows, plan['out_cols'], 1)
+  def _local_image_probs(self, state, image: jax.Array, plans: Sequence[dict], key: tuple) -> list:
+    """One image on one device (inside ``_group_program``): per-scale [Hb, Wb, C]."""
+    x = (image.astype(jnp.float32) - jnp.asarray(self.mean)) / jnp.asarray(self.std)
+    per = self.window_batch // self.mesh.size
+    out = []
+    for plan, shape in zip(plans, key[2:]):
+      canvas = _apply_taps(_apply_taps(x, plan['in_rows'], 0), plan['in_cols'], 1)
+      trips = (plan['windows'] + per - 1) // per
+      acc, count = self._accumulate(state, canvas, plan['offsets'].reshape(-1, per, 2),
+                                    plan['valid'].reshape(-1, per), trips, shape)
+      out.append(self._finish(acc, count, plan))
+    return out
+
+  def _group_program(self, state, images, labels, plans, acc, key):
+    """``images`` [D, Hb, Wb, 3] uint8 and ``labels`` [D, Hb, Wb], one image per device of
+    the mesh (``plans``: each image's, stacked on a leading axis): every device scores its
+    own image, windows and canvases included, and only the confusion counts are summed
+    across devices. Returns (acc, predictions [D, Hb, Wb])."""
+    self.compilations += 1
+    axes = self.mesh.axis_names
+
+    def local(state, image, label, plans, acc):
+      plans = jax.tree.map(lambda a: a[0], plans)
+      per_scale = self._local_image_probs(state, image[0], plans, key)
+      preds, counts = self._predictions_and_counts(per_scale, label[0])
+      counts = jax.lax.psum(jnp.stack(counts), axes)
+      return jnp.stack([metrics.add_confusion(a, n) for a, n in zip(acc, counts)]), preds[0][None]
+
+    spread, whole = PartitionSpec(axes), PartitionSpec()
+    return jax.shard_map(local, mesh=self.mesh, in_specs=(whole, spread, spread, spread, whole),
+                         out_specs=(whole, spread), check_vma=False)(state, images, labels, plans, acc)
+
+  def _predictions_and_counts(self, per_scale: list, label: jax.Array):
+    """The scales combined (then each alone when ``per_scale``): argmax maps and their
+    confusion counts [C, C] against ``label``."""
+    maps = [sum(per_scale) / len(per_scale)]
+    if self.config.per_scale:
+      maps += per_scale
+    dtype = jnp.uint8 if self.num_classes <= 256 else jnp.int32
+    preds = [jnp.argmax(p, axis=-1).astype(dtype) for p in maps]
+    counts = [metrics.confusion_matrix(p, label, self.num_classes, self.config.ignore_label)
+              for p in preds]
+    return preds, counts
 
   def _per_scale_probs(self, state, image: jax.Array, plans: Sequence[dict], key: tuple):
     """image: [Hb, Wb, 3] uint8 -> one [Hb, Wb, C] probability map per scale."""
@@ -340,16 +396,8 @@ class Evaluator:
     """acc: [K, 2, C, C] (``_empty_accumulator``): the combination, then each scale alone
     when ``per_scale``."""
     self.compilations += 1
-    per_scale = self._per_scale_probs(state, image, plans, key)
-    maps = [sum(per_scale) / len(per_scale)]
-    if self.config.per_scale:
-      maps += per_scale
-    dtype = jnp.uint8 if self.num_classes <= 256 else jnp.int32
-    preds = [jnp.argmax(p, axis=-1).astype(dtype) for p in maps]
-    acc = jnp.stack([metrics.add_confusion(
-        acc[k], metrics.confusion_matrix(p, label, self.num_classes, self.config.ignore_label))
-        for k, p in enumerate(preds)])
-    return acc, preds[0]
+    preds, counts = self._predictions_and_counts(self._per_scale_probs(state, image, plans, key), label)
+    return jnp.stack([metrics.add_confusion(a, n) for a, n in zip(acc, counts)]), preds[0]
 
   def _empty_accumulator(self) -> jax.Array:
     k = 1 + (len(self.config.scales) if self.config.per_scale else 0)
@@ -362,19 +410,30 @@ class Evaluator:
 
   # ---- public API ----------------------------------------------------------------------
 
-  def lower(self, h: int, w: int):
-    """The program that scores one ``h x w`` image (its bucket's), traced and lowered for
+  def lower(self, h: int, w: int, *, one_image_per_device: bool = False):
+    """The program that scores ``h x w`` images (their bucket's), traced and lowered for
     this evaluator's mesh but not run: for ahead-of-time compilation (``pspnet_jax.aot``),
-    where the mesh may hold devices of a platform this host does not have. Returns
-    ``(lowered, window_batches)``: the network runs ``window_batches[s]`` times at scale s."""
-    key, padded, plans = self._inputs(np.zeros((h, w, 3), np.uint8))
-    replicated = NamedSharding(self.mesh, PartitionSpec())
-    label = np.zeros(padded.shape[:2], np.uint8)
-    args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype,
-                                                       sharding=replicated),
-                        (padded, label, plans))
+    where the mesh may hold devices of a platform this host does not have.
+
+    ``one_image_per_device=False``: one image, its windows spread over the devices
+    (``probabilities``, ``predict``); True: one image a device (``evaluate_dataset`` on
+    several devices). Returns ``(lowered, window_batches)``: each device runs the network
+    ``window_batches[s]`` times at scale s."""
     acc = jax.eval_shape(self._empty_accumulator)
+    replicated = NamedSharding(self.mesh, PartitionSpec())
     acc = jax.ShapeDtypeStruct(acc.shape, acc.dtype, sharding=replicated)
+    spec = lambda a, sharding: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=sharding)
+    if one_image_per_device:
+      images = [np.zeros((h, w, 3), np.uint8)] * self.mesh.size
+      key, *args = self._group_arrays(images, [np.zeros((h, w), np.uint8)] * self.mesh.size)
+      args = jax.tree.map(lambda a: spec(a, self._spread), args)
+      lowered = self._group_confusion.trace(self.state, *args, acc, key=key).lower()
+      per = self.window_batch // self.mesh.size
+      windows = self._plan(h, w, key)
+      return lowered, [-(-int(p['windows']) // per) for p in windows]
+    key, padded, plans = self._inputs(np.zeros((h, w, 3), np.uint8))
+    label = np.zeros(padded.shape[:2], np.uint8)
+    args = jax.tree.map(lambda a: spec(a, replicated), (padded, label, plans))
     lowered = self._confusion.trace(self.state, *args, acc, key=key).lower()
     return lowered, [int(p['batches']) for p in plans]
 
@@ -397,8 +456,15 @@ class Evaluator:
 
     examples: iterable of ``{'image': [H, W, 3] uint8, 'label': [H, W] uint8}`` (class ids,
     ``ignore_label`` ignored). ``on_prediction(index, pred)``, if given, receives each
-    prediction ([H, W] uint8) on the host (e.g. to write PNGs); without it nothing but the
-    final matrix leaves the device.
+    prediction ([H, W] uint8) on the host (e.g. to write PNGs), ``index`` being the
+    example's position in ``examples``; without it nothing but the final matrix leaves the
+    device.
+
+    On several devices, each device scores whole images of its own (``_group_program``):
+    images are grouped by their per-scale shapes, one a device, padded to the group's
+    largest bucket (padding never changes a result), so that nothing but confusion counts
+    crosses between devices. A group not full at the end runs with empty slots.
+
     Returns ``(confusion [C, C] int64, number of images, seconds)``; with
     ``config.per_scale`` the confusion is ``[1 + S, C, C]``: the scales combined, then each
     of the S scales alone.
@@ -406,22 +472,69 @@ class Evaluator:
     acc = self._new_accumulator()
     start = time.perf_counter()
     n = 0
+    pending: dict[tuple, list] = {}
+    devices = self.mesh.size
     for n, ex in enumerate(examples, start=1):
-      key, padded, plans = self._inputs(ex['image'])
-      label = np.asarray(ex['label'])
-      h, w = padded.shape[0], padded.shape[1]
-      ih, iw = np.asarray(ex['image']).shape[:2]
-      if label.shape != (ih, iw):
-        raise UserError(f'example {n - 1}: label shape {label.shape} != image size {(ih, iw)}')
-      bad = (label != self.config.ignore_label) & (label >= self.num_classes)
-      if bad.any():
-        raise UserError(f'example {n - 1}: label values {np.unique(label[bad])[:5].tolist()} are '
-                         f'neither class ids < {self.num_classes} nor {self.config.ignore_label}')
-      padded_label = np.full((h, w), self.config.ignore_label, np.uint8)
-      padded_label[:ih, :iw] = label
-      acc, pred = self._confusion(self.state, padded, padded_label, plans, acc, key=key)
-      if on_prediction is not None:
-        on_prediction(n - 1, np.asarray(pred[:ih, :iw]))
+      image, label = self._checked(n - 1, ex)
+      if devices == 1:
+        key, padded, plans = self._inputs(image)
+        padded_label = self._pad_label(label, padded.shape[:2])
+        acc, pred = self._confusion(self.state, padded, padded_label, plans, acc, key=key)
+        if on_prediction is not None:
+          on_prediction(n - 1, np.asarray(pred[:label.shape[0], :label.shape[1]]))
+        continue
+      group = pending.setdefault(self.bucket(*image.shape[:2])[2:], [])
+      group.append((n - 1, image, label))
+      if len(group) == devices:
+        acc = self._run_group(pending.pop(self.bucket(*image.shape[:2])[2:]), acc, on_prediction)
+    for group in pending.values():
+      acc = self._run_group(group, acc, on_prediction)
     acc = np.asarray(acc)  # the one device -> host transfer
     confusion = np.stack([metrics.confusion_to_numpy(a) for a in acc])
     return (confusion if self.config.per_scale else confusion[0]), n, time.perf_counter() - start
+
+  def _checked(self, index: int, ex: dict) -> tuple[np.ndarray, np.ndarray]:
+    image, label = np.asarray(ex['image']), np.asarray(ex['label'])
+    if image.ndim != 3 or image.shape[2] != 3:
+      raise UserError(f'example {index}: image must be [H, W, 3] RGB, got shape {image.shape}')
+    if label.shape != image.shape[:2]:
+      raise UserError(f'example {index}: label shape {label.shape} != image size {image.shape[:2]}')
+    bad = (label != self.config.ignore_label) & (label >= self.num_classes)
+    if bad.any():
+      raise UserError(f'example {index}: label values {np.unique(label[bad])[:5].tolist()} are '
+                       f'neither class ids < {self.num_classes} nor {self.config.ignore_label}')
+    return image, label
+
+  def _pad_label(self, label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    padded = np.full(size, self.config.ignore_label, np.uint8)
+    padded[:label.shape[0], :label.shape[1]] = label
+    return padded
+
+  def _group_arrays(self, images: list[np.ndarray], labels: list[np.ndarray]):
+    """(key, images, labels, plans) as NumPy for ``_group_program``: one image per device, padded to the group's largest bucket; empty slots (a group
+    not full) score nothing: no windows, every label ignored."""
+    keys = [self.bucket(*im.shape[:2]) for im in images]
+    key = (max(k[0] for k in keys), max(k[1] for k in keys)) + keys[0][2:]
+    batch_images = np.zeros((self.mesh.size,) + key[:2] + (3,), np.uint8)
+    batch_labels = np.full((self.mesh.size,) + key[:2], self.config.ignore_label, np.uint8)
+    plans = []
+    for i in range(self.mesh.size):
+      if i < len(images):
+        h, w = images[i].shape[:2]
+        batch_images[i, :h, :w] = images[i]
+        batch_labels[i, :h, :w] = labels[i]
+        plans.append(self._plan(h, w, key))
+      else:
+        plans.append(jax.tree.map(np.zeros_like, plans[0]))
+    return key, batch_images, batch_labels, jax.tree.map(lambda *a: np.stack(a), *plans)
+
+  def _run_group(self, group: list, acc, on_prediction):
+    indices, images, labels = zip(*group)
+    key, *arrays = self._group_arrays(list(images), list(labels))
+    images_d, labels_d, plans = jax.device_put(arrays, self._spread)
+    acc, preds = self._group_confusion(self.state, images_d, labels_d, plans, acc, key=key)
+    if on_prediction is not None:
+      preds = np.asarray(preds)
+      for i, (index, image) in enumerate(zip(indices, images)):
+        on_prediction(index, preds[i, :image.shape[0], :image.shape[1]])
+    return acc
