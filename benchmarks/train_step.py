@@ -3,6 +3,7 @@ JAX jit vs PyTorch eager vs torch.compile, same model, same batch, one invocatio
 
   python benchmarks/train_step.py --batch 2 --size 473 --steps 3 --rounds 2
   python benchmarks/train_step.py --backbone mobilenet_v2 --batch 2 --size 473 --steps 3 --rounds 2
+  python benchmarks/train_step.py --frameworks jax,jax-full-res-loss,torch-eager   # the loss
 
 Each framework runs in its own subprocess (clean peak RSS); rounds alternate JAX and
 PyTorch so drifting machine load hits both alike. Prints a JSON line per measurement and
@@ -49,7 +50,8 @@ def run_jax(args):
   batch = mesh_lib.global_batch({
       'image': rng.standard_normal((args.batch, args.size, args.size, 3)).astype(np.float32),
       'label': rng.integers(0, args.classes, (args.batch, args.size, args.size)).astype(np.int32)}, mesh)
-  step = jax.jit(make_train_step(graphdef, tx, aux_weight=0.4, ignore_label=255),
+  step = jax.jit(make_train_step(graphdef, tx, aux_weight=0.4, ignore_label=255,
+                                 loss_block_rows=args.loss_block_rows),
                  in_shardings=(rep, NamedSharding(mesh, P('data'))), out_shardings=(rep, rep),
                  donate_argnums=(0,))
   t = time.perf_counter()
@@ -65,7 +67,7 @@ def run_jax(args):
     state, m = compiled(state, batch)
     float(m['loss'])
     times.append(time.perf_counter() - t)
-  out = {'framework': 'jax', 'conv': os.environ.get('PSPNET_CONV', 'auto'),
+  out = {'framework': 'jax', 'loss_block_rows': args.loss_block_rows, 'conv': os.environ.get('PSPNET_CONV', 'auto'),
          'wgrad': os.environ.get('PSPNET_CONV_WGRAD', 'auto'),
          'device': str(jax.devices()[0]), 'compile_s': compile_s, 'step_s': statistics.median(times),
          'all_s': times, 'flops': cost.get('flops'), 'xla_temp_bytes': getattr(mem, 'temp_size_in_bytes', None)}
@@ -143,7 +145,11 @@ def main():
   ap.add_argument('--dtype', default='float32')
   ap.add_argument('--frameworks', default='jax,torch-eager,jax-xla-conv,torch-compile',
                   help='jax-xla-conv: XLA\'s plain convolutions (PSPNET_CONV=xla), i.e. without '
-                       'the CPU rewrites of ops/cpu_conv.py; jax-xla-wgrad: only its weight gradients')
+                       'the CPU rewrites of ops/cpu_conv.py; jax-xla-wgrad: only its weight gradients; '
+                       'jax-full-res-loss: the loss on logits resized to full resolution first '
+                       '(--loss-block-rows=0, the composition) instead of in row blocks')
+  ap.add_argument('--loss-block-rows', type=int, default=64,
+                  help="the train step's loss_block_rows (config.loss_block_rows)")
   ap.add_argument('--peak-tflops', type=float, default=0.0, help='for MFU on accelerators')
   ap.add_argument('--timeout', type=int, default=1200)
   ap.add_argument('--child', default=None)
@@ -159,8 +165,12 @@ def main():
         env['PSPNET_CONV_WGRAD'], fw = 'xla', 'jax'
       elif fw == 'jax-xla-conv':
         env['PSPNET_CONV'], fw = 'xla', 'jax'
+      extra = []
+      if fw == 'jax-full-res-loss':
+        fw, extra = 'jax', ['--loss-block-rows=0']
       cmd = [sys.executable, __file__, '--child', fw] + [
-          f'--{k}={v}' for k, v in vars(args).items() if k in ('depth', 'backbone', 'classes', 'batch', 'size', 'steps', 'dtype')]
+          f'--{k.replace("_", "-")}={v}' for k, v in vars(args).items()
+          if k in ('depth', 'backbone', 'classes', 'batch', 'size', 'steps', 'dtype', 'loss_block_rows')] + extra
       try:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
       except subprocess.TimeoutExpired:
