@@ -4,7 +4,7 @@
 alternating rounds, on whatever device JAX has.
 
   python benchmarks/loss.py --batch 2 --size 473 --classes 150 --rounds 5
-  python benchmarks/loss.py --batch 8 --size 473 --classes 150 --block-rows 64,16   # a GPU
+  python benchmarks/loss.py --batch 8 --size 473 --classes 150 --block-rows 64,32,16   # a GPU
 
 Prints a JSON line per path (median seconds of ``--steps`` calls per round, the compiled
 program's temporary memory) and the ratios to the composition.
@@ -26,7 +26,7 @@ def main():
   p.add_argument('--size', type=int, default=473)
   p.add_argument('--classes', type=int, default=150)
   p.add_argument('--output-stride', type=int, default=8)
-  p.add_argument('--block-rows', default='64', help='comma-separated; 0 is the composition')
+  p.add_argument('--block-rows', default='32', help='comma-separated; 0 is the composition')
   p.add_argument('--steps', type=int, default=3)
   p.add_argument('--rounds', type=int, default=5)
   args = p.parse_args()

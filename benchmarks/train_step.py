@@ -148,7 +148,7 @@ def main():
                        'the CPU rewrites of ops/cpu_conv.py; jax-xla-wgrad: only its weight gradients; '
                        'jax-full-res-loss: the loss on logits resized to full resolution first '
                        '(--loss-block-rows=0, the composition) instead of in row blocks')
-  ap.add_argument('--loss-block-rows', type=int, default=64,
+  ap.add_argument('--loss-block-rows', type=int, default=32,
                   help="the train step's loss_block_rows (config.loss_block_rows)")
   ap.add_argument('--peak-tflops', type=float, default=0.0, help='for MFU on accelerators')
   ap.add_argument('--timeout', type=int, default=1200)

@@ -40,8 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.aux_weight = 0.4
   # The loss is taken at the logits' resolution, this many output rows at a time
   # (pspnet_jax.train.loss): a block's float32 logits, B x rows x crop x classes per device,
-  # stay in on-chip memory on TPU at 64 (ADE20K, 4 images of 473 a chip: 72 MB).
-  c.loss_block_rows = 64
+  # stay in on-chip memory (VMEM) on TPU v5e and v6e at 32 (ADE20K, 4 images of 473 a chip:
+  # 36 MB; the audit of `python -m pspnet_jax.aot --breakdown` shows where they live).
+  c.loss_block_rows = 32
   c.init_checkpoint = ''     # a model directory from `python -m pspnet_jax.port`
   c.init_backbone_only = False  # True: take only its backbone (e.g. other classes)
   c.worker_count = 4

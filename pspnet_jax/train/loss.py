@@ -47,7 +47,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int = 255)
 
 
 def upsampled_cross_entropy(logits: jax.Array, labels: jax.Array, *, align_corners: bool,
-                            ignore_label: int = 255, block_rows: int = 64) -> jax.Array:
+                            ignore_label: int = 255, block_rows: int = 32) -> jax.Array:
   """``cross_entropy(resize_bilinear(logits, labels.shape[1:], align_corners), labels)``.
 
   logits: [B, h, w, C] (any float dtype; the loss is computed in float32), labels:

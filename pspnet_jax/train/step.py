@@ -19,7 +19,7 @@ from pspnet_jax.train.loss import upsampled_cross_entropy
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, aux_weight: float,
                     ignore_label: int, grad_accum_steps: int = 1, lr_schedules=None,
-                    loss_block_rows: int = 64):
+                    loss_block_rows: int = 32):
   """Returns ``step(state, batch) -> (state, metrics)``; ``state`` is a dict with
   ``params``, ``batch_stats``, ``opt_state``, ``step`` (int32) and ``rng`` (a key).
 
