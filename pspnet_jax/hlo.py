@@ -387,11 +387,27 @@ def _fusion_reads(module: Module, inst: Instruction, operand_arrays: list[list[A
   for r in roots:
     if r is not None and r.opcode == 'dynamic-update-slice' and r.operands[0] in params:
       in_place.add(params[r.operands[0]])
+  def slices_of(name: str, depth: int = 0) -> list[Instruction] | None:
+    """The slices that are the only readers of ``name`` (through bitcasts), else None."""
+    uses = users.get(name, [])
+    found = []
+    for u in uses:
+      if u.opcode in _SLICES and u.operands[0] == name:
+        found.append(u)
+      elif u.opcode == 'bitcast' and depth < 4:
+        inner = slices_of(u.name, depth + 1)
+        if inner is None:
+          return None
+        found += inner
+      else:
+        return None
+    return found or None
+
   fraction = {}
   for name, k in params.items():
-    uses = users.get(name, [])
-    if uses and all(u.opcode in _SLICES and u.operands[0] == name for u in uses):
-      fraction[k] = sum(sum(a.elements for a in u.arrays) for u in uses)
+    sliced = slices_of(name)
+    if sliced:
+      fraction[k] = sum(sum(a.elements for a in u.arrays) for u in sliced)
   reads = []
   for k, arrays in enumerate(operand_arrays):
     for a in arrays:

@@ -163,3 +163,20 @@ def test_a_loop_body_counts_once_per_trip():
   # data-dependent loop; and the counter's copy, 4 bytes read and 4 written.
   assert t['bytes'] == (5 + 3) * 12 * MiB + 8
   assert [(l['trips'], l['known']) for l in t['loops']] == [(5, True), (3, False)]
+
+
+def test_a_fused_slice_behind_a_bitcast_counts_its_slice():
+  computations = '''%slice_computation (p0: f32[64,1024,1024], p1: s32[]) -> f32[1,1024,1024] {
+  %p0 = f32[64,1024,1024]{2,1,0} parameter(0)
+  %b = f32[64,1024,1024,1]{3,2,1,0} bitcast(%p0)
+  %p1 = s32[] parameter(1)
+  %c = s32[] constant(0)
+  %ds = f32[1,1024,1024,1]{3,2,1,0} dynamic-slice(%b, %p1, %c, %c, %c), dynamic_slice_sizes={1,1024,1024,1}
+  ROOT %r = f32[1,1024,1024]{2,1,0} bitcast(%ds)
+}
+'''
+  t = _traffic('''  %x = f32[64,1024,1024]{2,1,0:T(8,128)} parameter(0)
+  %i = s32[]{:T(128)S(6)} parameter(1)
+  ROOT %s = f32[1,1024,1024]{2,1,0:T(8,128)} fusion(%x, %i), kind=kLoop, calls=%slice_computation''',
+               computations)
+  assert t['bytes'] == 8 * MiB
