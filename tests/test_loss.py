@@ -91,3 +91,10 @@ def test_block_rows_zero_is_the_composition_and_negative_is_refused():
   assert float(upsampled_cross_entropy(z, labels, align_corners=True, block_rows=0)) == float(plain)
   with pytest.raises(ValueError, match='block_rows'):
     upsampled_cross_entropy(z, labels, align_corners=True, block_rows=-1)
+
+
+def test_a_negative_config_value_is_one_clear_error():
+  from pspnet_jax.errors import UserError
+  from pspnet_jax.train import make_train_step
+  with pytest.raises(UserError, match=r'config.loss_block_rows=-2: expected .* >= 1 \(or 0'):
+    make_train_step(None, None, aux_weight=0.4, ignore_label=255, loss_block_rows=-2)

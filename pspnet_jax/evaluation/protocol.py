@@ -152,6 +152,11 @@ def _apply_taps(a: jax.Array, taps, axis: int) -> jax.Array:
   return jnp.take(a, i0, axis=axis) * w0.reshape(bshape) + jnp.take(a, i1, axis=axis) * w1.reshape(bshape)
 
 
+def _canvas(x: jax.Array, plan: dict) -> jax.Array:
+  """x [Hb, Wb, 3] -> the resized, padded image of one scale [PH, PW, 3] (protocol 1-2)."""
+  return _apply_taps(_apply_taps(x, plan['in_rows'], 0), plan['in_cols'], 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class _ScaleShape:
   """Static shapes of one scale in one bucket."""
@@ -317,7 +322,7 @@ class Evaluator:
     ``evaluate_dataset`` on several devices goes further: one image per device
     (``_group_program``), and nothing but confusion counts crosses between them.
     """
-    canvas = _apply_taps(_apply_taps(x, plan['in_rows'], 0), plan['in_cols'], 1)  # [PH, PW, 3]
+    canvas = _canvas(x, plan)
     devices, axes = self.mesh.size, self.mesh.axis_names
     per = shape.batch // devices
     # [batches, devices, windows per device, ...]: device d takes [:, d] of every batch.
@@ -334,13 +339,17 @@ class Evaluator:
         check_vma=False)(state, canvas, offsets, valid, plan['batches'])
     return self._finish(acc, count, plan)
 
+  def _normalise(self, image: jax.Array) -> jax.Array:
+    """[Hb, Wb, 3] uint8 -> float32 with the model's own mean and std."""
+    return (image.astype(jnp.float32) - jnp.asarray(self.mean)) / jnp.asarray(self.std)
+
   def _local_image_probs(self, state, image: jax.Array, plans: Sequence[dict], key: tuple) -> list:
     """One image on one device (inside ``_group_program``): per-scale [Hb, Wb, C]."""
-    x = (image.astype(jnp.float32) - jnp.asarray(self.mean)) / jnp.asarray(self.std)
+    x = self._normalise(image)
     per = self.window_batch // self.mesh.size
     out = []
     for plan, shape in zip(plans, key[2:]):
-      canvas = _apply_taps(_apply_taps(x, plan['in_rows'], 0), plan['in_cols'], 1)
+      canvas = _canvas(x, plan)
       trips = (plan['windows'] + per - 1) // per
       acc, count = self._accumulate(state, canvas, plan['offsets'].reshape(-1, per, 2),
                                     plan['valid'].reshape(-1, per), trips, shape)
@@ -380,7 +389,7 @@ class Evaluator:
 
   def _per_scale_probs(self, state, image: jax.Array, plans: Sequence[dict], key: tuple):
     """image: [Hb, Wb, 3] uint8 -> one [Hb, Wb, C] probability map per scale."""
-    x = (image.astype(jnp.float32) - jnp.asarray(self.mean)) / jnp.asarray(self.std)
+    x = self._normalise(image)
     return [self._scale_probs(state, x, plan, shape) for plan, shape in zip(plans, key[2:])]
 
   def _image_probs(self, state, image: jax.Array, plans: Sequence[dict], key: tuple) -> jax.Array:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from pspnet_jax.errors import UserError
 from pspnet_jax.train.loss import upsampled_cross_entropy
 
 
@@ -34,6 +35,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, aux_weight: f
   ``loss_block_rows`` output rows at a time): the same loss as resizing the logits to the
   label's size first, without the full-resolution float32 arrays.
   """
+
+  if int(loss_block_rows) < 0:
+    raise UserError(f'config.loss_block_rows={loss_block_rows}: expected output rows per block of '
+                    'the loss, >= 1 (or 0: the full-resolution composition)')
 
   def loss_fn(params, batch_stats, images, labels, rng):
     # BN updates its statistics in place; NNX only allows that on Variables created at the
