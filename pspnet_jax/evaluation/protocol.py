@@ -188,6 +188,7 @@ class Evaluator:
     self._probs = jax.jit(self._probs_program, static_argnames='key')
     self._confusion = jax.jit(self._confusion_program, static_argnames='key')
     self._group_confusion = jax.jit(self._group_program, static_argnames='key')
+    self._predict = jax.jit(self._labels_program, static_argnames='key')
     self._spread = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names))  # a leading axis
 
   def set_model(self, model: PSPNet):
@@ -269,7 +270,7 @@ class Evaluator:
 
   def _window_probs(self, state, windows: jax.Array) -> jax.Array:
     """windows: [B, h, w, 3] normalised -> softmax [B, h, w, C], averaged with the flip.
-    Runs on one device's windows (inside ``_scale_probs``'s ``shard_map``)."""
+    Runs on one device's windows (``_accumulate``: alone, or inside a ``shard_map``)."""
     b = windows.shape[0]
     if self.config.flip:  # semseg runs the window and its flip as one batch
       windows = jnp.concatenate([windows, windows[:, :, ::-1]], axis=0)
@@ -303,17 +304,20 @@ class Evaluator:
     return jax.lax.fori_loop(0, trips, body, (acc, count))
 
   @staticmethod
-  def _finish(acc, count, plan: dict) -> jax.Array:
+  def _finish(acc, count, plan: dict, start=0, rows: int | None = None) -> jax.Array:
     """Average overlapping windows pixel by pixel, then resize to [Hb, Wb, C] (semseg
-    divides, then resizes): gather rows of both, divide, interpolate; then the columns."""
+    divides, then resizes): gather rows of both, divide, interpolate; then the columns.
+    ``rows`` output rows from ``start`` only, when given ([rows, Wb, C])."""
     (r0, r1), (rw0, rw1) = plan['out_rows']
+    if rows is not None:
+      r0, r1, rw0, rw1 = (jax.lax.dynamic_slice_in_dim(a, start, rows) for a in (r0, r1, rw0, rw1))
     count = jnp.maximum(count, 1.0)[..., None]  # pixels outside all windows are never read
-    rows = (acc[r0] / count[r0]) * rw0[:, None, None] + (acc[r1] / count[r1]) * rw1[:, None, None]
-    return _apply_taps(rows, plan['out_cols'], 1)
+    out = (acc[r0] / count[r0]) * rw0[:, None, None] + (acc[r1] / count[r1]) * rw1[:, None, None]
+    return _apply_taps(out, plan['out_cols'], 1)
 
-  def _scale_probs(self, state, x: jax.Array, plan: dict, shape: _ScaleShape) -> jax.Array:
-    """One scale of one image on every device: x [Hb, Wb, 3] normalised -> summed-over-
-    windows probabilities resized to [Hb, Wb, C] (rows/columns past the image are zero).
+  def _scale_canvas(self, state, x: jax.Array, plan: dict, shape: _ScaleShape):
+    """One scale of one image on every device: x [Hb, Wb, 3] normalised -> the windows'
+    summed probabilities and counts on the scale's canvas, (acc [PH, PW, C], count [PH, PW]).
 
     Each device runs its share of every window batch (``batch / devices`` windows, the same
     windows as a sharded batch would give it) and adds them into a canvas of its own; the
@@ -334,27 +338,55 @@ class Evaluator:
       return jax.lax.psum((acc, count), axes)
 
     spread, whole = PartitionSpec(None, axes), PartitionSpec()
-    acc, count = jax.shard_map(
+    return jax.shard_map(
         local, mesh=self.mesh, in_specs=(whole, whole, spread, spread, whole), out_specs=whole,
         check_vma=False)(state, canvas, offsets, valid, plan['batches'])
-    return self._finish(acc, count, plan)
 
   def _normalise(self, image: jax.Array) -> jax.Array:
     """[Hb, Wb, 3] uint8 -> float32 with the model's own mean and std."""
     return (image.astype(jnp.float32) - jnp.asarray(self.mean)) / jnp.asarray(self.std)
 
-  def _local_image_probs(self, state, image: jax.Array, plans: Sequence[dict], key: tuple) -> list:
-    """One image on one device (inside ``_group_program``): per-scale [Hb, Wb, C]."""
+  def _canvases(self, state, image: jax.Array, plans: Sequence[dict], key: tuple) -> list:
+    """image: [Hb, Wb, 3] uint8 -> per scale (acc, count), one image's windows spread over
+    the devices."""
+    x = self._normalise(image)
+    return [self._scale_canvas(state, x, plan, shape) for plan, shape in zip(plans, key[2:])]
+
+  def _local_canvases(self, state, image: jax.Array, plans: Sequence[dict], key: tuple) -> list:
+    """The same, for one image on one device (inside ``_group_program``)."""
     x = self._normalise(image)
     per = self.window_batch // self.mesh.size
     out = []
     for plan, shape in zip(plans, key[2:]):
-      canvas = _canvas(x, plan)
       trips = (plan['windows'] + per - 1) // per
-      acc, count = self._accumulate(state, canvas, plan['offsets'].reshape(-1, per, 2),
-                                    plan['valid'].reshape(-1, per), trips, shape)
-      out.append(self._finish(acc, count, plan))
+      out.append(self._accumulate(state, _canvas(x, plan), plan['offsets'].reshape(-1, per, 2),
+                                  plan['valid'].reshape(-1, per), trips, shape))
     return out
+
+  def _labels(self, canvases: list, plans: Sequence[dict], key: tuple) -> list:
+    """Class ids [Hb, Wb] of the scales combined (then of each scale alone when
+    ``per_scale``), computed ``bucket_multiple`` output rows at a time: the full-resolution
+    probabilities ([Hb, Wb, C] float32, 14 GB for 150 classes at 6000x4000) never exist,
+    only one band of them. Per pixel the same arithmetic as ``probabilities``' argmax."""
+    hb, wb = key[:2]
+    band = self.config.bucket_multiple  # divides hb
+    k = 1 + (len(canvases) if self.config.per_scale else 0)
+    dtype = jnp.uint8 if self.num_classes <= 256 else jnp.int32
+
+    def body(t, out):
+      start = t * band
+      maps = [self._finish(acc, count, plan, start, band) for (acc, count), plan in zip(canvases, plans)]
+      maps = [sum(maps) / len(maps)] + (maps if self.config.per_scale else [])
+      labels = jnp.stack([jnp.argmax(m, axis=-1).astype(dtype) for m in maps])
+      return jax.lax.dynamic_update_slice(out, labels, (0, start, 0))
+
+    out = jax.lax.fori_loop(0, hb // band, body, jnp.zeros((k, hb, wb), dtype))
+    return list(out)
+
+  def _counts(self, preds: list, label: jax.Array) -> list:
+    """Confusion counts [C, C] of each prediction against ``label``."""
+    return [metrics.confusion_matrix(p, label, self.num_classes, self.config.ignore_label)
+            for p in preds]
 
   def _group_program(self, state, images, labels, plans, acc, key):
     """``images`` [D, Hb, Wb, 3] uint8 and ``labels`` [D, Hb, Wb], one image per device of
@@ -366,46 +398,32 @@ class Evaluator:
 
     def local(state, image, label, plans, acc):
       plans = jax.tree.map(lambda a: a[0], plans)
-      per_scale = self._local_image_probs(state, image[0], plans, key)
-      preds, counts = self._predictions_and_counts(per_scale, label[0])
-      counts = jax.lax.psum(jnp.stack(counts), axes)
+      preds = self._labels(self._local_canvases(state, image[0], plans, key), plans, key)
+      counts = jax.lax.psum(jnp.stack(self._counts(preds, label[0])), axes)
       return jnp.stack([metrics.add_confusion(a, n) for a, n in zip(acc, counts)]), preds[0][None]
 
     spread, whole = PartitionSpec(axes), PartitionSpec()
     return jax.shard_map(local, mesh=self.mesh, in_specs=(whole, spread, spread, spread, whole),
                          out_specs=(whole, spread), check_vma=False)(state, images, labels, plans, acc)
 
-  def _predictions_and_counts(self, per_scale: list, label: jax.Array):
-    """The scales combined (then each alone when ``per_scale``): argmax maps and their
-    confusion counts [C, C] against ``label``."""
-    maps = [sum(per_scale) / len(per_scale)]
-    if self.config.per_scale:
-      maps += per_scale
-    dtype = jnp.uint8 if self.num_classes <= 256 else jnp.int32
-    preds = [jnp.argmax(p, axis=-1).astype(dtype) for p in maps]
-    counts = [metrics.confusion_matrix(p, label, self.num_classes, self.config.ignore_label)
-              for p in preds]
-    return preds, counts
-
-  def _per_scale_probs(self, state, image: jax.Array, plans: Sequence[dict], key: tuple):
-    """image: [Hb, Wb, 3] uint8 -> one [Hb, Wb, C] probability map per scale."""
-    x = self._normalise(image)
-    return [self._scale_probs(state, x, plan, shape) for plan, shape in zip(plans, key[2:])]
-
-  def _image_probs(self, state, image: jax.Array, plans: Sequence[dict], key: tuple) -> jax.Array:
-    """image: [Hb, Wb, 3] uint8 -> probabilities [Hb, Wb, C] averaged over scales."""
-    per_scale = self._per_scale_probs(state, image, plans, key)
-    return sum(per_scale) / len(per_scale)
-
   def _probs_program(self, state, image, plans, key):
+    """image: [Hb, Wb, 3] uint8 -> probabilities [Hb, Wb, C] averaged over scales."""
     self.compilations += 1  # runs once per trace, i.e. per compilation
-    return self._image_probs(state, image, plans, key)
+    maps = [self._finish(acc, count, plan)
+            for (acc, count), plan in zip(self._canvases(state, image, plans, key), plans)]
+    return sum(maps) / len(maps)
+
+  def _labels_program(self, state, image, plans, key):
+    """image: [Hb, Wb, 3] uint8 -> class ids [Hb, Wb] (the scales combined)."""
+    self.compilations += 1
+    return self._labels(self._canvases(state, image, plans, key), plans, key)[0]
 
   def _confusion_program(self, state, image, label, plans, acc, key):
     """acc: [K, 2, C, C] (``_empty_accumulator``): the combination, then each scale alone
     when ``per_scale``."""
     self.compilations += 1
-    preds, counts = self._predictions_and_counts(self._per_scale_probs(state, image, plans, key), label)
+    preds = self._labels(self._canvases(state, image, plans, key), plans, key)
+    counts = self._counts(preds, label)
     return jnp.stack([metrics.add_confusion(a, n) for a, n in zip(acc, counts)]), preds[0]
 
   def _empty_accumulator(self) -> jax.Array:
@@ -455,9 +473,11 @@ class Evaluator:
 
   def predict(self, image) -> np.ndarray:
     """image: [H, W, 3] uint8 RGB -> class ids [H, W] (argmax of ``probabilities``), uint8
-    up to 256 classes."""
-    pred = np.argmax(self.probabilities(image), axis=-1)
-    return pred.astype(np.uint8 if self.num_classes <= 256 else np.int32)
+    up to 256 classes. Memory is bounded by the canvases and one band of output rows, not
+    by the full-resolution probabilities."""
+    key, padded, plans = self._inputs(image)
+    h, w = np.asarray(image).shape[:2]
+    return np.asarray(self._predict(self.state, padded, plans, key=key)[:h, :w])
 
   def evaluate_dataset(self, examples: Iterable[dict],
                        on_prediction: Callable[[int, np.ndarray], None] | None = None):
