@@ -253,6 +253,41 @@ def test_predict_cli_writes_promised_files(tmp_path, model):
       f'{s}{suffix}' for s in images for suffix in ('.png', '_color.png', '_overlay.jpg'))
 
 
+def test_predict_never_overwrites_inputs_or_its_own_outputs(tmp_path, model):
+  """--out = the input folder is refused before any work (the inputs unchanged); a.jpg and
+  a.png get distinct outputs; a 16-bit PNG predicts as the same image saved in 8 bits."""
+  checkpoint.save_model(tmp_path / 'model', model)
+  rng = np.random.default_rng(7)
+  src = tmp_path / 'in'
+  src.mkdir()
+  Image.fromarray(_image(rng, 30, 40)).save(src / 'a.png')
+  Image.fromarray(_image(rng, 30, 40)).save(src / 'a.jpg', quality=95)
+  gray = rng.integers(0, 256, (28, 36), dtype=np.uint8)
+  Image.fromarray(gray).save(src / 'g8.png')
+  Image.fromarray(gray.astype(np.uint16) * 257).save(src / 'g16.png')  # mode I;16, 0..65535
+  before = {f: (src / f).read_bytes() for f in os.listdir(src)}
+  cmd = lambda out: [sys.executable, '-m', 'pspnet_jax.predict', str(src), '--checkpoint',
+                     str(tmp_path / 'model'), '--out', str(out), '--mode', 'whole', '--base-size', '32']
+  run = subprocess.run(cmd(src), capture_output=True, text=True, timeout=240, env=cli_env(), cwd=ROOT)
+  assert run.returncode == 2 and 'Traceback' not in run.stderr, run.stderr[-3000:]
+  line = run.stderr.strip().splitlines()[-1]
+  assert line.startswith('error: --out ') and 'would overwrite the input image' in line, line
+  assert {f: (src / f).read_bytes() for f in os.listdir(src)} == before  # nothing touched
+  run = subprocess.run(cmd(tmp_path / 'out'), capture_output=True, text=True, timeout=240,
+                       env=cli_env(), cwd=ROOT)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert 'keep the extension' in run.stderr
+  written = sorted(os.listdir(tmp_path / 'out'))
+  assert {'a.jpg.png', 'a.png.png', 'g8.png', 'g16.png'} <= set(written) and 'a.png' not in written
+  ev = Evaluator(model, EvalConfig(mode='whole', base_size=32))
+  for name, image in [('a.png.png', np.asarray(Image.open(src / 'a.png'))),
+                      ('a.jpg.png', np.asarray(Image.open(src / 'a.jpg').convert('RGB')))]:
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'out' / name)), ev.predict(image))
+  g8 = np.asarray(Image.open(tmp_path / 'out' / 'g8.png'))
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'out' / 'g16.png')), g8)
+  np.testing.assert_array_equal(g8, ev.predict(np.repeat(gray[..., None], 3, -1)))
+
+
 def test_label_png_id_mapping(tmp_path):
   pred = np.array([[0, 1], [2, 1]])
   pal = default_palette(3)

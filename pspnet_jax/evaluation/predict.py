@@ -4,7 +4,10 @@
       [--mode whole|slide] [--scales 0.5,1.0,...] [--flip|--no-flip] [--base-size N] [--crop-size N]
 
 For each RGB image ``<stem>.<ext>`` writes ``DIR/<stem>.png`` (class ids, uint8),
-``DIR/<stem>_color.png`` (palette colours) and ``DIR/<stem>_overlay.jpg``. ``MODEL_DIR`` is
+``DIR/<stem>_color.png`` (palette colours) and ``DIR/<stem>_overlay.jpg`` (images whose names
+differ only by the extension keep it: ``a.jpg.png``, ``a.png.png``); it refuses, before any
+work, a ``DIR`` where that would overwrite an input image. 16-bit images are scaled to 8
+bits by their depth. ``MODEL_DIR`` is
 a model directory (``pspnet_jax.checkpoint``: the port CLI's output, or one step of a
 training run). The palette and class names come from its metadata (``palette``,
 ``class_names``, at the top level or under ``dataset``) when present, else the Pascal VOC
@@ -28,6 +31,7 @@ from pspnet_jax.evaluation.protocol import EvalConfig, Evaluator
 from pspnet_jax.palette import as_palette
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
+OUTPUT_SUFFIXES = ('.png', '_color.png', '_overlay.jpg')  # outputs.write_prediction's files
 
 
 def list_images(path: str) -> list[str]:
@@ -43,11 +47,41 @@ def list_images(path: str) -> list[str]:
 
 
 def read_rgb(path: str) -> np.ndarray:
+  """[H, W, 3] uint8 RGB. A 16-bit image (PIL modes ``I;16*``, and ``I`` as PIL opens 16-bit
+  PNGs) is scaled to 8 bits by its depth (``round(v / 257)``, as OpenCV users expect), so it
+  predicts exactly as the same image saved in 8 bits; PIL's own conversion would clip it."""
   try:
     with Image.open(path) as im:
+      if im.mode.startswith('I;16') or im.mode == 'I':
+        a = np.asarray(im, dtype=np.float64)
+        if a.min() < 0 or a.max() > 65535:
+          raise UserError(f'{path}: a {im.mode} image with values in [{a.min():g}, {a.max():g}]; '
+                          'only 8- and 16-bit images are read: save it as 8- or 16-bit PNG')
+        gray = np.round(a / 257.0).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
       return np.asarray(im.convert('RGB'))
   except OSError as e:
     raise UserError(f'{path}: not a readable image ({e})') from None
+
+
+def output_stems(files: list[str], out: str) -> dict[str, str]:
+  """The output name of each input file: its stem (``a.jpg`` -> ``a``), or, where two inputs
+  share a stem (``a.jpg``, ``a.png``), the whole file name (``a.jpg``, ``a.png``), so that no
+  output of the run replaces another. Refuses, before any work, outputs that would replace
+  an input file (``--out`` the input folder)."""
+  stem = lambda f: os.path.splitext(os.path.basename(f))[0]
+  counts: dict[str, int] = {}
+  for f in files:
+    counts[stem(f)] = counts.get(stem(f), 0) + 1
+  stems = {f: stem(f) if counts[stem(f)] == 1 else os.path.basename(f) for f in files}
+  inputs = {os.path.realpath(f) for f in files}
+  for f, s in stems.items():
+    for suffix in OUTPUT_SUFFIXES:
+      target = os.path.realpath(os.path.join(out, s + suffix))
+      if target in inputs:
+        raise UserError(f'--out {out}: writing {s + suffix} there would overwrite the input image '
+                        f'{target}; choose another --out folder (nothing was written)')
+  return stems
 
 
 def parse_scales(text: str) -> tuple[float, ...]:
@@ -81,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   files = list_images(args.input)
+  stems = output_stems(files, args.out)
+  renamed = sorted(f for f in files if stems[f] == os.path.basename(f))
+  if renamed:
+    print(f'note: {len(renamed)} images share a name with another but for the extension; their '
+          f'outputs keep the extension ({stems[renamed[0]]}.png, ...)', file=sys.stderr, flush=True)
   config = EvalConfig(mode=args.mode, scales=args.scales, flip=args.flip, base_size=args.base_size,
                       crop_size=args.crop_size, window_batch=args.window_batch)
   model = checkpoint.load_model(args.checkpoint)
@@ -102,7 +141,7 @@ def main(argv=None) -> int:
       failed.append(path)
       continue
     pred = evaluator.predict(image)
-    stem = os.path.splitext(os.path.basename(path))[0]
+    stem = stems[path]
     write_prediction(args.out, stem, pred, palette=palette, image=image)
     print(f'{path}: {image.shape[1]}x{image.shape[0]} -> {os.path.join(args.out, stem)}.png '
           f'({time.perf_counter() - t:.2f} s)', flush=True)
