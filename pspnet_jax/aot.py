@@ -13,13 +13,17 @@ no TPU is needed. ``--target tpu:GENERATION:TOPOLOGY`` (e.g. ``v5e:2x2``, ``v5p:
 convolutions: the CPU kernels (``ops.cpu_conv``) are chosen by the platform a program is
 lowered for, here TPU.
 
-The roofline bound is ``max(FLOPs / peak, bytes accessed / HBM bandwidth, collective bytes
-on the wire / ICI bandwidth)`` per chip, hence an upper bound on images/s and MFU. It
-ignores: imperfect overlap of the three, kernel launch and pipeline bubbles, the host
-input pipeline, data in VMEM, layout padding inside fusions, and that XLA's cost model
-counts the body of a loop (gradient accumulation's ``scan``, the evaluator's window loop)
-once (scaled here by the known trip counts, an approximation). XLA's own
-``optimal_seconds`` estimate is not used: it came out negative for these programs.
+The roofline bound is ``max(FLOPs / peak, HBM traffic / HBM bandwidth, collective bytes on
+the wire / ICI bandwidth)`` per chip, hence an upper bound on images/s and MFU. The traffic
+is the program's own, instruction by instruction (``pspnet_jax.hlo.hbm_traffic``; ``--breakdown
+N`` prints it by kind, by source line and its top N), not XLA's ``bytes accessed``, which
+counts on-chip buffers and whole arrays where slices are read (kept as
+``xla_bytes_accessed``). ``--sweep KEY=V1,V2,...`` compiles once per value of a config key.
+The bound ignores: imperfect overlap of the three, kernel launch and pipeline bubbles, the
+host input pipeline, traffic inside a fusion, and that XLA's cost model counts the FLOPs of
+a loop body (gradient accumulation's ``scan``, the evaluator's window loop) once (scaled
+here by the known trip counts, an approximation). XLA's own ``optimal_seconds`` estimate is
+not used: it came out negative for these programs. See docs/accelerators.md.
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -252,13 +255,13 @@ def parse_sweep(config, spec: str) -> tuple[str, list]:
   key, sep, values = spec.partition('=')
   if not sep or not values:
     raise AotError(f'--sweep {spec!r}: expected KEY=V1,V2,..., e.g. global_batch_size=8,16,32')
+  problem = errors.unknown_config_key(config, key, f'--sweep {spec}')
+  if problem:
+    raise AotError(problem)
   node = config
   *path, last = key.split('.')
   for part in path:
-    node = node.get(part) if hasattr(node, 'get') else None
-  if node is None or not hasattr(node, 'get') or last not in node:
-    raise AotError(f'--sweep: {key!r} is not a key of the config (e.g. global_batch_size, '
-                   'model.dtype, loss_block_rows)')
+    node = node[part]
   old = node[last]
   out = []
   for text in values.split(','):
@@ -346,6 +349,8 @@ def main(argv):
     for value in values:
       results.append(run(with_value(flags_.config, key, value), flags_.target, flags_.program, **kwargs))
       print(f'{key}={value}: compiled in {results[-1]["timings"]["compile_s"]:.0f} s', flush=True)
+      if flags_.breakdown:
+        print(format_breakdown(results[-1]['per_chip']['hbm_traffic'], flags_.breakdown), flush=True)
     rows = [sweep_row(key, v, r) for v, r in zip(values, results)]
     _write(flags_.json, {'sweep': key, 'rows': rows, 'results': results})
     print(format_table(rows))

@@ -76,13 +76,22 @@ def check_config_overrides(argv: list[str], default_config: str) -> None:
     config = module.get_config()
   except Exception:  # the config file itself is broken: absl will report it in full
     return
-  known = _config_keys(config)
   for key in overrides:
-    if key not in known:
-      close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
-      hint = f'did you mean {", ".join(close)}? ' if close else ''
-      _refuse(f'unknown config key {key!r} in --config.{key} ({hint}every key is '
-              'listed, with its default, in configs/semseg_recipe.py)')
+    problem = unknown_config_key(config, key, f'--config.{key}')
+    if problem:
+      _refuse(problem)
+
+
+def unknown_config_key(config, key: str, flag: str) -> str | None:
+  """None if the dotted ``key`` is one of ``config``'s, else the one-line message for the
+  ``flag`` that named it, with the closest known keys."""
+  known = _config_keys(config)
+  if key in known:
+    return None
+  close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+  hint = f'did you mean {", ".join(close)}? ' if close else ''
+  return (f'unknown config key {key!r} in {flag} ({hint}every key is listed, with its '
+          'default, in configs/semseg_recipe.py)')
 
 
 def _refuse(message: str):

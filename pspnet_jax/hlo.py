@@ -367,31 +367,29 @@ def _is_async_slice(module: Module, inst: Instruction) -> bool:
   return False
 
 
-def _fusion_reads(module: Module, inst: Instruction, operand_arrays: list[list[Array]]
-                  ) -> tuple[list[tuple[Array, float]], set[int]]:
-  """Per operand of a fusion, what it reads: the whole array, or only the slices its
-  parameter feeds; and which operands are updated in place (a root dynamic-update-slice)."""
+def _fusion_io(module: Module, inst: Instruction, operand_arrays: list[list[Array]]
+               ) -> tuple[list[tuple[Array, float]], float]:
+  """What a fusion reads, per operand array (the whole array, nothing for a buffer it
+  updates in place, or only the slices its parameter feeds), and the fraction of its
+  results it writes (an in-place dynamic-update-slice root writes the update only)."""
   body = module.computations.get(inst.attr('calls') or '', [])
-  params = {}
-  for i in body:
-    if i.opcode == 'parameter':
-      params[i.name] = _constant(i) if _constant(i) is not None else len(params)
+  by_name = {i.name: i for i in body}
+  params = {i.name: _constant(i) if _constant(i) is not None else n
+            for n, i in enumerate(i for i in body if i.opcode == 'parameter')}
   users: dict[str, list[Instruction]] = {}
   for i in body:
     for o in i.operands:
       users.setdefault(o, []).append(i)
-  by_name = {i.name: i for i in body}
   root = next((i for i in body if i.is_root), None)
-  in_place = set()
   roots = [by_name.get(o) for o in root.operands] if root is not None and root.opcode == 'tuple' else [root]
-  for r in roots:
-    if r is not None and r.opcode == 'dynamic-update-slice' and r.operands[0] in params:
-      in_place.add(params[r.operands[0]])
+  updates = [r for r in roots if r is not None and r.opcode == 'dynamic-update-slice'
+             and r.operands[0] in params]
+  in_place = {params[r.operands[0]] for r in updates}
+
   def slices_of(name: str, depth: int = 0) -> list[Instruction] | None:
     """The slices that are the only readers of ``name`` (through bitcasts), else None."""
-    uses = users.get(name, [])
     found = []
-    for u in uses:
+    for u in users.get(name, []):
       if u.opcode in _SLICES and u.operands[0] == name:
         found.append(u)
       elif u.opcode == 'bitcast' and depth < 4:
@@ -403,37 +401,27 @@ def _fusion_reads(module: Module, inst: Instruction, operand_arrays: list[list[A
         return None
     return found or None
 
-  fraction = {}
+  sliced = {}
   for name, k in params.items():
-    sliced = slices_of(name)
-    if sliced:
-      fraction[k] = sum(sum(a.elements for a in u.arrays) for u in sliced)
+    slices = slices_of(name)
+    if slices:
+      sliced[k] = sum(sum(a.elements for a in u.arrays) for u in slices)
   reads = []
   for k, arrays in enumerate(operand_arrays):
     for a in arrays:
       if k in in_place:
         reads.append((a, 0.0))
-      elif k in fraction and a.elements:
-        reads.append((a, min(fraction[k] / a.elements, 1.0)))
+      elif k in sliced and a.elements:
+        reads.append((a, min(sliced[k] / a.elements, 1.0)))
       else:
         reads.append((a, 1.0))
-  return reads, in_place
-
-
-def _update_size(module: Module, inst: Instruction, in_place: set[int]) -> float | None:
-  """Elements a fusion rooted in dynamic-update-slice writes: the update's, not the buffer's."""
-  if not in_place:
-    return None
-  body = module.computations.get(inst.attr('calls') or '', [])
-  by_name = {i.name: i for i in body}
-  root = next((i for i in body if i.is_root), None)
-  roots = [by_name.get(o) for o in root.operands] if root is not None and root.opcode == 'tuple' else [root]
-  total = 0
-  for r in roots:
-    if r is not None and r.opcode == 'dynamic-update-slice':
-      update = by_name.get(r.operands[1])
-      total += sum(a.elements for a in update.arrays) if update else 0
-  return total
+  written = 1.0
+  total = sum(a.elements for a in inst.arrays)
+  if updates and total:
+    update = sum(sum(a.elements for a in by_name[r.operands[1]].arrays)
+                 for r in updates if r.operands[1] in by_name)
+    written = min(update / total, 1.0)
+  return reads, written
 
 
 def hbm_traffic(hlo_text: str, *, unknown_trips: int = 1, top: int = 10) -> dict:
@@ -461,7 +449,7 @@ def hbm_traffic(hlo_text: str, *, unknown_trips: int = 1, top: int = 10) -> dict
       queue.extend(users.get(i.name, []))
     return '?'
 
-  def walk(computation: str, times: float, depth: int = 0):
+  def walk(computation: str, times: float):
     instructions = module.instructions(computation)
     users: dict[str, list[Instruction]] = {}
     for i in module.computations.get(computation, []):
@@ -473,10 +461,10 @@ def hbm_traffic(hlo_text: str, *, unknown_trips: int = 1, top: int = 10) -> dict
         trips = trip_count(module, inst, instructions)
         loops.append({'body': inst.attr('body'), 'trips': trips if trips is not None else unknown_trips,
                       'known': trips is not None, 'times': times})
-        walk(inst.attr('body'), times * (trips if trips is not None else unknown_trips), depth + 1)
+        walk(inst.attr('body'), times * (trips if trips is not None else unknown_trips))
         continue
       if op == 'call':
-        walk(inst.attr('to_apply'), times, depth + 1)
+        walk(inst.attr('to_apply'), times)
         continue
       if op == 'conditional':
         # The costlier branch: an upper bound for a branch taken at run time.
@@ -484,7 +472,7 @@ def hbm_traffic(hlo_text: str, *, unknown_trips: int = 1, top: int = 10) -> dict
         best: list[dict] = []
         for branch in inst.called():
           del rows[before:]
-          walk(branch, times, depth + 1)
+          walk(branch, times)
           if sum(r['bytes_padded'] for r in rows[before:]) >= sum(r['bytes_padded'] for r in best):
             best = rows[before:]
         del rows[before:]
@@ -563,12 +551,10 @@ def _instruction_bytes(module: Module, inst: Instruction, scope: dict[str, Instr
     write(results, n / max(sum(a.elements for a in results), 1))
     return raw, padded
   if op == 'fusion':
-    reads, in_place = _fusion_reads(module, inst, operand_arrays)
+    reads, written = _fusion_io(module, inst, operand_arrays)
     for a, fraction in reads:
       read(a, fraction)
-    n = _update_size(module, inst, in_place)
-    total = sum(a.elements for a in results)
-    write(results, 1.0 if n is None or not total else min(n / total, 1.0))
+    write(results, written)
     return raw, padded
   for arrays in operand_arrays:
     for a in arrays:

@@ -141,8 +141,10 @@ def test_sweep_values_take_the_key_type_and_bad_ones_are_one_line():
   assert aot.parse_sweep(config, 'model.dtype=float32,bfloat16') == ('model.dtype', ['float32', 'bfloat16'])
   assert aot.with_value(config, 'model.dtype', 'bfloat16').model.dtype == 'bfloat16'
   assert config.model.dtype == 'float32'  # a copy
-  with pytest.raises(aot.AotError, match="'global_batch' is not a key"):
+  with pytest.raises(aot.AotError, match="unknown config key 'global_batch' .*did you mean global_batch_size"):
     aot.parse_sweep(config, 'global_batch=8')
+  with pytest.raises(aot.AotError, match="unknown config key 'model.dtyp'"):
+    aot.parse_sweep(config, 'model.dtyp=bfloat16')
   with pytest.raises(aot.AotError, match="'eight' is not of type int"):
     aot.parse_sweep(config, 'global_batch_size=8,eight')
   with pytest.raises(aot.AotError, match='expected KEY=V1,V2'):

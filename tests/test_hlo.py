@@ -180,3 +180,23 @@ def test_a_fused_slice_behind_a_bitcast_counts_its_slice():
   ROOT %s = f32[1,1024,1024]{2,1,0:T(8,128)} fusion(%x, %i), kind=kLoop, calls=%slice_computation''',
                computations)
   assert t['bytes'] == 8 * MiB
+
+
+def test_a_conditional_counts_its_costlier_branch():
+  computations = FUSED_ADD + '''
+%small (p: f32[1024,1024]) -> f32[1024,1024] {
+  %p = f32[1024,1024]{1,0:T(8,128)} parameter(0)
+  ROOT %n = f32[1024,1024]{1,0:T(8,128)S(1)} negate(%p)
+}
+
+%large (p: f32[1024,1024]) -> f32[1024,1024] {
+  %p = f32[1024,1024]{1,0:T(8,128)} parameter(0)
+  ROOT %f = f32[1024,1024]{1,0:T(8,128)} fusion(%p, %p), kind=kLoop, calls=%add_computation
+}
+'''
+  t = _traffic('''  %x = f32[1024,1024]{1,0:T(8,128)} parameter(0)
+  %i = s32[]{:T(128)S(6)} parameter(1)
+  ROOT %c = f32[1024,1024]{1,0:T(8,128)} conditional(%i, %x, %x), branch_computations={%small, %large}''',
+               computations)
+  # small: read 4 MiB (its result stays in VMEM); large: read 8 MiB, write 4 MiB.
+  assert t['bytes'] == 12 * MiB

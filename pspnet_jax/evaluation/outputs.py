@@ -148,19 +148,23 @@ def map_ids(pred: np.ndarray, id_map: Sequence[int] | None) -> np.ndarray:
   return table[np.asarray(pred)].astype(np.uint8)
 
 
+# The files of one prediction, <stem> + each: ids, palette colours, overlay on the photo.
+PREDICTION_SUFFIXES = ('.png', '_color.png', '_overlay.jpg')
+
+
 def write_prediction(out_dir: str, stem: str, pred: np.ndarray, *, palette: np.ndarray,
                      image: np.ndarray | None = None, id_map: Sequence[int] | None = None,
                      color: bool = True) -> list[str]:
   """Writes ``<stem>.png`` (ids, uint8), ``<stem>_color.png`` and, given the image,
   ``<stem>_overlay.jpg``. Returns the paths written."""
   os.makedirs(out_dir, exist_ok=True)
-  base = os.path.join(out_dir, stem)
-  paths = [base + '.png']
-  Image.fromarray(map_ids(pred, id_map), mode='L').save(paths[0])
+  ids, colored, overlaid = (os.path.join(out_dir, stem + s) for s in PREDICTION_SUFFIXES)
+  paths = [ids]
+  Image.fromarray(map_ids(pred, id_map), mode='L').save(ids)
   if color:
-    paths.append(base + '_color.png')
+    paths.append(colored)
     Image.fromarray(colorize(pred, palette), mode='RGB').save(paths[-1])
   if image is not None:
-    paths.append(base + '_overlay.jpg')
+    paths.append(overlaid)
     Image.fromarray(overlay(image, pred, palette), mode='RGB').save(paths[-1], quality=90)
   return paths

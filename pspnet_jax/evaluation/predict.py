@@ -26,12 +26,11 @@ from PIL import Image
 
 from pspnet_jax import checkpoint, errors
 from pspnet_jax.errors import UserError
-from pspnet_jax.evaluation.outputs import write_prediction
+from pspnet_jax.evaluation.outputs import PREDICTION_SUFFIXES, write_prediction
 from pspnet_jax.evaluation.protocol import EvalConfig, Evaluator
 from pspnet_jax.palette import as_palette
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
-OUTPUT_SUFFIXES = ('.png', '_color.png', '_overlay.jpg')  # outputs.write_prediction's files
 
 
 def list_images(path: str) -> list[str]:
@@ -76,7 +75,7 @@ def output_stems(files: list[str], out: str) -> dict[str, str]:
   stems = {f: stem(f) if counts[stem(f)] == 1 else os.path.basename(f) for f in files}
   inputs = {os.path.realpath(f) for f in files}
   for f, s in stems.items():
-    for suffix in OUTPUT_SUFFIXES:
+    for suffix in PREDICTION_SUFFIXES:
       target = os.path.realpath(os.path.join(out, s + suffix))
       if target in inputs:
         raise UserError(f'--out {out}: writing {s + suffix} there would overwrite the input image '

@@ -512,10 +512,10 @@ class Evaluator:
         if on_prediction is not None:
           on_prediction(n - 1, np.asarray(pred[:label.shape[0], :label.shape[1]]))
         continue
-      group = pending.setdefault(self.bucket(*image.shape[:2])[2:], [])
-      group.append((n - 1, image, label))
-      if len(group) == devices:
-        acc = self._run_group(pending.pop(self.bucket(*image.shape[:2])[2:]), acc, on_prediction)
+      shapes = self.bucket(*image.shape[:2])[2:]  # images alike in these share a program
+      pending.setdefault(shapes, []).append((n - 1, image, label))
+      if len(pending[shapes]) == devices:
+        acc = self._run_group(pending.pop(shapes), acc, on_prediction)
     for group in pending.values():
       acc = self._run_group(group, acc, on_prediction)
     acc = np.asarray(acc)  # the one device -> host transfer
@@ -540,8 +540,9 @@ class Evaluator:
     return padded
 
   def _group_arrays(self, images: list[np.ndarray], labels: list[np.ndarray]):
-    """(key, images, labels, plans) as NumPy for ``_group_program``: one image per device, padded to the group's largest bucket; empty slots (a group
-    not full) score nothing: no windows, every label ignored."""
+    """(key, images, labels, plans) as NumPy for ``_group_program``: one image per device,
+    padded to the group's largest bucket; empty slots (a group not full) score nothing: no
+    windows, every label ignored."""
     keys = [self.bucket(*im.shape[:2]) for im in images]
     key = (max(k[0] for k in keys), max(k[1] for k in keys)) + keys[0][2:]
     batch_images = np.zeros((self.mesh.size,) + key[:2] + (3,), np.uint8)

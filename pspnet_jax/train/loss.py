@@ -63,7 +63,7 @@ def upsampled_cross_entropy(logits: jax.Array, labels: jax.Array, *, align_corne
     full = ops.resize_bilinear(logits.astype(jnp.float32), (out_h, out_w), align_corners)
     return cross_entropy(full, labels, ignore_label)
   b, h, w, c = logits.shape
-  plan = _Plan.build(h, w, out_h, out_w, align_corners, min(int(block_rows), out_h))
+  plan = _plan(h, w, out_h, out_w, bool(align_corners), min(int(block_rows), out_h))
   valid = labels != ignore_label
   count = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
   pad = plan.blocks * plan.rows - out_h
@@ -75,32 +75,24 @@ def upsampled_cross_entropy(logits: jax.Array, labels: jax.Array, *, align_corne
 class _Plan:
   """Static per-block slices of the interpolation: block ``k`` covers output rows
   ``[k * rows, (k + 1) * rows)``, which read input rows ``[starts[k], starts[k] + span)``
-  through ``rows_matrix[k]`` ([rows, span]); ``cols_matrix`` is the whole [out_w, w]."""
+  through ``rows_matrix[k]`` ([rows, span]); ``cols_matrix`` is the whole [out_w, w].
+  Built once per shape (``_plan``); hashed by identity, as ``custom_vjp`` wants of it."""
 
-  _cache: dict = {}
+  def __init__(self, h, w, out_h, out_w, align_corners, rows):
+    u_h = ops.interpolation_matrix(h, out_h, align_corners)   # [out_h, h]
+    self.rows, self.blocks = rows, math.ceil(out_h / rows)
+    u_h = np.concatenate([u_h, np.zeros((self.blocks * rows - out_h, h), np.float32)])
+    reads = [np.nonzero(u_h[k * rows:(k + 1) * rows].any(axis=0))[0] for k in range(self.blocks)]
+    self.span = max((r[-1] - r[0] + 1 for r in reads if r.size), default=1)
+    self.starts = np.array([min(int(r[0]) if r.size else 0, h - self.span) for r in reads], np.int32)
+    self.rows_matrix = np.stack([u_h[k * rows:(k + 1) * rows, s:s + self.span]
+                                 for k, s in enumerate(self.starts)])
+    self.cols_matrix = ops.interpolation_matrix(w, out_w, align_corners)
 
-  def __init__(self, rows, blocks, span, starts, rows_matrix, cols_matrix):
-    self.rows, self.blocks, self.span = rows, blocks, span
-    self.starts, self.rows_matrix, self.cols_matrix = starts, rows_matrix, cols_matrix
 
-  def __hash__(self):
-    return id(self)
-
-  @classmethod
-  def build(cls, h, w, out_h, out_w, align_corners, rows) -> '_Plan':
-    key = (h, w, out_h, out_w, bool(align_corners), rows)
-    if key not in cls._cache:
-      u_h = ops.interpolation_matrix(h, out_h, align_corners)   # [out_h, h]
-      blocks = math.ceil(out_h / rows)
-      u_h = np.concatenate([u_h, np.zeros((blocks * rows - out_h, h), np.float32)])
-      reads = [np.nonzero(u_h[k * rows:(k + 1) * rows].any(axis=0))[0] for k in range(blocks)]
-      span = max((r[-1] - r[0] + 1 for r in reads if r.size), default=1)
-      starts = np.array([min(int(r[0]) if r.size else 0, h - span) for r in reads], np.int32)
-      rows_matrix = np.stack([u_h[k * rows:(k + 1) * rows, s:s + span]
-                              for k, s in enumerate(starts)])
-      cols_matrix = ops.interpolation_matrix(w, out_w, align_corners)
-      cls._cache[key] = cls(rows, blocks, span, starts, rows_matrix, cols_matrix)
-    return cls._cache[key]
+@functools.lru_cache(maxsize=64)
+def _plan(h, w, out_h, out_w, align_corners, rows) -> _Plan:
+  return _Plan(h, w, out_h, out_w, align_corners, rows)
 
 
 def _block_logits(z, start, rows_matrix, cols_matrix, span):

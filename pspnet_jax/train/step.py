@@ -47,10 +47,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, aux_weight: f
     model = nnx.merge(graphdef, params, batch_stats)
     model.train()
     logits, aux = model(images, rngs=nnx.Rngs(dropout=rng), upsample=False)
-    loss = lambda z: upsampled_cross_entropy(
+    head_loss = lambda z: upsampled_cross_entropy(
         z, labels, align_corners=model.config.align_corners, ignore_label=ignore_label,
         block_rows=loss_block_rows)
-    main_loss, aux_loss = loss(logits), loss(aux)
+    main_loss, aux_loss = head_loss(logits), head_loss(aux)
     loss = main_loss + aux_weight * aux_loss
     return loss, (nnx.state(model, nnx.BatchStat), main_loss, aux_loss)
 

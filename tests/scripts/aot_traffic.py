@@ -31,7 +31,7 @@ def main():
       'loss_plain': (jax.value_and_grad(
           lambda z, y: cross_entropy(ops.resize_bilinear(z, (out, out), True), y)), loss_args),
       'loss_fused': (jax.value_and_grad(
-          lambda z, y: upsampled_cross_entropy(z, y, align_corners=True, block_rows=64)), loss_args),
+          lambda z, y: upsampled_cross_entropy(z, y, align_corners=True, block_rows=32)), loss_args),
   }
   result = {}
   for name, (f, args) in programs.items():
