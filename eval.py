@@ -23,12 +23,12 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pspnet_jax import errors, mesh
+from pspnet_jax import config_file, errors, mesh
 from pspnet_jax.evaluation import evaluate_checkpoint
 
-if __name__ == '__main__':  # before absl parses them (ml_collections fails deep inside)
-  errors.check_config_overrides(sys.argv, 'configs/synthetic.py')
-config_flags.DEFINE_config_file('config', 'configs/synthetic.py', 'Configuration file.')
+if __name__ == '__main__':  # before absl loads it: each fault of the config file one line
+  sys.argv = config_file.prepare_argv(sys.argv)
+config_flags.DEFINE_config_file('config', config_file.DEFAULT, 'Configuration file.')
 flags.DEFINE_string('workdir', None, 'Training workdir: evaluates its latest checkpoint.')
 flags.DEFINE_string('checkpoint', None, 'A model directory (port CLI output) or a workdir.')
 flags.DEFINE_string('out', None, 'Output directory (default: WORKDIR/eval or CHECKPOINT/eval).')

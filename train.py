@@ -10,12 +10,12 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pspnet_jax import errors, mesh
+from pspnet_jax import config_file, errors, mesh
 from pspnet_jax.train import TrainingDiverged, train_and_evaluate
 
-if __name__ == '__main__':  # before absl parses them (ml_collections fails deep inside)
-  errors.check_config_overrides(sys.argv, 'configs/synthetic.py')
-config_flags.DEFINE_config_file('config', 'configs/synthetic.py', 'Training configuration file.')
+if __name__ == '__main__':  # before absl loads it: each fault of the config file one line
+  sys.argv = config_file.prepare_argv(sys.argv)
+config_flags.DEFINE_config_file('config', config_file.DEFAULT, 'Training configuration file.')
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and evaluation.', required=True)
 flags.DEFINE_string('coordinator', None, 'host:port of process 0 (multi-process runs).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process runs).')

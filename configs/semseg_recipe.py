@@ -43,6 +43,10 @@ def base_config() -> ml_collections.ConfigDict:
   # stay in on-chip memory (VMEM) on TPU v5e and v6e at 32 (ADE20K, 4 images of 473 a chip:
   # 36 MB; the audit of `python -m pspnet_jax.aot --breakdown` shows where they live).
   c.loss_block_rows = 32
+  # A step whose loss exceeds this many times its recent level (the median of the last 50
+  # steps, at least log(classes)) marks a divergence, as a NaN does: the run stops, keeping
+  # only checkpoints from before it (pspnet_jax.train.monitor.DivergenceWatch). 0: NaN only.
+  c.divergence_factor = 10.0
   c.init_checkpoint = ''     # a model directory from `python -m pspnet_jax.port`
   c.init_backbone_only = False  # True: take only its backbone (e.g. other classes)
   c.worker_count = 4

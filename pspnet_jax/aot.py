@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from pspnet_jax import checkpoint, errors, hlo
+from pspnet_jax import checkpoint, config_file, errors, hlo
 from pspnet_jax import mesh as mesh_lib
 from pspnet_jax.data import BUILDERS
 from pspnet_jax.errors import UserError
@@ -255,7 +255,7 @@ def parse_sweep(config, spec: str) -> tuple[str, list]:
   key, sep, values = spec.partition('=')
   if not sep or not values:
     raise AotError(f'--sweep {spec!r}: expected KEY=V1,V2,..., e.g. global_batch_size=8,16,32')
-  problem = errors.unknown_config_key(config, key, f'--sweep {spec}')
+  problem = config_file.unknown_config_key(config, key, f'--sweep {spec}')
   if problem:
     raise AotError(problem)
   node = config
@@ -276,6 +276,7 @@ def parse_sweep(config, spec: str) -> tuple[str, list]:
         raise AotError(f'--sweep {key}: only number, text or true/false keys can be swept')
     except ValueError:
       raise AotError(f'--sweep {key}: {text!r} is not of type {type(old).__name__}') from None
+    config_file.check_values(with_value(config, key, value))
     out.append(value)
   return key, out
 
@@ -341,6 +342,7 @@ def main(argv):
     raise AotError(f'--image_size {flags_.image_size!r}: expected HxW, e.g. 512x683')
   if flags_.breakdown < 0:
     raise AotError(f'--breakdown {flags_.breakdown}: expected a number of instructions >= 0')
+  config_file.check_values(flags_.config)
   kwargs = dict(num_classes=flags_.num_classes, image_size=(int(h), int(w or h)),
                 breakdown=max(flags_.breakdown, 10))
   if flags_.sweep:
@@ -379,8 +381,8 @@ def _write(path, obj):
 if __name__ == '__main__':
   from absl import app, flags, logging
   from ml_collections import config_flags
-  errors.check_config_overrides(sys.argv, 'configs/synthetic.py')
-  config_flags.DEFINE_config_file('config', 'configs/synthetic.py', 'Training configuration file.')
+  sys.argv = config_file.prepare_argv(sys.argv)
+  config_flags.DEFINE_config_file('config', config_file.DEFAULT, 'Training configuration file.')
   flags.DEFINE_string('target', 'tpu:v5e:2x2', 'tpu:GENERATION:TOPOLOGY, e.g. tpu:v5e:2x2.')
   flags.DEFINE_enum('program', 'train', ['train', 'eval'], 'The train step or the evaluator.')
   flags.DEFINE_string('json', None, 'Write the figures to this file (else print them).')

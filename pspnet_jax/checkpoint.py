@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 
 import jax
@@ -38,6 +39,7 @@ class CheckpointError(UserError):
 
 
 DAMAGED_SUFFIX = '.damaged'
+DIVERGED_SUFFIX = '.diverged'
 
 
 def _drop_orbax_leftovers():
@@ -326,6 +328,10 @@ class TrainCheckpointer:
         options=ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=lambda m: m['miou'],
                                              best_mode='max', enable_async_checkpointing=async_save))
 
+  @property
+  def directory(self) -> str:
+    return os.path.join(self.workdir, CHECKPOINTS_DIR)
+
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
@@ -338,15 +344,31 @@ class TrainCheckpointer:
       return None
     directory = os.path.join(self.workdir, CHECKPOINTS_DIR)
     step, restored = newest_intact(directory, steps, lambda s: self.restore(s, **targets))
-    newer = [s for s in steps if s > step]
-    if newer and jax.process_index() == 0:
-      for s in newer:
-        os.replace(os.path.join(directory, str(s)), os.path.join(directory, f'{s}{DAMAGED_SUFFIX}'))
-    if newer:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices('damaged checkpoints moved aside')
-      self.manager.reload()
+    self._set_aside([s for s in steps if s > step], DAMAGED_SUFFIX)
     return (step, *restored)
+
+  def set_aside_diverged(self, first_step: int) -> list[int]:
+    """Moves the finished checkpoints of steps >= ``first_step`` out of the run's way, to
+    ``<step>.diverged`` (kept for inspection), so that a resume starts before a divergence.
+    Returns those steps."""
+    self.wait()
+    steps = [s for s in self.manager.all_steps() if s >= first_step]
+    self._set_aside(steps, DIVERGED_SUFFIX)
+    return sorted(steps)
+
+  def _set_aside(self, steps, suffix: str):
+    if not steps:
+      return
+    directory = os.path.join(self.workdir, CHECKPOINTS_DIR)
+    if jax.process_index() == 0:
+      for s in steps:
+        target = os.path.join(directory, f'{s}{suffix}')
+        if os.path.isdir(target):  # set aside by an earlier run: this one replaces it
+          shutil.rmtree(target)
+        os.replace(os.path.join(directory, str(s)), target)
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f'checkpoints moved to {suffix}')
+    self.manager.reload()
 
   def save(self, step: int, *, model_variables: dict, opt_state, meta: dict, data_state,
            metrics: dict | None = None):

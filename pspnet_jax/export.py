@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pspnet_jax import checkpoint, errors
+from pspnet_jax import checkpoint, errors, output_dir
 from pspnet_jax.errors import UserError
 from pspnet_jax.models import PSPNet
 from pspnet_jax.palette import as_palette
@@ -172,12 +172,7 @@ def export_model(model_dir: str, out: str, *, formats=('stablehlo',), platforms=
     raise ExportError('--dtype bfloat16 is for the StableHLO artifact (accelerators); the ONNX '
                       'artifact is float32 (onnxruntime has no bfloat16 CPU convolution): export '
                       'them separately')
-  out = os.path.abspath(os.fspath(out))
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise ExportError(f'--out {out} is a file (give a directory)')
-  if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, MANIFEST)):
-    raise ExportError(f'--out {out} is a non-empty folder that holds no earlier export (give a new '
-                      'or empty folder)')
+  out = output_dir.claim(out, marker=MANIFEST, what='export')
   model = checkpoint.load_model(model_dir)
   metadata = checkpoint.model_metadata(model_dir)
   config = model.config

@@ -11,7 +11,9 @@ version, so a run that differs in any of them compiles its own. conftest.py crea
 folder for the session (under pytest-xdist, once for all workers) and removes it afterwards.
 """
 
+import contextlib
 import os
+import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPILE_CACHE = None  # set by conftest.py for the session
@@ -34,3 +36,21 @@ def cli_env(devices: int | None = None, **extra: str) -> dict:
                JAX_COMPILATION_CACHE_MAX_SIZE=str(16 << 30))
   env.update(extra)
   return env
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path, *, size: str = '1m', read_only: bool = False):
+  """A small (or read-only) filesystem at ``path`` for the duration: where a disk is full
+  or cannot be written. Needs root (CI runs as root); skips the test, saying why, elsewhere."""
+  import pytest
+  os.makedirs(path, exist_ok=True)
+  options = f'size={size}' + (',ro' if read_only else '')
+  if os.geteuid() != 0:
+    pytest.skip('mounting a small filesystem needs root (CI runs as root)')
+  p = subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(path)], capture_output=True, text=True)
+  if p.returncode != 0:
+    pytest.skip(f'cannot mount a tmpfs here: {p.stderr.strip()}')
+  try:
+    yield path
+  finally:
+    subprocess.run(['umount', '-l', str(path)], capture_output=True)

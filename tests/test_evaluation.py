@@ -271,7 +271,7 @@ def test_predict_never_overwrites_inputs_or_its_own_outputs(tmp_path, model):
   run = subprocess.run(cmd(src), capture_output=True, text=True, timeout=240, env=cli_env(), cwd=ROOT)
   assert run.returncode == 2 and 'Traceback' not in run.stderr, run.stderr[-3000:]
   line = run.stderr.strip().splitlines()[-1]
-  assert line.startswith('error: --out ') and 'would overwrite the input image' in line, line
+  assert line.startswith('error: --out ') and 'would replace the input' in line, line
   assert {f: (src / f).read_bytes() for f in os.listdir(src)} == before  # nothing touched
   run = subprocess.run(cmd(tmp_path / 'out'), capture_output=True, text=True, timeout=240,
                        env=cli_env(), cwd=ROOT)

@@ -171,17 +171,47 @@ def test_mobilenet_v2_trains_on_the_synthetic_set(tmp_path, data_dir):
   assert model.config.backbone == 'mobilenet_v2' and model.config.ppm_channels == 16
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
-  """Metrics are read back only every 5 steps, checkpoints written every 2: the check of
-  every pending step still runs before each save."""
+def test_a_loss_spike_marks_divergence_and_the_printed_advice_trains_on(tmp_path, data_dir, reference_run):
+  """The reference run (12 steps, checkpoints 4, 8, 12) resumed to step 20 at lr 1e8: the
+  update of step 13 wrecks the weights, the loss of step 14 spikes (before any NaN). The run
+  stops there, names the step and its loss, and keeps only checkpoints from before it (14,
+  written after it began, never is). Following the printed advice, lower lr and the same
+  command, resumes from step 12 and trains to the end with finite losses."""
+  import shutil
   workdir = tmp_path / 'diverged'
-  p = _train(workdir, data_dir, '--config.optimizer.learning_rate=1e8', '--config.log_every_steps=5',
-             '--config.optimizer.warmup_steps=4', '--config.checkpoint_every_steps=2', check=False)
+  shutil.copytree(reference_run[0], workdir)
+  p = _train(workdir, data_dir, '--config.num_steps=20', '--config.checkpoint_every_steps=2',
+             '--config.log_every_steps=5', '--config.optimizer.learning_rate=1e8', check=False)
   assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
-  assert 'loss is nan' in p.stderr.lower() or 'loss is inf' in p.stderr.lower(), p.stderr[-2000:]
-  assert _finished_steps(workdir), 'no checkpoint was written before the divergence'
-  for k, v in _variables(workdir).items():
-    assert np.all(np.isfinite(v)), k
+  lines = [l for l in p.stderr.splitlines() if l.startswith('error: ')]
+  assert len(lines) == 1 and 'Traceback' not in p.stderr, p.stderr[-3000:]
+  assert lines[0].startswith('error: loss jumped to ') and ' at step 14, over 10x its recent level ' in lines[0]
+  assert 'lower --config.optimizer.learning_rate' in lines[0] and 'resumes from step 12' in lines[0], lines[0]
+  assert _finished_steps(workdir) == [4, 8, 12]
+  p = _train(workdir, data_dir, '--config.num_steps=20', '--config.checkpoint_every_steps=2',
+             '--config.optimizer.learning_rate=0.02')
+  assert 'at step 12' in p.stdout
+  losses = _losses(workdir)
+  assert sorted(losses) == list(range(1, 21)) and all(np.isfinite(losses[s]) for s in range(13, 21)), losses
+  assert max(losses[s] for s in range(13, 21)) < 3 * losses[12], losses
+
+
+def test_divergence_watch_on_known_sequences():
+  from pspnet_jax.train.monitor import DivergenceWatch
+
+  def run(losses, factor=10.0, norms=None):
+    """The first step DivergenceWatch (4 classes) marks, or None."""
+    watch = DivergenceWatch(factor, 4)
+    for step, (loss, norm) in enumerate(zip(losses, norms or [1.0] * len(losses)), 1):
+      if watch.check(step, {'loss': loss, 'grad_norm': norm}):
+        return step
+    return None
+
+  assert run([1.8, 3.5e16, float('nan')]) == 2            # lr 1e8: the spike, a step before the NaN
+  assert run([1.8, 1.2, 0.3, 0.05, 0.04, 0.9, 0.05]) is None  # noisy but under 10 x log(4)
+  assert run([1.8, 1.7, 1.6, 25.0]) == 4
+  assert run([1.8, 1.7, 1.6, 25.0], factor=0) is None     # 0: only non-finite values
+  assert run([1.8, 1.7, 1.6], norms=[1.0, float('inf'), 1.0]) == 2
 
 
 def _free_port():
@@ -552,3 +582,29 @@ def test_no_intact_checkpoint_is_one_line_and_changes_nothing(reference_run, dat
     _one_error_line(p, 'no intact checkpoint (damaged: steps 12, 8, 4')
     assert _files(workdir) == before
   assert not os.path.exists(tmp_path / 'eval')
+
+
+def test_eval_out_is_checked_before_any_work_and_metrics_survive_a_failed_write(reference_run, data_dir, tmp_path):
+  """eval.py --out: an existing file, a folder of other files, a read-only filesystem are one
+  line each before anything is evaluated (the file and folder unchanged); on a filesystem
+  that fills up while the outputs are written, the metrics are printed anyway and the one
+  line says the write failed."""
+  from cli import mounted_tmpfs
+  workdir, _ = reference_run
+  a_file = tmp_path / 'metrics.txt'
+  a_file.write_text('mine')
+  line = _one_error_line(_run(_eval_cmd(workdir, data_dir, a_file)), f'--out {a_file} is a file')
+  assert a_file.read_text() == 'mine'
+  others = tmp_path / 'photos'
+  others.mkdir()
+  (others / 'holiday.jpg').write_bytes(b'jpeg')
+  _one_error_line(_run(_eval_cmd(workdir, data_dir, others)), 'holds other files and no earlier evaluation')
+  assert os.listdir(others) == ['holiday.jpg']
+  with mounted_tmpfs(tmp_path / 'ro', read_only=True) as ro:
+    p = _run(_eval_cmd(workdir, data_dir, ro / 'eval'))
+    _one_error_line(p, 'Read-only file system', 'nothing was run')
+    assert 'mIoU' not in p.stdout
+  with mounted_tmpfs(tmp_path / 'full', size='8k') as full:
+    p = _run(_eval_cmd(workdir, data_dir, full / 'eval'))
+    line = _one_error_line(p, 'writing the outputs failed (No space left on device', 'the metrics above are complete')
+    assert 'mIoU' in p.stdout and '8 images in' in p.stdout, p.stdout[-2000:]

@@ -10,10 +10,11 @@ import os
 import jax
 
 from pspnet_jax import checkpoint as ckpt_lib
+from pspnet_jax import config_file, output_dir
 from pspnet_jax import data as data_lib
 from pspnet_jax.errors import UserError
 from pspnet_jax.evaluation.dataset import evaluate
-from pspnet_jax.evaluation.outputs import write_eval_outputs, write_prediction
+from pspnet_jax.evaluation.outputs import METRICS_FILE, format_table, write_eval_outputs, write_prediction
 from pspnet_jax.evaluation.protocol import EvalConfig
 from pspnet_jax.palette import as_palette
 
@@ -22,6 +23,8 @@ def evaluate_checkpoint(config, checkpoint_path: str, out_dir: str, *,
                         save_predictions: bool = False, max_examples: int = 0) -> dict:
   """Evaluates ``checkpoint_path`` (model directory, training workdir or step directory)
   on ``config.dataset.eval_split`` with ``config.eval``; returns the metrics dict."""
+  config_file.check_values(config)
+  out_dir = output_dir.claim(out_dir, marker=METRICS_FILE, what='evaluation')
   ds = config.dataset
   data_dir = os.path.abspath(os.path.expanduser(ds.data_dir))
   info = data_lib.dataset_info(ds.name, data_dir)
@@ -44,7 +47,12 @@ def evaluate_checkpoint(config, checkpoint_path: str, out_dir: str, *,
                     num_examples=max_examples,
                     on_prediction=on_prediction if save_predictions else None)
   if jax.process_index() == 0:
-    write_eval_outputs(out_dir, result, eval_config=eval_config,
-                       extra={'checkpoint': os.path.abspath(checkpoint_path),
-                              'dataset': ds.name, 'split': ds.eval_split})
+    print(format_table(result), flush=True)  # first: shown even if writing them fails
+    try:
+      write_eval_outputs(out_dir, result, eval_config=eval_config, print_table=False,
+                         extra={'checkpoint': os.path.abspath(checkpoint_path),
+                                'dataset': ds.name, 'split': ds.eval_split})
+    except OSError as e:
+      raise UserError(f'--out {out_dir}: writing the outputs failed ({e.strerror}: {e.filename}); '
+                      'the metrics above are complete (free space or choose another --out)') from e
   return result

@@ -24,7 +24,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from pspnet_jax import checkpoint, errors
+from pspnet_jax import checkpoint, errors, output_dir
 from pspnet_jax.errors import UserError
 from pspnet_jax.evaluation.outputs import PREDICTION_SUFFIXES, write_prediction
 from pspnet_jax.evaluation.protocol import EvalConfig, Evaluator
@@ -63,24 +63,15 @@ def read_rgb(path: str) -> np.ndarray:
     raise UserError(f'{path}: not a readable image ({e})') from None
 
 
-def output_stems(files: list[str], out: str) -> dict[str, str]:
+def output_stems(files: list[str]) -> dict[str, str]:
   """The output name of each input file: its stem (``a.jpg`` -> ``a``), or, where two inputs
   share a stem (``a.jpg``, ``a.png``), the whole file name (``a.jpg``, ``a.png``), so that no
-  output of the run replaces another. Refuses, before any work, outputs that would replace
-  an input file (``--out`` the input folder)."""
+  output of the run replaces another."""
   stem = lambda f: os.path.splitext(os.path.basename(f))[0]
   counts: dict[str, int] = {}
   for f in files:
     counts[stem(f)] = counts.get(stem(f), 0) + 1
-  stems = {f: stem(f) if counts[stem(f)] == 1 else os.path.basename(f) for f in files}
-  inputs = {os.path.realpath(f) for f in files}
-  for f, s in stems.items():
-    for suffix in PREDICTION_SUFFIXES:
-      target = os.path.realpath(os.path.join(out, s + suffix))
-      if target in inputs:
-        raise UserError(f'--out {out}: writing {s + suffix} there would overwrite the input image '
-                        f'{target}; choose another --out folder (nothing was written)')
-  return stems
+  return {f: stem(f) if counts[stem(f)] == 1 else os.path.basename(f) for f in files}
 
 
 def parse_scales(text: str) -> tuple[float, ...]:
@@ -114,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   files = list_images(args.input)
-  stems = output_stems(files, args.out)
+  stems = output_stems(files)
+  output_dir.claim(args.out, writes=[s + suffix for s in stems.values() for suffix in PREDICTION_SUFFIXES],
+                   protect=files)
   renamed = sorted(f for f in files if stems[f] == os.path.basename(f))
   if renamed:
     print(f'note: {len(renamed)} images share a name with another but for the extension; their '

@@ -11,7 +11,7 @@ stderr and exit status 2 when the file cannot be ported.
 import argparse
 import sys
 
-from pspnet_jax import checkpoint, errors
+from pspnet_jax import checkpoint, errors, output_dir
 from pspnet_jax.port.convert import AUTO, CAFFE, LAYOUTS, port_checkpoint
 
 
@@ -32,6 +32,7 @@ def main(argv=None) -> int:
   ap.add_argument('--trust-pickle', action='store_true',
                   help='allow .pth files holding arbitrary Python objects (runs their code)')
   args = ap.parse_args(argv)
+  output_dir.claim(args.out, marker=checkpoint.MODEL_CONFIG, what='model directory')
   ported = port_checkpoint(args.src, args.layout, args.num_classes,
                            backbone_only=args.backbone_only, seed=args.seed,
                            trust_pickle=args.trust_pickle, prototxt=args.prototxt)

@@ -8,7 +8,6 @@ through ``pspnet_jax.data`` and evaluation only through ``pspnet_jax.evaluation`
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 
@@ -19,18 +18,20 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pspnet_jax import checkpoint as ckpt_lib
+from pspnet_jax import config_file, output_dir
 from pspnet_jax import data as data_lib
 from pspnet_jax import evaluation
 from pspnet_jax import mesh as mesh_lib
 from pspnet_jax.train.init_checkpoint import initial_model, model_config_from
-from pspnet_jax.train.monitor import MetricsLogger, ProgressBar
+from pspnet_jax.train.monitor import DivergenceWatch, MetricsLogger, ProgressBar
 from pspnet_jax.train.optimizer import OptimizerConfig, make_optimizer, schedules
 from pspnet_jax.train.signals import Preemption, maybe_inject_signal
 from pspnet_jax.train.step import make_train_step
 
 
 class TrainingDiverged(FloatingPointError):
-  """The loss became NaN or inf; the last good checkpoint was kept."""
+  """The loss or gradient became NaN or inf, or the loss spiked (``DivergenceWatch``); the
+  checkpoints from before it were kept, the later ones set aside."""
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -38,7 +39,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   Returns the final validation metrics (the dict written to ``workdir/eval/metrics.json``).
   """
+  config_file.check_values(config)
   workdir = os.path.abspath(workdir)
+  output_dir.check_writable(workdir, '--workdir')
   is_main = jax.process_index() == 0
   ds = config.dataset
   data_dir = os.path.abspath(os.path.expanduser(ds.data_dir))
@@ -119,23 +122,33 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # once: reading them every step would stall the host until each step finished.
   pending = []
 
+  watch = DivergenceWatch(config.get('divergence_factor', 10.0), info.num_classes)
+
   def check_finite() -> dict | None:
-    """Reads the pending metrics; the last step's as floats. TrainingDiverged at the first
-    step whose loss or gradient norm is not finite."""
+    """Reads the pending metrics; returns the last step's as floats. TrainingDiverged at
+    the first step where the run diverged (``DivergenceWatch``)."""
     rows = jax.device_get(pending)
     pending.clear()
     for at, row in rows:
-      for key in ('loss', 'grad_norm'):
-        value = float(row[key])
-        if not math.isfinite(value):
-          raise TrainingDiverged(
-              f'{key.replace("_", " ")} is {value} at step {at}: training stopped. The last good '
-              f'checkpoint (step {last_good}) in {os.path.join(workdir, ckpt_lib.CHECKPOINTS_DIR)} '
-              'was kept; lower optimizer.learning_rate or enable optimizer.clip_grad_norm and resume.')
+      problem = watch.check(at, row)
+      if problem:
+        diverged(at, problem)
     return {k: float(v) for k, v in rows[-1][1].items()} if rows else None
 
+  def diverged(at: int, problem: str):
+    """The loss of step ``at`` comes from the weights of step ``at - 1``: checkpoints from
+    that step on are set aside, so that the advice below, followed, resumes before it."""
+    moved = ckpt.set_aside_diverged(at - 1)
+    kept = ckpt.latest_step()
+    aside = (f' Checkpoint(s) of step(s) {", ".join(map(str, moved))}, written after it began, were '
+             f'moved to <step>{ckpt_lib.DIVERGED_SUFFIX} in {ckpt.directory}.' if moved else '')
+    resume = (f'resumes from step {kept}, the last checkpoint from before it' if kept else
+              'starts afresh, no checkpoint being from before it')
+    raise TrainingDiverged(
+        f'{problem}: training stopped.{aside} Run again with a lower --config.optimizer.'
+        f'learning_rate (or with --config.optimizer.clip_grad_norm set): the run {resume}.')
+
   progress = ProgressBar(is_main, start, total_steps)
-  last_good = start
   t_last, step = time.perf_counter(), start
   try:
     for step in range(start + 1, total_steps + 1):
@@ -160,7 +173,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
         progress.note(f'step {step}: val mIoU {eval_metrics["miou"]:.4f}')
       if step < total_steps and (step % config.checkpoint_every_steps == 0 or eval_metrics is not None):
         save(step, {'miou': eval_metrics['miou']} if eval_metrics else None)
-        last_good = step
       maybe_inject_signal(step)
       # Asking the other processes is a collective: only on log steps in a multi-process run.
       if (jax.process_count() == 1 or log_step) and preempt.any_process():

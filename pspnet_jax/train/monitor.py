@@ -1,10 +1,13 @@
 """What a running training shows: ``metrics.jsonl`` and TensorBoard events in the workdir,
-and a progress bar on the console; process 0 only."""
+and a progress bar on the console (process 0 only); and where it diverged."""
 
 from __future__ import annotations
 
+import collections
 import json
+import math
 import os
+import statistics
 import sys
 import time
 
@@ -88,3 +91,31 @@ class ProgressBar:
   def close(self):
     if self.bar is not None:
       self.bar.close()
+
+
+class DivergenceWatch:
+  """Finds the step where a run diverged: the first whose loss or gradient norm is not
+  finite, or whose loss jumps above ``factor`` x the larger of the median of the last
+  ``window`` losses and log(num_classes) (the loss of a uniform guess, a floor for runs
+  whose loss is near 0). A loss spike precedes the NaN by a step or more (lr 1e8: 1.4 at
+  step 1, 1e16 at step 2, NaN at step 3), and the weights that produced it are already
+  bad: a checkpoint kept from then would diverge again when resumed. ``factor`` 0 watches
+  only for non-finite values."""
+
+  def __init__(self, factor: float, num_classes: int, window: int = 50):
+    self.factor, self.floor = float(factor), math.log(max(num_classes, 2))
+    self.recent = collections.deque(maxlen=window)
+
+  def check(self, step: int, row: dict) -> str | None:
+    """What diverged at ``step`` (one phrase), or None; ``row`` holds ``loss``, ``grad_norm``."""
+    for key in ('loss', 'grad_norm'):
+      value = float(row[key])
+      if not math.isfinite(value):
+        return f'{key.replace("_", " ")} is {value} at step {step}'
+    loss = float(row['loss'])
+    reference = max(statistics.median(self.recent), self.floor) if self.recent else self.floor
+    if self.factor and loss > self.factor * reference:
+      return (f'loss jumped to {loss:.4g} at step {step}, over {self.factor:g}x its recent level '
+              f'{reference:.4g}')
+    self.recent.append(loss)
+    return None
