@@ -11,7 +11,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from pspnet_jax import config_file, errors, mesh
-from pspnet_jax.train import TrainingDiverged, train_and_evaluate
+from pspnet_jax.train import TrainingDiverged, TrainingInterrupted, train_and_evaluate
+from pspnet_jax.train.signals import EXIT_INTERRUPTED
 
 if __name__ == '__main__':  # before absl loads it: each fault of the config file one line
   sys.argv = config_file.prepare_argv(sys.argv)
@@ -33,6 +34,13 @@ def main(argv):
   except TrainingDiverged as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
+  except TrainingInterrupted as e:
+    print(e, file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
+  except KeyboardInterrupt:  # Ctrl-C outside the training steps (start-up, final evaluation)
+    print(f'\ninterrupted: stopped; {FLAGS.workdir} keeps its checkpoints (run the same command '
+          'to resume from the newest)', file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
   if metrics:
     print(f"validation mIoU {metrics['miou']:.4f}  mAcc {metrics['macc']:.4f}  "
           f"allAcc {metrics['allacc']:.4f}")

@@ -22,7 +22,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.dataset = ml_collections.ConfigDict(dict(
       name='', data_dir='~/tensorflow_datasets', manual_dir='', train_split='train',
-      eval_split='val', builder_kwargs=ml_collections.ConfigDict()))
+      eval_split='val', builder_kwargs=ml_collections.ConfigDict(),
+      # On resume: 'exact' (the batches the run would have drawn next; refused if the batch
+      # size, seed, split or augmentation changed), 'restart' (this run's data order from the
+      # checkpoint's epoch position), 'auto' (exact if unchanged, else restart, said in a line).
+      resume_data='auto'))
   c.model = ml_collections.ConfigDict(dict(
       depth=50, stem='deep', output_stride=8, contract_dilation=False, align_corners=True,
       bins=(1, 2, 3, 6), base_width=64, head_channels=512, aux_channels=256, dropout=0.1,

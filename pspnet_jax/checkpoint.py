@@ -14,6 +14,8 @@ directory, a training workdir (its latest step) or one step directory of it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -98,6 +100,18 @@ class _NoMetricsWarningFilter(logging.Filter):
     return 'did not provide metrics' not in record.getMessage()
 
 
+class _StorageErrorFilter(logging.Filter):
+  """orbax logs a failed background write from each of its threads, with a traceback,
+  before raising it; a full or read-only disk is then reported as one line by
+  ``TrainCheckpointer`` (the logs stay under PSPNET_DEBUG)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if os.environ.get('PSPNET_DEBUG'):
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    return not ((error is not None and _storage_cause(error)) or _storage_cause(Exception(record.getMessage())))
+
+
 def _cause(error: BaseException) -> str:
   """The innermost cause of an orbax / TensorStore failure, on one line, without the
   source-location and spec dumps that follow it."""
@@ -107,6 +121,28 @@ def _cause(error: BaseException) -> str:
   text = ' '.join(str(root).split())
   text = re.split(r' \[source locations=| \[tensorstore_spec| \{\"', text)[0]
   return f'{type(root).__name__}: {text[:400]}'
+
+
+TMP_MARK = '.orbax-checkpoint-tmp'  # in the name of a save still being written
+
+
+def _storage_cause(error: BaseException) -> str | None:
+  """'no space left' / 'read-only file system' when ``error`` (or a cause of it) says the
+  storage refused a write, else None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return 'no space left'
+    if isinstance(error, OSError) and error.errno == errno.EROFS:
+      return 'read-only file system'
+    text = str(error)
+    if 'No space left' in text or 'RESOURCE_EXHAUSTED' in text or 'Disk quota exceeded' in text:
+      return 'no space left'
+    if 'Read-only file system' in text:
+      return 'read-only file system'
+    error = error.__cause__ or error.__context__
+  return None
 
 
 def newest_intact(directory: str, steps: list[int], restore):
@@ -288,14 +324,14 @@ class _IteratorStateAdapter:
   non-grain iterator: ``get_state() -> bytes``, ``set_state(bytes)``, ``start_prefetch()``.
   On save it holds the state taken at save time (the handler may run later)."""
 
-  def __init__(self, state=None, iterator=None):
-    self._state, self._iterator = state, iterator
+  def __init__(self, state=None):
+    self._state = state
 
   def get_state(self) -> bytes:
     return json.dumps(self._state, sort_keys=True).encode()
 
   def set_state(self, state: bytes):
-    self._iterator.set_state(json.loads(state))
+    self._state = json.loads(state)
 
   def start_prefetch(self):
     pass
@@ -323,10 +359,16 @@ class TrainCheckpointer:
     # it they live in this manager's memory only, and a resumed run, knowing no step's
     # mIoU, lets BestN delete the best checkpoint at its next save.
     logging.getLogger('absl').addFilter(_NoMetricsWarningFilter())
+    logging.getLogger('absl').addFilter(_StorageErrorFilter())
+    # cleanup_tmp_directories: a save cut short (a second Ctrl-C, kill -9, a full disk)
+    # leaves <step>.orbax-checkpoint-tmp*; the workdir lock (train.workdir) makes this run
+    # the only writer, so whatever is temporary at its start is such a leftover.
     self.manager = ocp.CheckpointManager(
         os.path.join(self.workdir, CHECKPOINTS_DIR),
         options=ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=lambda m: m['miou'],
-                                             best_mode='max', enable_async_checkpointing=async_save))
+                                             best_mode='max', enable_async_checkpointing=async_save,
+                                             cleanup_tmp_directories=True))
+    self._in_flight = None  # (step, bytes) of the save being written
 
   @property
   def directory(self) -> str:
@@ -338,7 +380,8 @@ class TrainCheckpointer:
   def restore_newest_intact(self, **targets):
     """``restore`` from the newest step that restores, or None without checkpoints. A
     damaged newer step is named on stderr and renamed ``<step>.damaged`` (kept for
-    inspection, out of the run's way). Returns ``(step, model_variables, opt_state, meta)``."""
+    inspection, out of the run's way). Returns ``(step, model_variables, opt_state, meta,
+    data_state)``."""
     steps = list(self.manager.all_steps())
     if not steps:
       return None
@@ -378,26 +421,62 @@ class TrainCheckpointer:
         opt_state=ocp.args.StandardSave(opt_state),
         meta=ocp.args.JsonSave(meta),
         data=grain.checkpoint.CheckpointSave(_IteratorStateAdapter(state=data_state)))
-    self.manager.save(step, args=args, metrics=metrics, force=True)
+    nbytes = sum(x.nbytes for x in jax.tree.leaves((model_variables, opt_state)))
+    with self._storage_errors():  # the previous save is finished (or fails) first
+      self.manager.save(step, args=args, metrics=metrics, force=True)
+      self._in_flight = (step, nbytes)
 
-  def restore(self, step: int, *, model_target: dict, opt_target, data_iterator):
-    """Restores into the given abstract targets; sets ``data_iterator``'s state.
-    Returns ``(model_variables, opt_state, meta)``."""
+  def restore(self, step: int, *, model_target: dict, opt_target):
+    """Restores into the given abstract targets. Returns ``(model_variables, opt_state,
+    meta, data_state)``; the data state is the input pipeline's ``get_state()`` at the save,
+    which the pipeline itself judges (``TrainLoader.resume``)."""
     import grain
+    data = _IteratorStateAdapter()
     args = ocp.args.Composite(
         model=ocp.args.StandardRestore(model_target),
         opt_state=ocp.args.StandardRestore(opt_target),
         meta=ocp.args.JsonRestore(),
-        data=grain.checkpoint.CheckpointRestore(_IteratorStateAdapter(iterator=data_iterator)))
+        data=grain.checkpoint.CheckpointRestore(data))
     _drop_orbax_leftovers()
     try:
       r = self.manager.restore(step, args=args)
     except Exception as e:
       raise CheckpointError(f'cannot restore step {step} ({_cause(e)})') from e
-    return r['model'], r['opt_state'], r['meta']
+    return r['model'], r['opt_state'], r['meta'], data._state
 
   def wait(self):
-    self.manager.wait_until_finished()
+    with self._storage_errors():
+      self.manager.wait_until_finished()
+      self._in_flight = None
+
+  @contextlib.contextmanager
+  def _storage_errors(self):
+    """A save that fails for want of space (or a read-only disk) becomes one
+    ``CheckpointError``: what was needed and what is free, the partial files removed, the
+    last good checkpoint named. Orbax raises it from its background writer at the next
+    save or wait, as TensorStore's RESOURCE_EXHAUSTED or an OSError."""
+    try:
+      yield
+    except Exception as e:
+      cause = _storage_cause(e)
+      if cause is None:
+        raise
+      step, nbytes = self._in_flight or (None, 0)
+      self._in_flight = None
+      if jax.process_index() == 0:
+        for name in os.listdir(self.directory):
+          if TMP_MARK in name:
+            shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+      self.manager.reload()
+      last = self.manager.latest_step()
+      free = shutil.disk_usage(self.workdir).free
+      what = f'the checkpoint of step {step} (about {nbytes / 2**20:.1f} MB)' if step is not None else 'a checkpoint'
+      kept = f'the last good checkpoint, step {last}, is kept' if last is not None else 'no earlier checkpoint exists'
+      raise CheckpointError(
+          f'{cause} on the device holding {self.workdir} ({free / 2**20:.1f} MB free): {what} was '
+          f'not written and its partial files were removed; {kept}. Free space (or lower '
+          'keep_checkpoints, or give a --workdir on a larger disk) and run the same command '
+          'to resume') from e
 
   def close(self):
     self.manager.close()

@@ -65,7 +65,7 @@ RANGES = {
     'augment.rotate_min': '[-180, 180]',
     'augment.rotate_max': '[-180, 180]',
     'augment.ignore_label': 'int [0, 255]',
-    'optimizer.learning_rate': '(0, inf)',
+    'optimizer.learning_rate': '[0, inf)',
     'optimizer.momentum': '[0, 1)',
     'optimizer.weight_decay': '[0, inf)',
     'optimizer.power': '[0, inf)',

@@ -3,12 +3,15 @@
 traceback. ``PSPNET_DEBUG=1`` shows the traceback as well. Any other exception is a bug
 and keeps its traceback.
 
+A full or read-only disk met while writing (``STORAGE_ERRNOS``) is one line too.
+
 The errors of each outside format (``CheckpointError``, ``PortError``, the data builders'
 ``BadExampleError``...) are ``UserError``\\ s, raised where the bad input enters.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -24,6 +27,17 @@ def one_line(message: str) -> str:
   return ' '.join(str(message).split())
 
 
+# Errors of the storage a command writes to, which the user fixes outside the program.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
+
+def storage_error(e: OSError) -> str:
+  """One line for a failed write: what failed, where, and what to do."""
+  where = f' writing {e.filename}' if e.filename else ''
+  return (f'{e.strerror}{where} (free space or give a writable folder on another disk, then run '
+          'the same command again)')
+
+
 def command(main):
   """Decorates a command's ``main``: a ``UserError`` becomes one line and exit status 2."""
 
@@ -35,6 +49,11 @@ def command(main):
       if os.environ.get('PSPNET_DEBUG'):
         raise
       print(f'error: {one_line(e)}', file=sys.stderr)
+      sys.exit(EXIT_USER_ERROR)
+    except OSError as e:  # the machine's, not the program's: a full disk, a read-only one
+      if e.errno not in STORAGE_ERRNOS or os.environ.get('PSPNET_DEBUG'):
+        raise
+      print(f'error: {storage_error(e)}', file=sys.stderr)
       sys.exit(EXIT_USER_ERROR)
 
   return run

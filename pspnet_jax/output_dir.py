@@ -25,12 +25,10 @@ def claim(path: str | os.PathLike, *, flag: str = '--out', marker: str | None = 
   path (not created). ``writes``: the names of the files the run will write there;
   ``protect``: the paths of its inputs."""
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise UserError(f'{flag} {path} is a file, not a folder (give a folder; nothing was run)')
+  check_writable(path, flag)
   if marker and os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, marker)):
     raise UserError(f'{flag} {path} is a folder that holds other files and no earlier {what} (no '
                     f'{marker}): give a new or empty folder (nothing was run)')
-  check_writable(path, flag)
   protected = {os.path.realpath(p) for p in protect}
   for name in writes:
     target = os.path.realpath(os.path.join(path, name))
@@ -42,6 +40,8 @@ def claim(path: str | os.PathLike, *, flag: str = '--out', marker: str | None = 
 
 def check_writable(path: str, flag: str = '--out') -> None:
   """``UserError`` unless this process can create ``path`` (or write into it)."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f'{flag} {path} is a file, not a folder (give a folder; nothing was run)')
   existing = path
   while not os.path.isdir(existing):
     parent = os.path.dirname(existing)

@@ -63,16 +63,10 @@ def test_train_checkpoints_keep_the_latest_k_and_the_best_miou(tmp_path):
   assert sorted(ckpt.manager.all_steps()) == [2, 5, 6]
   assert ckpt.latest_step() == 6
 
-  class Iterator:
-    def set_state(self, state):
-      self.state = state
-
-  it = Iterator()
   target = {'params': {'w': jnp.zeros((3,))}}
-  model, _, meta = ckpt.restore(2, model_target=target, opt_target=tx.init(target['params']),
-                                data_iterator=it)
+  model, _, meta, data_state = ckpt.restore(2, model_target=target, opt_target=tx.init(target['params']))
   np.testing.assert_array_equal(np.asarray(model['params']['w']), [2.0, 2.0, 2.0])
-  assert meta == {'step': 2} and it.state == {'step': 2}
+  assert meta == {'step': 2} and data_state == {'step': 2}
   ckpt.close()
 
   resumed = checkpoint.TrainCheckpointer(str(tmp_path), PSPNetConfig(depth=18), keep=2)

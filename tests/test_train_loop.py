@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -608,3 +609,83 @@ def test_eval_out_is_checked_before_any_work_and_metrics_survive_a_failed_write(
     p = _run(_eval_cmd(workdir, data_dir, full / 'eval'))
     line = _one_error_line(p, 'writing the outputs failed (No space left on device', 'the metrics above are complete')
     assert 'mIoU' in p.stdout and '8 images in' in p.stdout, p.stdout[-2000:]
+
+
+# ---- faults of a long run: Ctrl-C, a full disk, two runs on one workdir, a new batch size --
+
+def _no_leftovers(workdir):
+  names = os.listdir(workdir / 'checkpoints')
+  assert not [n for n in names if 'tmp' in n], names
+  assert not (workdir / '.lock').exists()
+
+
+def test_ctrl_c_saves_the_step_and_a_second_one_stops_at_once(tmp_path, data_dir):
+  """Ctrl-C at step 5: one line, step 5 saved, exit 130, no traceback, no leftovers. Ctrl-C
+  twice at step 8 (its checkpoint being written): stops at once, one line, exit 130. The next
+  run takes the abandoned lock over, drops the half-written save and trains to the end."""
+  workdir = tmp_path / 'interrupted'
+  p = subprocess.run(_cmd(workdir, data_dir), env=dict(_env(), PSPNET_SIGNAL_AT_STEP='5:INT'),
+                     cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+  assert p.returncode == 130 and 'Traceback' not in p.stderr, p.stderr[-3000:]
+  assert f'interrupted: saved step 5 in {workdir}; run the same command to resume from it' in p.stderr
+  assert _finished_steps(workdir) == [4, 5]
+  _no_leftovers(workdir)
+  p = subprocess.run(_cmd(workdir, data_dir), env=dict(_env(), PSPNET_SIGNAL_AT_STEP='8:INT:INT'),
+                     cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+  assert p.returncode == 130 and 'Traceback' not in p.stderr, p.stderr[-3000:]
+  assert 'interrupted again: stopped at once' in p.stderr
+  p = _train(workdir, data_dir)
+  assert 'took over' in p.stdout and 'which is gone' in p.stdout, p.stdout[-2000:]
+  assert max(_finished_steps(workdir)) == 12
+  _no_leftovers(workdir)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, reference_run):
+  """The workdir on a filesystem that holds one checkpoint and a half: the save of step 4
+  fails; one line names the device, what was needed, and step 2 as kept; the partial save
+  is gone, step 2 loads, the lock is released."""
+  from cli import mounted_tmpfs
+  one = sum(f.stat().st_size for f in (reference_run[0] / 'checkpoints' / '4').rglob('*') if f.is_file())
+  with mounted_tmpfs(tmp_path / 'small', size=f'{int(1.5 * one) // 1024}k') as small:
+    workdir = small / 'run'
+    p = _train(workdir, data_dir, '--config.checkpoint_every_steps=2', check=False)
+    line = _one_error_line(p, f'no space left on the device holding {workdir}', 'MB free',
+                           'the checkpoint of step 4', 'the last good checkpoint, step 2, is kept')
+    assert _finished_steps(workdir) == [2]
+    _no_leftovers(workdir)
+    assert checkpoint.load_model(workdir / 'checkpoints' / '2') is not None
+
+
+def test_a_second_run_on_a_workdir_in_use_is_refused_naming_the_first(tmp_path, data_dir):
+  workdir = tmp_path / 'shared'
+  first = subprocess.Popen(_cmd(workdir, data_dir, '--config.num_steps=400'), env=_env(), cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + TIMEOUT
+    while not (workdir / '.lock').exists() and first.poll() is None and time.time() < deadline:
+      time.sleep(0.5)
+    second = _run(_cmd(workdir, data_dir))
+    _one_error_line(second, f'--workdir {workdir} is in use by another run: process {first.pid} on ')
+  finally:
+    first.send_signal(signal.SIGTERM)
+    out, err = first.communicate(timeout=TIMEOUT)
+  assert first.returncode == 0, err[-3000:]
+  assert not (workdir / '.lock').exists()
+
+
+def test_a_new_batch_size_resumes_the_model_and_restarts_the_data_order(tmp_path, data_dir, reference_run):
+  """The reference run (batch 4, 12 steps) resumed at batch 8: no checkpoint is called
+  damaged; the model and optimizer resume, one line says the data order restarts at the
+  checkpoint's epoch position. With dataset.resume_data=exact the change is refused."""
+  import shutil
+  workdir = tmp_path / 'rebatched'
+  shutil.copytree(reference_run[0], workdir)
+  p = _train(workdir, data_dir, '--config.global_batch_size=8', '--config.num_steps=14',
+             '--config.dataset.resume_data=exact', check=False)
+  _one_error_line(p, 'global_batch_size 4 -> 8', '--config.dataset.resume_data=restart')
+  p = _train(workdir, data_dir, '--config.global_batch_size=8', '--config.num_steps=14')
+  assert 'damaged' not in p.stderr + p.stdout and 'at step 12' in p.stdout
+  # 64 examples, batch 4: step 12 is example 48 of epoch 0, batch 6 of 8 at batch 8.
+  assert ('note: global_batch_size 4 -> 8 changed since the checkpoint: the model and optimizer '
+          'state resume; the data order starts afresh at epoch 0, example 48') in p.stdout, p.stdout
+  assert max(_finished_steps(workdir)) == 14 and sorted(_losses(workdir))[-2:] == [13, 14]

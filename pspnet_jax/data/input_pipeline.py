@@ -181,6 +181,41 @@ class TrainLoader:
     self.close()
     self._step = int(state['step'])
 
+  def resume(self, state: dict, mode: str = 'auto') -> str | None:
+    """Continues from a checkpoint's ``state`` (``config.dataset.resume_data``):
+
+    - ``exact``: the batches that run would have drawn next (``set_state``); refused, in
+      one line naming what changed, when the pipeline differs (batch size, seed, split,
+      augmentation);
+    - ``restart``: the data order of this pipeline from the checkpoint's position in its
+      epoch: epoch ``e``, example ``p`` -> this pipeline's first batch at or after
+      example ``p`` of epoch ``e`` (users change the batch size between phases);
+    - ``auto`` (default): ``exact`` when the pipeline is the same, else ``restart``.
+
+    Returns a line saying what ``restart`` did, None after ``exact``."""
+    if mode not in ('auto', 'exact', 'restart'):
+      raise UserError(f"config key dataset.resume_data={mode!r}: give 'auto', 'exact' or 'restart'")
+    mismatched = {k: (state.get(k), v) for k, v in self._identity.items() if state.get(k) != v}
+    if mode == 'exact' or (mode == 'auto' and not mismatched):
+      if mismatched:
+        raise UserError(
+            f'the checkpoint was trained with another input pipeline: {_changes(mismatched)}; resume '
+            'with the same values, or set --config.dataset.resume_data=restart to keep the model '
+            "and optimizer state and continue this pipeline's data order from the checkpoint's "
+            'epoch position')
+      self.set_state(state)
+      return None
+    old_steps = max(int(state['num_examples']) // int(state['global_batch_size']), 1)
+    epoch, step_in_epoch = divmod(int(state['step']), old_steps)
+    position = step_in_epoch * int(state['global_batch_size'])
+    batch = min(-(-position // self._global_batch), self.steps_per_epoch)
+    self.close()
+    self._step = epoch * self.steps_per_epoch + batch
+    return (f'{_changes(mismatched) or "nothing"} changed since the checkpoint: the model and '
+            f'optimizer state resume; the data order starts afresh at epoch {epoch}, example '
+            f'{batch * self._global_batch} (the checkpoint was at example {position}; '
+            'dataset.resume_data=restart)')
+
   def close(self) -> None:
     """Stops worker processes (if any); the loader can still be iterated afterwards."""
     if self._it is not None and hasattr(self._it, 'close'):
@@ -206,3 +241,7 @@ def train_loader(name: str, split: str, data_dir: str, *, global_batch_size: int
   return TrainLoader(name, split, data_dir, global_batch_size=global_batch_size,
                      augment_config=augment, seed=seed, process_index=process_index,
                      process_count=process_count, worker_count=worker_count, mean=mean, std=std)
+
+
+def _changes(mismatched: dict) -> str:
+  return ', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in mismatched.items())

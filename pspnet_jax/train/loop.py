@@ -1,5 +1,5 @@
 """The training loop: data -> jit-compiled step over the mesh -> logs, validation,
-checkpoints, preemption; resumes exactly from the workdir's latest checkpoint.
+checkpoints, interruption (SIGTERM, Ctrl-C); resumes exactly from the workdir's latest checkpoint.
 
 The loop knows the checkpoint format only through ``pspnet_jax.checkpoint``, the data only
 through ``pspnet_jax.data`` and evaluation only through ``pspnet_jax.evaluation``.
@@ -25,8 +25,13 @@ from pspnet_jax import mesh as mesh_lib
 from pspnet_jax.train.init_checkpoint import initial_model, model_config_from
 from pspnet_jax.train.monitor import DivergenceWatch, MetricsLogger, ProgressBar
 from pspnet_jax.train.optimizer import OptimizerConfig, make_optimizer, schedules
-from pspnet_jax.train.signals import Preemption, maybe_inject_signal
+from pspnet_jax.train.signals import StopRequest, maybe_inject_signal
+from pspnet_jax.train.workdir import WorkdirLock
 from pspnet_jax.train.step import make_train_step
+
+
+class TrainingInterrupted(Exception):
+  """Ctrl-C (SIGINT): the loop saved the current step and stopped; the message says where."""
 
 
 class TrainingDiverged(FloatingPointError):
@@ -53,11 +58,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
   accum = int(config.get('grad_accum_steps', 1))
   mesh_lib.check_batch_size(config.global_batch_size, accum)
   mesh = mesh_lib.data_mesh()
-  replicated = NamedSharding(mesh, P())
 
   model_config = model_config_from(config, info.num_classes)
   eval_cfg = evaluation.EvalConfig.from_config(config.eval, info.ignore_label)
   ckpt_lib.check_workdir(workdir, model_config)  # refusals come before anything is written
+  with WorkdirLock(workdir):
+    return _train(config, workdir, info, model_config, eval_cfg, mesh)
+
+
+def _train(config, workdir: str, info, model_config, eval_cfg, mesh) -> dict:
+  """``train_and_evaluate`` once its checks passed, in the workdir it holds."""
+  is_main = jax.process_index() == 0
+  ds = config.dataset
+  data_dir = os.path.abspath(os.path.expanduser(ds.data_dir))
+  accum = int(config.get('grad_accum_steps', 1))
+  replicated = NamedSharding(mesh, P())
   model = initial_model(config, model_config)
   graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
 
@@ -80,16 +95,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 'palette': [list(c) for c in info.palette]})
   state = jax.device_put(state, replicated)
   restored = ckpt.restore_newest_intact(
-      model_target=_abstract(_model_variables(state)), opt_target=_abstract(state['opt_state']),
-      data_iterator=loader)
+      model_target=_abstract(_model_variables(state)), opt_target=_abstract(state['opt_state']))
   start = restored[0] if restored else 0
   if start:
-    _, model_vars, opt_state, meta = restored
+    _, model_vars, opt_state, meta, data_state = restored
     params, batch_stats = _split_variables(graphdef, params, batch_stats, model_vars)
     state = dict(state, params=params, batch_stats=batch_stats, opt_state=opt_state,
                  step=jnp.asarray(meta['step'], jnp.int32))
+    note = loader.resume(data_state, ds.get('resume_data', 'auto'))
     if is_main:
       print(f'resumed from {workdir} at step {start}', flush=True)
+      if note:
+        print(f'note: {note}', flush=True)
 
   train_step = jax.jit(
       make_train_step(graphdef, tx, aux_weight=config.aux_weight, ignore_label=info.ignore_label,
@@ -99,7 +116,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       out_shardings=(replicated, replicated), donate_argnums=(0,))
 
   logger = MetricsLogger(workdir)
-  preempt = Preemption()
+  stop = StopRequest(workdir)
   # During training: a short whole-image, single-scale pass (the full protocol at the end).
   quick_cfg = dataclasses.replace(eval_cfg, mode='whole', scales=(1.0,), flip=False, per_scale=False)
   val = data_lib.eval_source(ds.name, ds.eval_split, data_dir)
@@ -115,7 +132,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   def save(step, metrics=None):
     check_finite()  # a checkpoint never holds a step after a non-finite one
     ckpt.save(step, model_variables=_model_variables(state), opt_state=state['opt_state'],
-              meta={'step': step, 'epoch': step / steps_per_epoch}, data_state=loader.get_state(),
+              meta={'step': step, 'epoch': loader.step / steps_per_epoch}, data_state=loader.get_state(),
               metrics=metrics)
 
   # Step metrics stay on the device until a log, validation or save step reads them all at
@@ -159,7 +176,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if log_step:
         row = check_finite()
         now = time.perf_counter()
-        row['epoch'] = step / steps_per_epoch
+        row['epoch'] = loader.step / steps_per_epoch
         row['img_per_s'] = config.log_every_steps * config.global_batch_size / max(now - t_last, 1e-9)
         t_last = now
         logger.write(step, 'train', row)
@@ -175,10 +192,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
         save(step, {'miou': eval_metrics['miou']} if eval_metrics else None)
       maybe_inject_signal(step)
       # Asking the other processes is a collective: only on log steps in a multi-process run.
-      if (jax.process_count() == 1 or log_step) and preempt.any_process():
-        save(step)
+      if (jax.process_count() == 1 or log_step) and stop.any_process():
+        if ckpt.latest_step() != step:
+          save(step)
         ckpt.wait()
-        progress.note(f'SIGTERM: saved step {step} in {workdir}; exiting')
+        if stop.requested == 'SIGINT':
+          raise TrainingInterrupted(f'interrupted: saved step {step} in {workdir}; run the same '
+                                    'command to resume from it')
+        progress.note(f'{stop.requested or "stop"}: saved step {step} in {workdir}; exiting')
         return {}
     check_finite()
   except TrainingDiverged:
@@ -186,7 +207,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise
   finally:
     progress.close()
-    preempt.restore()
+    stop.restore()
   final = validate(len(val), quick=False)
   if start < total_steps:  # a finished run that is started again only re-evaluates
     # "Best" ranks steps by the in-training validation, so the last step is scored by the

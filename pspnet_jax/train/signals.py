@@ -1,41 +1,61 @@
-"""Signals in the training loop: SIGTERM as a preemption notice (save, then exit cleanly),
-and a fault-injection hook that tests use to kill the loop at a chosen step."""
+"""Signals in the training loop: SIGTERM (a preemption notice) and SIGINT (Ctrl-C) ask the
+loop to save at the next step boundary and stop; a second SIGINT stops at once. And a
+fault-injection hook that tests use to signal the loop at a chosen step."""
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
-class Preemption:
-  """SIGTERM sets a flag; the loop saves at the next step boundary and exits cleanly."""
 
-  def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+class StopRequest:
+  """SIGTERM and SIGINT set ``requested`` (the signal's name); the loop saves at the next
+  step boundary and stops. A second SIGINT, for a user who will not wait for the save,
+  ends the process at once with one line and exit status 130: the checkpoint being
+  written, if any, is left half-written under orbax's temporary name, which the next start
+  removes (``checkpoint.TrainCheckpointer``); the workdir lock is taken over (its owner gone)."""
+
+  def __init__(self, workdir: str):
+    self.requested: str | None = None
+    self._workdir = workdir
+    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
   def _handle(self, signum, frame):
-    self.requested = True
+    name = signal.Signals(signum).name
+    if self.requested == 'SIGINT' and name == 'SIGINT':
+      print(f'\ninterrupted again: stopped at once; {self._workdir} keeps its earlier checkpoints '
+            '(run the same command to resume from the newest)', file=sys.stderr, flush=True)
+      os._exit(EXIT_INTERRUPTED)
+    if self.requested is None and name == 'SIGINT':
+      print('\ninterrupt: saving a checkpoint at this step, then stopping (Ctrl-C again to stop '
+            'at once)', file=sys.stderr, flush=True)
+    self.requested = self.requested or name
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
 
   def any_process(self) -> bool:
     if jax.process_count() == 1:
-      return self.requested
-    return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+      return self.requested is not None
+    return bool(np.any(multihost_utils.process_allgather(np.array(self.requested is not None))))
 
 
 def maybe_inject_signal(step: int):
-  """Fault injection for tests: ``PSPNET_SIGNAL_AT_STEP=7:KILL`` (or ``:TERM``) sends
-  that signal to this process right after step 7, wherever the asynchronous checkpoint
-  writer is. Tests use it because an outside signal races a fast machine."""
+  """Fault injection for tests: ``PSPNET_SIGNAL_AT_STEP=7:KILL`` (or ``:TERM``, ``:INT``,
+  ``:INT:INT`` for two) sends that signal to this process right after step 7, wherever the
+  asynchronous checkpoint writer is. Tests use it because an outside signal races a fast
+  machine."""
   spec = os.environ.get('PSPNET_SIGNAL_AT_STEP')
   if spec:
-    at, name = spec.split(':')
+    at, *names = spec.split(':')
     if step == int(at):
-      os.kill(os.getpid(), getattr(signal, 'SIG' + name))
+      for name in names:
+        os.kill(os.getpid(), getattr(signal, 'SIG' + name))
