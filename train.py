@@ -12,7 +12,6 @@ from ml_collections import config_flags
 
 from pspnet_jax import config_file, errors, mesh
 from pspnet_jax.train import TrainingDiverged, TrainingInterrupted, train_and_evaluate
-from pspnet_jax.train.signals import EXIT_INTERRUPTED
 
 if __name__ == '__main__':  # before absl loads it: each fault of the config file one line
   sys.argv = config_file.prepare_argv(sys.argv)
@@ -36,11 +35,11 @@ def main(argv):
     sys.exit(1)
   except TrainingInterrupted as e:
     print(e, file=sys.stderr)
-    sys.exit(EXIT_INTERRUPTED)
+    sys.exit(errors.EXIT_INTERRUPTED)
   except KeyboardInterrupt:  # Ctrl-C outside the training steps (start-up, final evaluation)
     print(f'\ninterrupted: stopped; {FLAGS.workdir} keeps its checkpoints (run the same command '
           'to resume from the newest)', file=sys.stderr)
-    sys.exit(EXIT_INTERRUPTED)
+    sys.exit(errors.EXIT_INTERRUPTED)
   if metrics:
     print(f"validation mIoU {metrics['miou']:.4f}  mAcc {metrics['macc']:.4f}  "
           f"allAcc {metrics['allacc']:.4f}")

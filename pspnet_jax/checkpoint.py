@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 
 import jax
 import orbax.checkpoint as ocp
@@ -181,13 +182,26 @@ def create_model(config: PSPNetConfig, seed: int = 0) -> PSPNet:
 
 
 def save_model(directory: str | os.PathLike, model: PSPNet, metadata: dict | None = None) -> str:
-  """Writes a model directory; returns its absolute path."""
+  """Writes a model directory; returns its absolute path. It is written beside
+  ``directory`` and moved into place when complete: an interrupted or failed save leaves
+  ``directory`` as it was (an earlier model in it included)."""
   directory = os.path.abspath(os.fspath(directory))
-  os.makedirs(directory, exist_ok=True)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(directory, STATE_DIR), model_variables(model), force=True)
-    ckptr.wait_until_finished()
-  write_model_config(directory, model.config, metadata)
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(directory)}.', dir=parent)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.join(staging, STATE_DIR), model_variables(model), force=True)
+      ckptr.wait_until_finished()
+    write_model_config(staging, model.config, metadata)
+    os.makedirs(directory, exist_ok=True)
+    for name in (STATE_DIR, MODEL_CONFIG):  # the config last: it marks a complete model
+      target = os.path.join(directory, name)
+      if os.path.isdir(target):
+        shutil.rmtree(target)
+      os.replace(os.path.join(staging, name), target)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
   return directory
 
 

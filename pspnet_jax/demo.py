@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pspnet_jax import errors
 from pspnet_jax.models import PSPNet, PSPNetConfig
 from pspnet_jax.normalize import normalize
 
@@ -30,11 +31,12 @@ def synthetic_image(size: int, seed: int = 0) -> np.ndarray:
   return img.clip(0, 255).astype(np.uint8)
 
 
+@errors.command
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument('--size', type=int, default=473)
-  ap.add_argument('--depth', type=int, default=50)
-  ap.add_argument('--classes', type=int, default=150)
+  ap.add_argument('--size', type=errors.int_at_least(8), default=473)
+  ap.add_argument('--depth', type=int, choices=(18, 34, 50, 101, 152), default=50)
+  ap.add_argument('--classes', type=errors.int_at_least(1), default=150)
   args = ap.parse_args(argv)
 
   model = PSPNet(PSPNetConfig(depth=args.depth, num_classes=args.classes), rngs=nnx.Rngs(0))

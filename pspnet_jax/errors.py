@@ -3,7 +3,8 @@
 traceback. ``PSPNET_DEBUG=1`` shows the traceback as well. Any other exception is a bug
 and keeps its traceback.
 
-A full or read-only disk met while writing (``STORAGE_ERRNOS``) is one line too.
+A full or read-only disk met while writing (``STORAGE_ERRNOS``) is one line too, and
+Ctrl-C one line with exit status 130.
 
 The errors of each outside format (``CheckpointError``, ``PortError``, the data builders'
 ``BadExampleError``...) are ``UserError``\\ s, raised where the bad input enters.
@@ -11,12 +12,14 @@ The errors of each outside format (``CheckpointError``, ``PortError``, the data 
 
 from __future__ import annotations
 
+import argparse
 import errno
 import functools
 import os
 import sys
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 class UserError(ValueError):
@@ -50,6 +53,12 @@ def command(main):
         raise
       print(f'error: {one_line(e)}', file=sys.stderr)
       sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+      if os.environ.get('PSPNET_DEBUG'):
+        raise
+      print('\ninterrupted: stopped (files are written whole or not at all: run the same command '
+            'again)', file=sys.stderr)
+      sys.exit(EXIT_INTERRUPTED)
     except OSError as e:  # the machine's, not the program's: a full disk, a read-only one
       if e.errno not in STORAGE_ERRNOS or os.environ.get('PSPNET_DEBUG'):
         raise
@@ -57,6 +66,21 @@ def command(main):
       sys.exit(EXIT_USER_ERROR)
 
   return run
+
+
+def int_at_least(minimum: int):
+  """An argparse ``type``: a whole number >= ``minimum`` (argparse names the flag)."""
+
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f'{text!r} is not a whole number') from None
+    if value < minimum:
+      raise argparse.ArgumentTypeError(f'{value} is out of range: give a whole number >= {minimum}')
+    return value
+
+  return parse
 
 
 def refuse(message: str):

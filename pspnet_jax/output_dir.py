@@ -7,11 +7,15 @@ command has computed and written nothing.
   quotas that ``os.access`` does not);
 - a non-empty folder is refused unless it holds an earlier output of the same command (its
   ``marker`` file): outputs never land among a user's other files;
-- the files a run will write never replace one of its inputs (``protect``).
+- the files a run will write never replace one of its inputs (``protect``);
+- each file is written under a temporary name and renamed when complete (``atomic``): an
+  interrupted run or a full disk never leaves a half-written file, nor destroys the earlier
+  file of that name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from typing import Iterable
@@ -53,3 +57,17 @@ def check_writable(path: str, flag: str = '--out') -> None:
   except OSError as e:
     raise UserError(f'{flag} {path}: cannot write in {existing} ({e.strerror}); give a folder '
                     'this user can write to (nothing was run)') from None
+
+
+@contextlib.contextmanager
+def atomic(path: str):
+  """Yields a temporary path beside ``path`` (same extension, so writers that go by it
+  still do), renamed to ``path`` when the block completes; removed if it does not."""
+  folder, name = os.path.split(path)
+  tmp = os.path.join(folder, f'.{name}.{os.getpid()}.tmp{os.path.splitext(name)[1]}')
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)

@@ -316,5 +316,5 @@ def test_prepare_cli_refusals_are_one_line_and_write_nothing(tmp_path):
   a_file = tmp_path / 'not_a_dir'
   a_file.write_text('x')
   line = _one_error_line(_prepare_cli('synthetic_shapes', '--data-dir', str(a_file / 'data'), *small))
-  assert str(a_file) in line and 'not a writable folder' in line, line
+  assert str(a_file) in line and 'is not a folder' in line, line
   assert a_file.read_text() == 'x'

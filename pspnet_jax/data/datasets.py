@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image as PILImage
 
+from pspnet_jax import output_dir
 from pspnet_jax.data import builders as builders_lib
 from pspnet_jax.errors import UserError
 
@@ -51,18 +52,6 @@ def _prepare_command(name: str, data_dir: str) -> str:
   return f'python -m pspnet_jax.data.prepare {name} --data-dir {data_dir}'
 
 
-def _check_writable(data_dir: str):
-  """The nearest existing folder of ``data_dir`` must be writable, or preparing fails late
-  with a PermissionError deep inside TFDS."""
-  existing = os.path.abspath(data_dir)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-    raise UserError(f'--data-dir {data_dir}: {existing} is not a writable folder (choose a '
-                    'data dir you can write to, or prepare the dataset where you can and point '
-                    '--data-dir there)')
-
-
 def prepare(name: str, data_dir: str, manual_dir: str | None = None, *,
             skip_bad_examples: bool = False, **builder_kwargs) -> DatasetInfo:
   """Prepares dataset `name` under data_dir/name/1.0.0 (array_record); idempotent.
@@ -88,18 +77,23 @@ def prepare(name: str, data_dir: str, manual_dir: str | None = None, *,
             f'--data-dir, or delete {_prepared_dir(name, data_dir)} to prepare it again)')
     return info
   tfds.disable_progress_bar()
-  _check_writable(data_dir)
+  output_dir.check_writable(os.path.abspath(data_dir), '--data-dir')
   builder = cls(data_dir=os.fspath(data_dir), file_format='array_record',
                 skip_bad_examples=skip_bad_examples, manual_dir=manual_dir, **builder_kwargs)
   try:
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-  except OSError:
+  except OSError as e:
     # Several processes (hosts on a shared file system) may prepare at once: each writes
     # its own temporary directory and the renames after the first one fail.
-    if not _prepared_dir(name, data_dir):
+    if _prepared_dir(name, data_dir):
+      logging.info('%s: another process finished preparing it first', name)
+    elif type(e).__module__.split('.')[0] in ('requests', 'urllib3') or isinstance(e, ConnectionError):
+      raise UserError(f'{name}: downloading its raw files failed ({type(e).__name__}: '
+                      f'{" ".join(str(e).split())[:200]}); download them where you can and give '
+                      'their folder as --manual-dir / dataset.manual_dir (README, "Datasets")') from e
+    else:
       raise
-    logging.info('%s: another process finished preparing it first', name)
   if builder.skipped:
     logging.warning('%s: skipped %d bad example(s), first: %s', name, len(builder.skipped),
                     builder.skipped[0])

@@ -24,6 +24,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from pspnet_jax.output_dir import atomic
+
 METRICS_FILE = 'metrics.json'
 TABLE_FILE = 'table.txt'
 CHART_FILE = 'per_class_iou.png'
@@ -111,14 +113,15 @@ def write_eval_outputs(out_dir: str, metrics: dict, *, eval_config=None, extra: 
   payload.update(extra or {})
   paths = {'metrics': os.path.join(out_dir, METRICS_FILE), 'table': os.path.join(out_dir, TABLE_FILE),
            'chart': os.path.join(out_dir, CHART_FILE)}
-  with open(paths['metrics'], 'w') as f:
-    json.dump(_json_safe(payload), f, indent=2, allow_nan=False)
   table = format_table(metrics)
-  with open(paths['table'], 'w') as f:
-    f.write(table + '\n')
   if print_table:
     print(table)
-  iou_bar_chart(metrics).save(paths['chart'])
+  with atomic(paths['metrics']) as tmp, open(tmp, 'w') as f:
+    json.dump(_json_safe(payload), f, indent=2, allow_nan=False)
+  with atomic(paths['table']) as tmp, open(tmp, 'w') as f:
+    f.write(table + '\n')
+  with atomic(paths['chart']) as tmp:
+    iou_bar_chart(metrics).save(tmp)
   return paths
 
 
@@ -160,11 +163,14 @@ def write_prediction(out_dir: str, stem: str, pred: np.ndarray, *, palette: np.n
   os.makedirs(out_dir, exist_ok=True)
   ids, colored, overlaid = (os.path.join(out_dir, stem + s) for s in PREDICTION_SUFFIXES)
   paths = [ids]
-  Image.fromarray(map_ids(pred, id_map), mode='L').save(ids)
+  with atomic(ids) as tmp:
+    Image.fromarray(map_ids(pred, id_map), mode='L').save(tmp)
   if color:
     paths.append(colored)
-    Image.fromarray(colorize(pred, palette), mode='RGB').save(paths[-1])
+    with atomic(colored) as tmp:
+      Image.fromarray(colorize(pred, palette), mode='RGB').save(tmp)
   if image is not None:
     paths.append(overlaid)
-    Image.fromarray(overlay(image, pred, palette), mode='RGB').save(paths[-1], quality=90)
+    with atomic(overlaid) as tmp:
+      Image.fromarray(overlay(image, pred, palette), mode='RGB').save(tmp, quality=90)
   return paths

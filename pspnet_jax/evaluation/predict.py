@@ -81,6 +81,8 @@ def parse_scales(text: str) -> tuple[float, ...]:
     raise argparse.ArgumentTypeError(f'--scales wants numbers separated by commas, got {text!r}') from None
   if not scales:
     raise argparse.ArgumentTypeError('--scales is empty')
+  if min(scales) <= 0:
+    raise argparse.ArgumentTypeError(f'--scales {text}: every scale must be > 0')
   return scales
 
 
@@ -94,9 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                   help='comma-separated, e.g. 0.5,0.75,1.0,1.25,1.5,1.75 (default 1.0)')
   ap.add_argument('--flip', action=argparse.BooleanOptionalAction, default=True,
                   help='average with the horizontally flipped image (default on, as semseg)')
-  ap.add_argument('--base-size', type=int, default=512, help='long side at scale 1.0 (Cityscapes: 2048)')
-  ap.add_argument('--crop-size', type=int, default=473, help='sliding window side (Cityscapes: 713)')
-  ap.add_argument('--window-batch', type=int, default=0,
+  ap.add_argument('--base-size', type=errors.int_at_least(1), default=512, help='long side at scale 1.0 (Cityscapes: 2048)')
+  ap.add_argument('--crop-size', type=errors.int_at_least(1), default=473, help='sliding window side (Cityscapes: 713)')
+  ap.add_argument('--window-batch', type=errors.int_at_least(0), default=0,
                   help='windows per network call (default 0: one per local device)')
   return ap
 

@@ -24,11 +24,11 @@ def main(argv=None) -> int:
   ap.add_argument('--layout', default=AUTO, choices=[AUTO, *LAYOUTS, CAFFE])
   ap.add_argument('--prototxt', default=None,
                   help='a Caffe deploy .prototxt to check a .caffemodel against')
-  ap.add_argument('--num-classes', type=int, default=None,
+  ap.add_argument('--num-classes', type=errors.int_at_least(1), default=None,
                   help='checked against the checkpoint; sets the classes of fresh heads')
   ap.add_argument('--backbone-only', action='store_true',
                   help='port layer0..layer4 only and initialise new heads')
-  ap.add_argument('--seed', type=int, default=0, help='initialisation seed of fresh heads')
+  ap.add_argument('--seed', type=errors.int_at_least(0), default=0, help='initialisation seed of fresh heads')
   ap.add_argument('--trust-pickle', action='store_true',
                   help='allow .pth files holding arbitrary Python objects (runs their code)')
   args = ap.parse_args(argv)

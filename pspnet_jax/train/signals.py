@@ -12,7 +12,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+from pspnet_jax.errors import EXIT_INTERRUPTED
+
 
 
 class StopRequest:
