@@ -19,30 +19,30 @@ is relative to the image, not to a (2048, 512) base; ADE20K is evaluated with it
 resized to 512 (``eval.base_size``), where mmseg resizes the short side to 512.
 """
 
-from configs.semseg_recipe import base_config
+from configs.semseg_recipe import DatasetRecipe, base_config
 
-DATASETS = {
-    # name: (tfds builder, train split, eval split, crop, iterations, batch, eval long side)
-    'ade20k': ('ade20k', 'train', 'val', 512, 160_000, 16, 512),
-    'cityscapes': ('cityscapes_trainid', 'train', 'val', 512, 80_000, 8, 2048),
+DATASETS = {  # length: iterations
+    'ade20k': DatasetRecipe('ade20k', 'train', 'val', crop_size=512, length=160_000, base_size=512),
+    'cityscapes': DatasetRecipe('cityscapes_trainid', 'train', 'val', crop_size=512, length=80_000,
+                                base_size=2048, batch=8),
 }
 
 
 def get_recipe(dataset: str):
-  name, train, val, crop, iterations, batch, long_side = DATASETS[dataset]
+  r = DATASETS[dataset]
   c = base_config()
-  c.dataset.name, c.dataset.train_split, c.dataset.eval_split = name, train, val
+  c.dataset.name, c.dataset.train_split, c.dataset.eval_split = r.builder, r.train_split, r.eval_split
   c.model.backbone = 'mobilenet_v2'
   c.model.align_corners = False
   c.model.ppm_channels = 512
   c.optimizer.weight_decay = 5e-4
   c.optimizer.head_lr_multiplier = 1.0
-  c.augment.crop_size = crop
+  c.augment.crop_size = r.crop_size
   c.augment.rotate_min = c.augment.rotate_max = 0.0
   c.augment.blur = False
-  c.global_batch_size = batch
-  c.num_steps = iterations
+  c.global_batch_size = r.batch
+  c.num_steps = int(r.length)
   c.eval.mode = 'whole'
   c.eval.flip = False
-  c.eval.crop_size, c.eval.base_size = crop, long_side
+  c.eval.crop_size, c.eval.base_size = r.crop_size, r.base_size
   return c

@@ -6,13 +6,28 @@ parameters, poly decay (power 0.9) per iteration, 10x lr on ppm/cls/aux, aux los
 Evaluation: sliding window with stride 2/3 of the crop, flip, base size per dataset.
 """
 
+import dataclasses
+
 import ml_collections
 
+
+@dataclasses.dataclass(frozen=True)
+class DatasetRecipe:
+  """What a recipe sets per dataset."""
+  builder: str        # the TFDS builder (pspnet_jax.data)
+  train_split: str
+  eval_split: str
+  crop_size: int      # training crop and evaluation window
+  length: float       # epochs (semseg) or iterations (mmseg)
+  base_size: int      # evaluation: the long side at scale 1.0
+  batch: int = 16     # global batch
+
+
 DATASETS = {
-    # name: (tfds builder, train split, eval split, crop, epochs, base size)
-    'ade20k': ('ade20k', 'train', 'val', 473, 100, 512),
-    'voc2012': ('voc2012_aug', 'train_aug', 'val', 473, 50, 512),
-    'cityscapes': ('cityscapes_trainid', 'train', 'val', 713, 200, 2048),
+    'ade20k': DatasetRecipe('ade20k', 'train', 'val', crop_size=473, length=100, base_size=512),
+    'voc2012': DatasetRecipe('voc2012_aug', 'train_aug', 'val', crop_size=473, length=50, base_size=512),
+    'cityscapes': DatasetRecipe('cityscapes_trainid', 'train', 'val', crop_size=713, length=200,
+                                base_size=2048),
 }
 
 
@@ -69,11 +84,12 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def get_recipe(dataset: str, depth: int) -> ml_collections.ConfigDict:
-  name, train, val, crop, epochs, base = DATASETS[dataset]
+  r = DATASETS[dataset]
   c = base_config()
-  c.dataset.name, c.dataset.train_split, c.dataset.eval_split = name, train, val
+  c.dataset.name, c.dataset.train_split, c.dataset.eval_split = r.builder, r.train_split, r.eval_split
   c.model.depth = depth
-  c.augment.crop_size = crop
-  c.num_epochs = float(epochs)
-  c.eval.crop_size, c.eval.base_size = crop, base
+  c.augment.crop_size = r.crop_size
+  c.num_epochs = float(r.length)
+  c.global_batch_size = r.batch
+  c.eval.crop_size, c.eval.base_size = r.crop_size, r.base_size
   return c

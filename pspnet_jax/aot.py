@@ -31,22 +31,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from pspnet_jax import checkpoint, config_file, errors, hlo
+from pspnet_jax import _compat, checkpoint, config_file, errors, hlo
 from pspnet_jax import mesh as mesh_lib
 from pspnet_jax.data import BUILDERS
 from pspnet_jax.errors import UserError
 from pspnet_jax.evaluation.protocol import EvalConfig, Evaluator
-from pspnet_jax.train import OptimizerConfig, make_optimizer, make_train_step, schedules
 from pspnet_jax.train.init_checkpoint import model_config_from
+from pspnet_jax.train.state import create_trainer
 
 # Per chip, from Google Cloud's TPU system-architecture pages (v4, v5e, v5p, v6e), except
 # v4's ICI figure, which those pages do not give (6 links of ~90 GB/s, approximate).
@@ -84,9 +81,7 @@ def tpu_devices(generation: str, topology: str) -> list:
                    'compiler; no TPU is needed)') from None
   from jax.experimental import topologies
   kwargs = {'chip_config_name': 'megacore'} if generation == 'v4' else {}  # one device a chip
-  # Compiling opens no chip, so a second libtpu process (another AOT run) is no conflict;
-  # without this libtpu refuses to load while another process holds its lockfile.
-  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  _compat.allow_multiple_libtpu_load()
   return list(topologies.get_topology_desc(topology_name=topology, platform='tpu', **kwargs).devices)
 
 
@@ -162,40 +157,36 @@ def _num_classes(config, override: int) -> int:
   return len(names)
 
 
-def compile_train(config, devices, num_classes: int):
-  """The train step of ``train.py`` for ``config`` on ``devices``: (compiled, info)."""
+def lower_train(config, devices, num_classes: int):
+  """The train step of ``train.py`` for ``config`` on ``devices``, lowered: built by
+  ``train.state.create_trainer`` as the training loop builds it. ``(lowered, info)``."""
   batch = int(config.global_batch_size)
-  accum = int(config.get('grad_accum_steps', 1))
+  accum = int(config.grad_accum_steps)
   mesh_lib.check_batch_size(batch, accum, devices)
-  mesh = mesh_lib.mesh_over(devices)
-  replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   model_config = model_config_from(config, num_classes)
   graphdef, params, batch_stats = nnx.split(checkpoint.abstract_model(model_config),
                                             nnx.Param, nnx.BatchStat)
-  total_steps = max(int(config.get('num_steps') or 0), 1000)  # the schedule's length only
-  opt_config = OptimizerConfig(**dict(config.optimizer))
-  tx = make_optimizer(opt_config, total_steps)
-  state = {'params': params, 'batch_stats': batch_stats, 'opt_state': jax.eval_shape(tx.init, params),
-           'step': jax.ShapeDtypeStruct((), jnp.int32),
-           'rng': jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
-  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
+  # The schedule's length changes constants only; without num_steps (epochs of a dataset
+  # this host may not have) 1000 stands in.
+  trainer = create_trainer(config, graphdef, total_steps=int(config.num_steps) or 1000,
+                           ignore_label=int(config.augment.ignore_label),
+                           mesh=mesh_lib.mesh_over(devices))
   crop = int(config.augment.crop_size)
-  data = {'image': jax.ShapeDtypeStruct((batch, crop, crop, 3), jnp.float32, sharding=sharded),
-          'label': jax.ShapeDtypeStruct((batch, crop, crop), jnp.int32, sharding=sharded)}
-  step = make_train_step(graphdef, tx, aux_weight=config.aux_weight,
-                         ignore_label=int(config.augment.ignore_label), grad_accum_steps=accum,
-                         lr_schedules=schedules(opt_config, total_steps),
-                         loss_block_rows=int(config.loss_block_rows))
-  jitted = jax.jit(step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
-                   donate_argnums=(0,))
   t0 = time.perf_counter()
-  lowered = jitted.trace(state, data).lower()
-  t1 = time.perf_counter()
+  lowered = trainer.step.trace(trainer.abstract_state(params, batch_stats),
+                               trainer.abstract_batch(batch, crop)).lower()
+  return lowered, {'images_per_step': batch, 'loop_trips': accum, 'model': model_config.to_dict(),
+                   'crop_size': crop, 'timings': {'trace_and_lower_s': time.perf_counter() - t0},
+                   'convolutions_in_program': lowered.as_text().count('stablehlo.convolution')}
+
+
+def compile_train(config, devices, num_classes: int):
+  """The train step of ``train.py`` for ``config`` on ``devices``: (compiled, info)."""
+  lowered, info = lower_train(config, devices, num_classes)
+  t0 = time.perf_counter()
   compiled = lowered.compile()
-  times = {'trace_and_lower_s': t1 - t0, 'compile_s': time.perf_counter() - t1}
-  return compiled, {'images_per_step': batch, 'loop_trips': accum, 'timings': times,
-                    'model': model_config.to_dict(), 'crop_size': crop,
-                    'convolutions_in_program': lowered.as_text().count('stablehlo.convolution')}
+  info['timings']['compile_s'] = time.perf_counter() - t0
+  return compiled, info
 
 
 def compile_eval(config, devices, num_classes: int, image_size: tuple[int, int]):

@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_policy
 
+from pspnet_jax import _compat
 from pspnet_jax.errors import UserError
 from pspnet_jax.models import PSPNet, PSPNetConfig
 
@@ -43,62 +44,6 @@ class CheckpointError(UserError):
 
 DAMAGED_SUFFIX = '.damaged'
 DIVERGED_SUFFIX = '.diverged'
-
-
-def _drop_orbax_leftovers():
-  """Around a restore, drop the noise a failed one leaves behind, and only that.
-
-  When one array of a restore fails (a truncated file), orbax 0.11 raises at once but leaves
-  the reads of the other arrays pending: when they are collected, each abandoned read
-  coroutine reports its own error, or ``RuntimeError: Event loop is closed`` once orbax's
-  loop is gone, as an unraisable exception: pages of tracebacks after the one real error,
-  which we report ourselves; asyncio logs the abandoned tasks' errors as "never retrieved".
-  Those are dropped; other unraisable exceptions and log records go through as before.
-  """
-  previous = sys.unraisablehook
-  if getattr(previous, '_pspnet_filter', False):
-    return
-
-  def hook(unraisable):
-    code = getattr(unraisable.object, 'cr_code', None)
-    if code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename:
-      return  # one of orbax's abandoned read coroutines, collected with its error
-    if isinstance(unraisable.exc_value, RuntimeError) and 'Event loop is closed' in str(
-        unraisable.exc_value):
-      tb = unraisable.exc_traceback
-      while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-      if tb is not None and tb.tb_frame.f_code.co_filename.endswith(f'asyncio{os.sep}base_events.py'):
-        return  # a read orbax left pending, calling back into its closed event loop
-    previous(unraisable)
-
-  hook._pspnet_filter = True
-  sys.unraisablehook = hook
-  logging.getLogger('asyncio').addFilter(_OrbaxTaskFilter())
-
-
-class _OrbaxTaskFilter(logging.Filter):
-  """What asyncio logs for the reads a failed orbax restore abandoned: "Task/Future
-  exception was never retrieved" when they are collected, "unhandled exception during
-  asyncio.run() shutdown" when orbax's event loop cancels them on closing."""
-
-  _ABANDONED = ('never retrieved', 'unhandled exception during asyncio.run() shutdown')
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    message = record.getMessage()
-    if record.exc_info and record.exc_info[1] is not None:  # the traceback is not in the message
-      import traceback
-      message += ''.join(traceback.format_exception(*record.exc_info))
-    ours = f'{os.sep}orbax{os.sep}' in message or 'OCDBT' in message or 'TensorStore' in message
-    return not (ours and any(text in message for text in self._ABANDONED))
-
-
-class _NoMetricsWarningFilter(logging.Filter):
-  """orbax's warning on every save without metrics once best_fn is set: periodic and
-  preemption saves have no validation mIoU by design."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return 'did not provide metrics' not in record.getMessage()
 
 
 class _StorageErrorFilter(logging.Filter):
@@ -279,7 +224,7 @@ def restore_variables(state_dir: str, config: PSPNetConfig) -> PSPNet:
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         nnx.to_pure_dict(state))
-  _drop_orbax_leftovers()  # installed before: the leftovers may report while it fails
+  _compat.quiet_abandoned_orbax_reads()  # installed before: the leftovers may report while it fails
   try:
     with ocp.StandardCheckpointer() as ckptr:
       restored = ckptr.restore(state_dir, target)
@@ -372,7 +317,7 @@ class TrainCheckpointer:
     # best_fn makes orbax write each step's metrics into the step (item 'metrics'): without
     # it they live in this manager's memory only, and a resumed run, knowing no step's
     # mIoU, lets BestN delete the best checkpoint at its next save.
-    logging.getLogger('absl').addFilter(_NoMetricsWarningFilter())
+    logging.getLogger('absl').addFilter(_compat.NoMetricsWarningFilter())
     logging.getLogger('absl').addFilter(_StorageErrorFilter())
     # cleanup_tmp_directories: a save cut short (a second Ctrl-C, kill -9, a full disk)
     # leaves <step>.orbax-checkpoint-tmp*; the workdir lock (train.workdir) makes this run
@@ -451,7 +396,7 @@ class TrainCheckpointer:
         opt_state=ocp.args.StandardRestore(opt_target),
         meta=ocp.args.JsonRestore(),
         data=grain.checkpoint.CheckpointRestore(data))
-    _drop_orbax_leftovers()
+    _compat.quiet_abandoned_orbax_reads()
     try:
       r = self.manager.restore(step, args=args)
     except Exception as e:

@@ -154,3 +154,45 @@ def test_sweep_values_take_the_key_type_and_bad_ones_are_one_line():
 def test_bad_target_is_one_clear_error():
   with pytest.raises(aot.AotError, match='tpu:GENERATION:TOPOLOGY'):
     aot.parse_target('gpu:h100')
+
+
+def test_aot_lowers_exactly_the_step_the_training_loop_runs(tmp_path, monkeypatch):
+  """The loop and the AOT tool both build the step with train.state.create_trainer: the
+  step train_and_evaluate ran, lowered for the arguments it was called with, is the text
+  aot.lower_train gives for the same config (a drift in any argument, the ignore label,
+  accumulation, the loss's blocks, the schedule, the shardings, would show here)."""
+  import dataclasses
+
+  import jax
+  from configs.synthetic import get_config
+  from pspnet_jax.train import loop
+
+  config = get_config()
+  config.dataset.data_dir = str(tmp_path / 'tfds')
+  config.dataset.builder_kwargs.update(image_size=32, num_train=8, num_val=2)
+  config.model.update(base_width=8, head_channels=16, aux_channels=8)
+  config.augment.crop_size = config.eval.crop_size = 33
+  config.eval.base_size = 32
+  config.update(global_batch_size=2, num_steps=1, eval_every_steps=0, grad_accum_steps=2,
+                loss_block_rows=8)
+  seen = {}
+  create = loop.create_trainer
+
+  def recording(*args, **kwargs):
+    trainer = create(*args, **kwargs)
+
+    def step(state, batch):
+      seen.setdefault('args', jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), (state, batch)))
+      return trainer.step(state, batch)
+
+    seen['trainer'] = trainer
+    return dataclasses.replace(trainer, step=step)
+
+  monkeypatch.setattr(loop, 'create_trainer', recording)
+  loop.train_and_evaluate(config, str(tmp_path / 'run'))
+  ran = seen['trainer'].step.trace(*seen['args']).lower().as_text()
+  lowered, info = aot.lower_train(config, jax.devices(), num_classes=4)
+  assert info['loop_trips'] == 2 and lowered.as_text() == ran
+  config.loss_block_rows = 4  # and the comparison can fail
+  assert aot.lower_train(config, jax.devices(), num_classes=4)[0].as_text() != ran

@@ -47,6 +47,12 @@ def _cmd(workdir, data_dir, *extra):
           '--workdir', str(workdir), f'--config.dataset.data_dir={data_dir}', *TINY, *extra]
 
 
+def _signal_cmd(spec, workdir, data_dir, *extra):
+  """train.py with a signal sent after a step (tests/scripts/train_with_signal.py SPEC)."""
+  return [sys.executable, os.path.join(ROOT, 'tests', 'scripts', 'train_with_signal.py'), spec,
+          *_cmd(workdir, data_dir, *extra)[2:]]
+
+
 def _env(devices=1):
   return cli_env(devices)
 
@@ -124,17 +130,17 @@ def test_kill_9_and_resume_equals_uninterrupted_bitwise(tmp_path, data_dir, refe
   ref_dir, _ = reference_run
   workdir = tmp_path / 'killed'
   seed = int(os.environ.get('PSPNET_TEST_SEED', '0'))
-  kill_at = random.Random(seed).randint(5, 11)  # after the first checkpoint (step 4) was started
+  kill_at = random.Random(seed).randint(5, 11)  # after the first checkpoint (step 4)
   print(f'kill -9 at step {kill_at} (PSPNET_TEST_SEED={seed})')
-  env = dict(_env(), PSPNET_SIGNAL_AT_STEP=f'{kill_at}:KILL')
-  p = subprocess.run(_cmd(workdir, data_dir), env=env, cwd=ROOT, capture_output=True, text=True,
-                     timeout=TIMEOUT)
+  # The kill waits for step 4's checkpoint: a resume from nothing would pass trivially.
+  p = subprocess.run(_signal_cmd(f'{kill_at}:KILL@4', workdir, data_dir), env=_env(), cwd=ROOT,
+                     capture_output=True, text=True, timeout=TIMEOUT)
   assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr[-2000:])
   assert max(_losses(workdir)) == kill_at
-  finished = _finished_steps(workdir)  # the async save of step 4 (8) may or may not be done
+  finished = _finished_steps(workdir)  # step 8's async save (kill at 9-11) may or may not be done
+  assert finished and finished[0] == 4, finished
   p = _train(workdir, data_dir)
-  if finished:
-    assert f'at step {finished[-1]}' in p.stdout
+  assert f'at step {finished[-1]}' in p.stdout
   # Same losses at every step (so the same batches: none skipped or repeated) ...
   assert _losses(workdir) == _losses(ref_dir)
   # ... and bitwise the same final parameters and BN statistics.
@@ -146,9 +152,8 @@ def test_kill_9_and_resume_equals_uninterrupted_bitwise(tmp_path, data_dir, refe
 
 def test_sigterm_saves_and_exits_zero(tmp_path, data_dir):
   workdir = tmp_path / 'preempted'
-  env = dict(_env(), PSPNET_SIGNAL_AT_STEP='5:TERM')
-  p = subprocess.run(_cmd(workdir, data_dir, '--config.checkpoint_every_steps=1000'), env=env,
-                     cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+  p = subprocess.run(_signal_cmd('5:TERM', workdir, data_dir, '--config.checkpoint_every_steps=1000'),
+                     env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
   assert p.returncode == 0, p.stderr[-2000:]
   assert _finished_steps(workdir) == [5]  # saved where it stopped, not at the end
   assert 'SIGTERM' in p.stdout
@@ -607,7 +612,7 @@ def test_eval_out_is_checked_before_any_work_and_metrics_survive_a_failed_write(
     assert 'mIoU' not in p.stdout
   with mounted_tmpfs(tmp_path / 'full', size='8k') as full:
     p = _run(_eval_cmd(workdir, data_dir, full / 'eval'))
-    line = _one_error_line(p, 'writing the outputs failed (No space left on device', 'the metrics above are complete')
+    _one_error_line(p, 'writing the outputs failed (No space left on device', 'the metrics above are complete')
     assert 'mIoU' in p.stdout and '8 images in' in p.stdout, p.stdout[-2000:]
 
 
@@ -624,14 +629,14 @@ def test_ctrl_c_saves_the_step_and_a_second_one_stops_at_once(tmp_path, data_dir
   twice at step 8 (its checkpoint being written): stops at once, one line, exit 130. The next
   run takes the abandoned lock over, drops the half-written save and trains to the end."""
   workdir = tmp_path / 'interrupted'
-  p = subprocess.run(_cmd(workdir, data_dir), env=dict(_env(), PSPNET_SIGNAL_AT_STEP='5:INT'),
-                     cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+  p = subprocess.run(_signal_cmd('5:INT', workdir, data_dir), env=_env(), cwd=ROOT,
+                     capture_output=True, text=True, timeout=TIMEOUT)
   assert p.returncode == 130 and 'Traceback' not in p.stderr, p.stderr[-3000:]
   assert f'interrupted: saved step 5 in {workdir}; run the same command to resume from it' in p.stderr
   assert _finished_steps(workdir) == [4, 5]
   _no_leftovers(workdir)
-  p = subprocess.run(_cmd(workdir, data_dir), env=dict(_env(), PSPNET_SIGNAL_AT_STEP='8:INT:INT'),
-                     cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+  p = subprocess.run(_signal_cmd('8:INT:INT', workdir, data_dir), env=_env(), cwd=ROOT,
+                     capture_output=True, text=True, timeout=TIMEOUT)
   assert p.returncode == 130 and 'Traceback' not in p.stderr, p.stderr[-3000:]
   assert 'interrupted again: stopped at once' in p.stderr
   p = _train(workdir, data_dir)
@@ -649,7 +654,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path, da
   with mounted_tmpfs(tmp_path / 'small', size=f'{int(1.5 * one) // 1024}k') as small:
     workdir = small / 'run'
     p = _train(workdir, data_dir, '--config.checkpoint_every_steps=2', check=False)
-    line = _one_error_line(p, f'no space left on the device holding {workdir}', 'MB free',
+    _one_error_line(p, f'no space left on the device holding {workdir}', 'MB free',
                            'the checkpoint of step 4', 'the last good checkpoint, step 2, is kept')
     assert _finished_steps(workdir) == [2]
     _no_leftovers(workdir)

@@ -56,7 +56,7 @@ def prepare(name: str, data_dir: str, manual_dir: str | None = None, *,
             skip_bad_examples: bool = False, **builder_kwargs) -> DatasetInfo:
   """Prepares dataset `name` under data_dir/name/1.0.0 (array_record); idempotent.
 
-  manual_dir holds raw files a builder cannot download (see README). builder_kwargs go to
+  manual_dir holds raw files a builder cannot download (docs/datasets.md). builder_kwargs go to
   the builder (e.g. synthetic_shapes' image_size/num_train/num_val/seed, or
   segmentation_folder's root). With skip_bad_examples, unusable raw examples are dropped,
   counted, logged and recorded in the metadata instead of failing the preparation. TFDS
@@ -91,7 +91,7 @@ def prepare(name: str, data_dir: str, manual_dir: str | None = None, *,
     elif type(e).__module__.split('.')[0] in ('requests', 'urllib3') or isinstance(e, ConnectionError):
       raise UserError(f'{name}: downloading its raw files failed ({type(e).__name__}: '
                       f'{" ".join(str(e).split())[:200]}); download them where you can and give '
-                      'their folder as --manual-dir / dataset.manual_dir (README, "Datasets")') from e
+                      'their folder as --manual-dir / dataset.manual_dir (docs/datasets.md)') from e
     else:
       raise
   if builder.skipped:
@@ -106,7 +106,7 @@ def _read_builder(name: str, data_dir: str):
     raise NotPreparedError(
         f'dataset {name!r} is not prepared in {data_dir} (no {name}/'
         f'{builders_lib.base.VERSION}/dataset_info.json there). Prepare it with: '
-        f'{_prepare_command(name, data_dir)} [--manual-dir DIR]  (see README, "Datasets")')
+        f'{_prepare_command(name, data_dir)} [--manual-dir DIR]  (see docs/datasets.md)')
   return tfds.builder_from_directory(path)
 
 

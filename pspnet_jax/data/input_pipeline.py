@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
+from pspnet_jax import _compat
 from pspnet_jax.data import datasets
 from pspnet_jax.data.transforms import AugmentConfig, augment, example_rng
 from pspnet_jax.errors import UserError
@@ -92,19 +93,6 @@ def _worker_init(worker_index: int, worker_count: int):
   cv2.setNumThreads(1)  # the workers are the parallelism; OpenCV threads would oversubscribe
 
 
-def _absl_flags_usable():
-  """Lets grain's mp_prefetch run outside absl.app.
-
-  grain 0.2.18 reads its absl flag --grain_enable_multiprocess_worker_profiling when it
-  starts workers once a profiler is registered (importing jax registers one); unless
-  absl.app parsed the command line first (pytest, notebooks, plain scripts) that raises
-  UnparsedFlagAccessError. Marking the flags parsed keeps every default.
-  """
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-
-
 class TrainLoader:
   """Endless iterator of host-local training batches with get_state()/set_state().
 
@@ -148,7 +136,7 @@ class TrainLoader:
           # elements: here an element is a whole batch, gigabytes at crop 473).
           .to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
     if self._worker_count > 0:
-      _absl_flags_usable()
+      _compat.grain_flags_usable()
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._worker_count),
                           worker_init_fn=_worker_init)
     return iter(ds)

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('name', choices=sorted(builders.BUILDERS))
   parser.add_argument('--data-dir', required=True, help='where prepared datasets live')
-  parser.add_argument('--manual-dir', help='raw files a builder cannot download (see README)')
+  parser.add_argument('--manual-dir', help='raw files a builder cannot download (see docs/datasets.md)')
   parser.add_argument('--skip-bad-examples', action='store_true',
                       help='drop and count unusable raw examples instead of failing')
   parser.add_argument('--option', action='append', type=_parse_option, default=[],

@@ -546,7 +546,6 @@ class _Reader:
 
   def head(self, concat: int, channels: int, bins, order) -> int:
     """The 3x3 conv + BN + ReLU (+ Dropout) and the 1x1 classifier after the Concat."""
-    g = self.g
     conv = self.single_reader(concat, 'Convolution', 'the head')
     self.expect_input(conv, concat, (), 'head conv')
     reduction = channels // len(bins)

@@ -27,7 +27,7 @@ def model_config_from(config, num_classes: int) -> PSPNetConfig:
   """
   fields = dict(config.model)
   fields['num_classes'] = num_classes
-  path = config.get('init_checkpoint') or ''
+  path = config.init_checkpoint
   if path:
     for key, value in ckpt_lib.model_config(path).to_dict().items():
       fields.setdefault(key, value)
@@ -41,14 +41,14 @@ def initial_model(config, model_config: PSPNetConfig) -> PSPNet:
   one (ImageNet weights, or any checkpoint with ``config.init_backbone_only``) fills the
   backbone and leaves the pyramid pooling and both heads freshly initialised, and says so.
   """
-  path = config.get('init_checkpoint') or ''
+  path = config.init_checkpoint
   if not path:
     return ckpt_lib.create_model(model_config, seed=config.seed)
   source = ckpt_lib.load_model(path)
   src_cfg, dst_cfg = source.config, model_config
   _, meta = ckpt_lib.read_model_config(path) if os.path.exists(
       os.path.join(path, ckpt_lib.MODEL_CONFIG)) else (None, {})
-  backbone_only = bool(meta.get('backbone_only')) or bool(config.get('init_backbone_only'))
+  backbone_only = bool(meta.get('backbone_only')) or bool(config.init_backbone_only)
   if not backbone_only and src_cfg.num_classes != dst_cfg.num_classes:
     raise UserError(
         f'init_checkpoint {path} predicts {src_cfg.num_classes} classes but the dataset has '

@@ -13,21 +13,7 @@ import time
 
 import jax
 
-
-def _import_summary_writer():
-  """tensorboardX's SummaryWriter, imported without torch. tensorboardX imports torch, when
-  it is installed, only to accept its tensors (which training never passes); that import
-  costs 2-4 s at every start of train.py. With torch not yet imported, it is hidden for the
-  duration of this import, so tensorboardX takes the path it takes without torch."""
-  if 'torch' in sys.modules:
-    from tensorboardX import SummaryWriter
-    return SummaryWriter
-  sys.modules['torch'] = None  # makes ``import torch`` raise ImportError
-  try:
-    from tensorboardX import SummaryWriter
-  finally:
-    del sys.modules['torch']
-  return SummaryWriter
+from pspnet_jax import _compat
 
 
 class MetricsLogger:
@@ -40,7 +26,7 @@ class MetricsLogger:
       return
     self.file = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
     try:
-      SummaryWriter = _import_summary_writer()
+      SummaryWriter = _compat.import_summary_writer()
       self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
     except ImportError:
       pass

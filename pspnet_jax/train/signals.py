@@ -1,6 +1,5 @@
 """Signals in the training loop: SIGTERM (a preemption notice) and SIGINT (Ctrl-C) ask the
-loop to save at the next step boundary and stop; a second SIGINT stops at once. And a
-fault-injection hook that tests use to signal the loop at a chosen step."""
+loop to save at the next step boundary and stop; a second SIGINT stops at once."""
 
 from __future__ import annotations
 
@@ -47,16 +46,3 @@ class StopRequest:
     if jax.process_count() == 1:
       return self.requested is not None
     return bool(np.any(multihost_utils.process_allgather(np.array(self.requested is not None))))
-
-
-def maybe_inject_signal(step: int):
-  """Fault injection for tests: ``PSPNET_SIGNAL_AT_STEP=7:KILL`` (or ``:TERM``, ``:INT``,
-  ``:INT:INT`` for two) sends that signal to this process right after step 7, wherever the
-  asynchronous checkpoint writer is. Tests use it because an outside signal races a fast
-  machine."""
-  spec = os.environ.get('PSPNET_SIGNAL_AT_STEP')
-  if spec:
-    at, *names = spec.split(':')
-    if step == int(at):
-      for name in names:
-        os.kill(os.getpid(), getattr(signal, 'SIG' + name))

@@ -228,7 +228,7 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
     if not count:  # TFDS would only say "No examples were yielded"
       raise BadExampleError(
           f'{self.name}: split {split!r} has no usable examples ({len(self.skipped)} bad ones '
-          'skipped so far). Check the raw files, and the layout in the README.')
+          'skipped so far). Check the raw files, and the layout in docs/datasets.md.')
 
   def _encode(self, raw: RawExample, lut: np.ndarray, valid: np.ndarray) -> dict:
     image_bytes, image_hw = decode_rgb(_read(raw.read_image, raw.image_name, 'image'),

@@ -109,7 +109,7 @@ class SegmentationFolder(base.SegmentationBuilder):
     if not splits:
       raise base.ManualDirError(
           f'{root} has neither list files (SPLIT.txt) nor images/SPLIT/ folders; see '
-          'README, "Bring your own data".')
+          'docs/datasets.md, "Bring your own data".')
     return self.generate_splits({split: self._raws(pairs) for split, pairs in splits.items()})
 
   def _list_file_pairs(self, path: str):
