@@ -9,7 +9,7 @@ AOT_BIN := .venv-aot/bin
 # pytest-xdist workers for `make test`: one per core, at most 4 (each holds a few GiB).
 TEST_WORKERS ?= auto
 
-.PHONY: run test install clean
+.PHONY: run test lint install clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,7 +28,12 @@ install: $(BIN)/.installed
 run: $(BIN)/.installed
 	$(BIN)/python train.py --config configs/synthetic.py --workdir runs/synthetic
 
-test: $(BIN)/.installed $(AOT_BIN)/.installed
+# Formatting and lint (configured in pyproject.toml): `ruff format .` fixes the format.
+lint: $(BIN)/.installed
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+test: lint $(BIN)/.installed $(AOT_BIN)/.installed
 	PSPNET_AOT_PYTHON=$(CURDIR)/$(AOT_BIN)/python $(BIN)/python -m pytest -q -rs \
 	  -n $(TEST_WORKERS) --maxprocesses=4 --dist loadgroup tests
 

@@ -49,8 +49,13 @@ def main(argv):
   mesh.maybe_initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   path = FLAGS.workdir or FLAGS.checkpoint
   out = FLAGS.out or os.path.join(path, 'eval')
-  evaluate_checkpoint(FLAGS.config, path, out, save_predictions=FLAGS.save_predictions,
-                               max_examples=FLAGS.max_examples)
+  evaluate_checkpoint(
+    FLAGS.config,
+    path,
+    out,
+    save_predictions=FLAGS.save_predictions,
+    max_examples=FLAGS.max_examples,
+  )
 
 
 if __name__ == '__main__':

@@ -16,7 +16,9 @@ from pspnet_jax.train import TrainingDiverged, TrainingInterrupted, train_and_ev
 if __name__ == '__main__':  # before absl loads it: each fault of the config file one line
   sys.argv = config_file.prepare_argv(sys.argv)
 config_flags.DEFINE_config_file('config', config_file.DEFAULT, 'Training configuration file.')
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and evaluation.', required=True)
+flags.DEFINE_string(
+  'workdir', None, 'Directory for checkpoints, logs and evaluation.', required=True
+)
 flags.DEFINE_string('coordinator', None, 'host:port of process 0 (multi-process runs).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process runs).')
 flags.DEFINE_integer('process_id', None, 'This process index (multi-process runs).')
@@ -37,12 +39,17 @@ def main(argv):
     print(e, file=sys.stderr)
     sys.exit(errors.EXIT_INTERRUPTED)
   except KeyboardInterrupt:  # Ctrl-C outside the training steps (start-up, final evaluation)
-    print(f'\ninterrupted: stopped; {FLAGS.workdir} keeps its checkpoints (run the same command '
-          'to resume from the newest)', file=sys.stderr)
+    print(
+      f'\ninterrupted: stopped; {FLAGS.workdir} keeps its checkpoints (run the same command '
+      'to resume from the newest)',
+      file=sys.stderr,
+    )
     sys.exit(errors.EXIT_INTERRUPTED)
   if metrics:
-    print(f"validation mIoU {metrics['miou']:.4f}  mAcc {metrics['macc']:.4f}  "
-          f"allAcc {metrics['allacc']:.4f}")
+    print(
+      f'validation mIoU {metrics["miou"]:.4f}  mAcc {metrics["macc"]:.4f}  '
+      f'allAcc {metrics["allacc"]:.4f}'
+    )
 
 
 if __name__ == '__main__':

@@ -21,41 +21,41 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name, (N, H, W, Cin, Cout, k, dilation, stride), occurrences in PSPNet-50 (deep stem)
 SHAPES = [
-    ('stem1', (2, 473, 473, 3, 64, 3, 1, 2), 1),
-    ('stem2', (2, 237, 237, 64, 64, 3, 1, 1), 1),
-    ('stem3', (2, 237, 237, 64, 128, 3, 1, 1), 1),
-    ('l1_3x3', (2, 119, 119, 64, 64, 3, 1, 1), 3),
-    ('l1_1x1_in', (2, 119, 119, 256, 64, 1, 1, 1), 2),
-    ('l1_1x1_out', (2, 119, 119, 64, 256, 1, 1, 1), 3),
-    ('l2_3x3_s2', (2, 119, 119, 128, 128, 3, 1, 2), 1),
-    ('l2_3x3', (2, 60, 60, 128, 128, 3, 1, 1), 3),
-    ('l2_1x1_in', (2, 60, 60, 512, 128, 1, 1, 1), 3),
-    ('l2_1x1_out', (2, 60, 60, 128, 512, 1, 1, 1), 4),
-    ('l3_3x3', (2, 60, 60, 256, 256, 3, 2, 1), 6),
-    ('l3_1x1_in', (2, 60, 60, 1024, 256, 1, 1, 1), 5),
-    ('l3_1x1_out', (2, 60, 60, 256, 1024, 1, 1, 1), 6),
-    ('l4_3x3', (2, 60, 60, 512, 512, 3, 4, 1), 3),
-    ('l4_1x1_in', (2, 60, 60, 2048, 512, 1, 1, 1), 2),
-    ('l4_1x1_out', (2, 60, 60, 512, 2048, 1, 1, 1), 3),
-    ('l4_down', (2, 60, 60, 1024, 2048, 1, 1, 1), 1),
-    ('cls', (2, 60, 60, 4096, 512, 3, 1, 1), 1),
-    ('aux', (2, 60, 60, 1024, 256, 3, 1, 1), 1),
+  ('stem1', (2, 473, 473, 3, 64, 3, 1, 2), 1),
+  ('stem2', (2, 237, 237, 64, 64, 3, 1, 1), 1),
+  ('stem3', (2, 237, 237, 64, 128, 3, 1, 1), 1),
+  ('l1_3x3', (2, 119, 119, 64, 64, 3, 1, 1), 3),
+  ('l1_1x1_in', (2, 119, 119, 256, 64, 1, 1, 1), 2),
+  ('l1_1x1_out', (2, 119, 119, 64, 256, 1, 1, 1), 3),
+  ('l2_3x3_s2', (2, 119, 119, 128, 128, 3, 1, 2), 1),
+  ('l2_3x3', (2, 60, 60, 128, 128, 3, 1, 1), 3),
+  ('l2_1x1_in', (2, 60, 60, 512, 128, 1, 1, 1), 3),
+  ('l2_1x1_out', (2, 60, 60, 128, 512, 1, 1, 1), 4),
+  ('l3_3x3', (2, 60, 60, 256, 256, 3, 2, 1), 6),
+  ('l3_1x1_in', (2, 60, 60, 1024, 256, 1, 1, 1), 5),
+  ('l3_1x1_out', (2, 60, 60, 256, 1024, 1, 1, 1), 6),
+  ('l4_3x3', (2, 60, 60, 512, 512, 3, 4, 1), 3),
+  ('l4_1x1_in', (2, 60, 60, 2048, 512, 1, 1, 1), 2),
+  ('l4_1x1_out', (2, 60, 60, 512, 2048, 1, 1, 1), 3),
+  ('l4_down', (2, 60, 60, 1024, 2048, 1, 1, 1), 1),
+  ('cls', (2, 60, 60, 4096, 512, 3, 1, 1), 1),
+  ('aux', (2, 60, 60, 1024, 256, 3, 1, 1), 1),
 ]
 
 # --depthwise: the 3x3 depthwise convs of PSPNet-MobileNetV2-d8 (mmseg's strides and
 # dilations), batch 2 x 473, Cin = Cout = groups.
 DEPTHWISE_SHAPES = [
-    ('l1_dw', (2, 237, 237, 32, 32, 3, 1, 1), 1),
-    ('l2_dw_s2', (2, 237, 237, 96, 96, 3, 1, 2), 1),
-    ('l2_dw', (2, 119, 119, 144, 144, 3, 1, 1), 1),
-    ('l3_dw_s2', (2, 119, 119, 144, 144, 3, 1, 2), 1),
-    ('l3_dw', (2, 60, 60, 192, 192, 3, 1, 1), 2),
-    ('l4_dw_first', (2, 60, 60, 192, 192, 3, 2, 1), 1),
-    ('l4_dw', (2, 60, 60, 384, 384, 3, 2, 1), 3),
-    ('l5_dw_first', (2, 60, 60, 384, 384, 3, 2, 1), 1),
-    ('l5_dw', (2, 60, 60, 576, 576, 3, 2, 1), 2),
-    ('l6_dw_first', (2, 60, 60, 576, 576, 3, 4, 1), 1),
-    ('l6_7_dw', (2, 60, 60, 960, 960, 3, 4, 1), 3),
+  ('l1_dw', (2, 237, 237, 32, 32, 3, 1, 1), 1),
+  ('l2_dw_s2', (2, 237, 237, 96, 96, 3, 1, 2), 1),
+  ('l2_dw', (2, 119, 119, 144, 144, 3, 1, 1), 1),
+  ('l3_dw_s2', (2, 119, 119, 144, 144, 3, 1, 2), 1),
+  ('l3_dw', (2, 60, 60, 192, 192, 3, 1, 1), 2),
+  ('l4_dw_first', (2, 60, 60, 192, 192, 3, 2, 1), 1),
+  ('l4_dw', (2, 60, 60, 384, 384, 3, 2, 1), 3),
+  ('l5_dw_first', (2, 60, 60, 384, 384, 3, 2, 1), 1),
+  ('l5_dw', (2, 60, 60, 576, 576, 3, 2, 1), 2),
+  ('l6_dw_first', (2, 60, 60, 576, 576, 3, 4, 1), 1),
+  ('l6_7_dw', (2, 60, 60, 960, 960, 3, 4, 1), 3),
 ]
 
 
@@ -88,6 +88,7 @@ def _jax_row(name, shape, count, reps, depthwise):
 
   from pspnet_jax import ops
   from pspnet_jax.ops import cpu_conv
+
   n, h, w_, ci, co, k, d, s = shape
   pad = ops.conv_padding(k, d)
   rng = np.random.default_rng(0)
@@ -96,9 +97,15 @@ def _jax_row(name, shape, count, reps, depthwise):
   w = jnp.asarray(rng.standard_normal((k, k, ci // groups, co), np.float32) * 0.05)
 
   def plain(x, w):
-    return lax.conv_general_dilated(x, w, (s, s), pad, rhs_dilation=(d, d),
-                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                    feature_group_count=groups)
+    return lax.conv_general_dilated(
+      x,
+      w,
+      (s, s),
+      pad,
+      rhs_dilation=(d, d),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=groups,
+    )
 
   def mine(x, w):
     if depthwise:
@@ -133,7 +140,9 @@ def _jax_row(name, shape, count, reps, depthwise):
   for strategy in ('taps', 'shifted') if s == 1 else ('taps',):
     os.environ['PSPNET_CONV_WGRAD'] = strategy  # read when the gradient is traced
     wgrad = wgrad_fn(mine)
-    row[f'{strategy}_wgrad'] = _time(lambda wgrad=wgrad: jax.block_until_ready(wgrad(x, w, dy)), reps)
+    row[f'{strategy}_wgrad'] = _time(
+      lambda wgrad=wgrad: jax.block_until_ready(wgrad(x, w, dy)), reps
+    )
   os.environ.pop('PSPNET_CONV_WGRAD')
   if ci > cpu_conv.CIN_CHUNK:
     parts(split, 'split')
@@ -142,6 +151,7 @@ def _jax_row(name, shape, count, reps, depthwise):
 
 def run_torch(args):
   import torch
+
   torch.set_num_threads(os.cpu_count())
   for name, shape, count in _shapes(args):
     if not args.only or name in args.only:
@@ -151,6 +161,7 @@ def run_torch(args):
 def _torch_row(name, shape, count, reps, depthwise):
   import torch
   import torch.nn.functional as F
+
   n, h, w_, ci, co, k, d, s = shape
   x = torch.randn(n, ci, h, w_, requires_grad=True)
   groups = ci if depthwise else 1
@@ -167,8 +178,13 @@ def _torch_row(name, shape, count, reps, depthwise):
   f = _time(fwd, reps)
   both = _time(lambda: torch.autograd.grad(conv(), (x, w), dy), reps)
   dx_only = _time(lambda: torch.autograd.grad(conv(), (x,), dy), reps)
-  return {'name': name, 'count': count, 'torch_fwd': f, 'torch_dgrad': round(dx_only - f, 1),
-          'torch_wgrad': round(both - dx_only, 1)}
+  return {
+    'name': name,
+    'count': count,
+    'torch_fwd': f,
+    'torch_dgrad': round(dx_only - f, 1),
+    'torch_wgrad': round(both - dx_only, 1),
+  }
 
 
 def main():

@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))  # run from a checkout, installed or not
+sys.path.insert(
+  0, os.path.join(os.path.dirname(__file__), '..')
+)  # run from a checkout, installed or not
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tests'))
 from torch_reference import TorchPSPNet, randomize, state_dict_numpy  # noqa: E402
 
@@ -53,11 +55,15 @@ except ImportError:  # the protocol's resizes then run through torch
 def resize_linear(a: np.ndarray, h: int, w: int) -> np.ndarray:
   """[H, W, C] -> [h, w, C], INTER_LINEAR (half-pixel, no antialiasing)."""
   if cv2 is not None:
-    chunks = [cv2.resize(a[..., i:i + 128], (w, h), interpolation=cv2.INTER_LINEAR)
-              for i in range(0, a.shape[-1], 128)]
+    chunks = [
+      cv2.resize(a[..., i : i + 128], (w, h), interpolation=cv2.INTER_LINEAR)
+      for i in range(0, a.shape[-1], 128)
+    ]
     return np.concatenate([c.reshape(h, w, -1) for c in chunks], axis=-1)
   t = torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))[None]
-  return F.interpolate(t, (h, w), mode='bilinear', align_corners=False)[0].numpy().transpose(1, 2, 0)
+  return (
+    F.interpolate(t, (h, w), mode='bilinear', align_corners=False)[0].numpy().transpose(1, 2, 0)
+  )
 
 
 def torch_net_process(model, window):
@@ -69,8 +75,9 @@ def torch_net_process(model, window):
   return ((p[0] + p[1].flip(2)) / 2).numpy().transpose(1, 2, 0)
 
 
-def torch_protocol(model, image, classes, scales, crop, base_size, whole, stride_rate=2 / 3,
-                   whole_multiple=64):
+def torch_protocol(
+  model, image, classes, scales, crop, base_size, whole, stride_rate=2 / 3, whole_multiple=64
+):
   h, w, _ = image.shape
   image = image.astype(np.float32)
   prediction = np.zeros((h, w, classes))
@@ -87,7 +94,7 @@ def torch_protocol(model, image, classes, scales, crop, base_size, whole, stride
     top, left = ph // 2, pw // 2
     padded = np.empty((nh + ph, nw + pw, 3), np.float32)
     padded[:] = MEAN
-    padded[top:top + nh, left:left + nw] = scaled
+    padded[top : top + nh, left : left + nw] = scaled
     H, W = padded.shape[:2]
     sh, sw = (ch, cw) if whole else (int(math.ceil(crop * stride_rate)),) * 2
     acc = np.zeros((H, W, classes))
@@ -99,14 +106,14 @@ def torch_protocol(model, image, classes, scales, crop, base_size, whole, stride
         acc[y0:y1, x0:x1] += torch_net_process(model, padded[y0:y1, x0:x1])
         cnt[y0:y1, x0:x1] += 1
     acc /= cnt[..., None]
-    prediction += resize_linear(acc[top:top + nh, left:left + nw], h, w)
+    prediction += resize_linear(acc[top : top + nh, left : left + nw], h, w)
   return prediction / len(scales)
 
 
 MODES = {
-    'whole': dict(mode='whole', scales=(1.0,)),
-    'single': dict(mode='slide', scales=(1.0,)),
-    'multi': dict(mode='slide', scales=MULTI_SCALES),
+  'whole': dict(mode='whole', scales=(1.0,)),
+  'single': dict(mode='slide', scales=(1.0,)),
+  'multi': dict(mode='slide', scales=MULTI_SCALES),
 }
 
 
@@ -128,8 +135,12 @@ def main():
   load_state_dict(model, state_dict_numpy(ref))
   rng = np.random.default_rng(0)
   # Smooth random images (upsampled noise), so predictions are not pure texture noise.
-  small = rng.integers(0, 256, (args.images, args.height // 16 + 1, args.width // 16 + 1, 3)).astype(np.float32)
-  images = [np.clip(resize_linear(s, args.height, args.width), 0, 255).astype(np.uint8) for s in small]
+  small = rng.integers(
+    0, 256, (args.images, args.height // 16 + 1, args.width // 16 + 1, 3)
+  ).astype(np.float32)
+  images = [
+    np.clip(resize_linear(s, args.height, args.width), 0, 255).astype(np.uint8) for s in small
+  ]
 
   summary = {}
   for name in args.modes.split(','):
@@ -138,8 +149,11 @@ def main():
     t = time.perf_counter()
     ev.probabilities(images[0])
     first_s = time.perf_counter() - t
-    n_torch = 0 if args.no_torch else (
-        min(len(images), args.torch_multi_images) if name == 'multi' else len(images))
+    n_torch = (
+      0
+      if args.no_torch
+      else (min(len(images), args.torch_multi_images) if name == 'multi' else len(images))
+    )
     # JAX and PyTorch alternate image by image, so both see the same (shared) machine
     # state; the speed-up is the median of the per-image ratios.
     jax_times, torch_times, diffs, agree = [], [], [], []
@@ -149,24 +163,39 @@ def main():
       jax_times.append(time.perf_counter() - t)
       if i < n_torch:
         t = time.perf_counter()
-        ref_probs = torch_protocol(ref, image, args.classes, cfg.scales, 473, 512, whole=name == 'whole')
+        ref_probs = torch_protocol(
+          ref, image, args.classes, cfg.scales, 473, 512, whole=name == 'whole'
+        )
         torch_times.append(time.perf_counter() - t)
         diffs.append(float(np.abs(probs - ref_probs).max()))
         agree.append(float(np.mean(probs.argmax(-1) == ref_probs.argmax(-1))))
     jax_s = statistics.median(jax_times)
-    row = {'mode': name, 'scales': list(cfg.scales), 'flip': True, 'image': [args.height, args.width],
-           'model': f'PSPNet-{args.depth}/{args.classes}', 'device': str(jax.devices()[0]),
-           'xla_flags': os.environ.get('XLA_FLAGS', ''), 'jax_images': len(images),
-           'jax_s_per_image': round(jax_s, 3), 'jax_images_per_second': round(1 / jax_s, 4),
-           'compile_s': round(first_s - jax_times[0], 2), 'compilations': ev.compilations}
+    row = {
+      'mode': name,
+      'scales': list(cfg.scales),
+      'flip': True,
+      'image': [args.height, args.width],
+      'model': f'PSPNet-{args.depth}/{args.classes}',
+      'device': str(jax.devices()[0]),
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'jax_images': len(images),
+      'jax_s_per_image': round(jax_s, 3),
+      'jax_images_per_second': round(1 / jax_s, 4),
+      'compile_s': round(first_s - jax_times[0], 2),
+      'compilations': ev.compilations,
+    }
     if torch_times:
       ratios = [tt / jt for tt, jt in zip(torch_times, jax_times)]
       torch_s = statistics.median(torch_times)
-      row.update(torch_images=len(torch_times), torch_s_per_image=round(torch_s, 3),
-                 torch_images_per_second=round(1 / torch_s, 4),
-                 speedup_jax_over_torch=round(statistics.median(ratios), 3),
-                 per_image_speedups=[round(r, 3) for r in ratios],
-                 max_prob_diff=max(diffs), argmax_agreement=float(np.mean(agree)))
+      row.update(
+        torch_images=len(torch_times),
+        torch_s_per_image=round(torch_s, 3),
+        torch_images_per_second=round(1 / torch_s, 4),
+        speedup_jax_over_torch=round(statistics.median(ratios), 3),
+        per_image_speedups=[round(r, 3) for r in ratios],
+        max_prob_diff=max(diffs),
+        argmax_agreement=float(np.mean(agree)),
+      )
       summary[name] = row['speedup_jax_over_torch']
     print(json.dumps(row), flush=True)
   if summary:

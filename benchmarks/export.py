@@ -69,8 +69,12 @@ def main():
     xt = torch.from_numpy(np.ascontiguousarray(normalize(image).transpose(0, 3, 1, 2)))
     want = ref(xt).numpy().transpose(0, 2, 3, 1)
   scale = float(np.abs(want).max())
-  result = {'model': f'PSPNet-{args.depth}', 'input': list(image.shape), 'jax': jax.__version__,
-            'torch': torch.__version__}
+  result = {
+    'model': f'PSPNet-{args.depth}',
+    'input': list(image.shape),
+    'jax': jax.__version__,
+    'torch': torch.__version__,
+  }
 
   runners = {}
   static = jax.jit(export.serving_function(model))
@@ -91,10 +95,14 @@ def main():
       runners['stablehlo_s'] = lambda: call(image).block_until_ready()
     if 'onnx' in formats:
       import onnxruntime
-      session = onnxruntime.InferenceSession(os.path.join(out, export.ONNX_FILE),
-                                             providers=['CPUExecutionProvider'])
+
+      session = onnxruntime.InferenceSession(
+        os.path.join(out, export.ONNX_FILE), providers=['CPUExecutionProvider']
+      )
       result['onnxruntime'] = onnxruntime.__version__
-      result['onnx_rel_diff'] = float(np.abs(session.run(None, {'image': image})[0] - want).max() / scale)
+      result['onnx_rel_diff'] = float(
+        np.abs(session.run(None, {'image': image})[0] - want).max() / scale
+      )
       runners['onnxruntime_s'] = lambda: session.run(None, {'image': image})
     with torch.no_grad():
       result.update(interleaved_medians(runners, args.repeats))

@@ -36,8 +36,11 @@ def make_folder(root: str, n: int, h: int = 512, w: int = 683):
     label = cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST)
     noise = np.random.default_rng(i).normal(0, 12, image.shape)  # JPEG-realistic entropy
     image = np.clip(image + noise, 0, 255).astype(np.uint8)
-    cv2.imwrite(f'{root}/images/train/{i:04d}.jpg', cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
-                [cv2.IMWRITE_JPEG_QUALITY, 90])
+    cv2.imwrite(
+      f'{root}/images/train/{i:04d}.jpg',
+      cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
+      [cv2.IMWRITE_JPEG_QUALITY, 90],
+    )
     cv2.imwrite(f'{root}/labels/train/{i:04d}.png', label)
 
 
@@ -47,8 +50,9 @@ def stage_profile(source, config: data.AugmentConfig, n: int) -> dict[str, float
   CPU time (not wall time) because the development machine is shared: it is what one
   worker costs when it has a core to itself.
   """
-  times = dict.fromkeys(['read+decode', 'to float32', 'scale', 'rotate', 'blur', 'flip',
-                         'crop', 'normalise'], 0.0)
+  times = dict.fromkeys(
+    ['read+decode', 'to float32', 'scale', 'rotate', 'blur', 'flip', 'crop', 'normalise'], 0.0
+  )
   for i in range(n):
     rng = transforms.example_rng(0, 0, i)
     t = time.process_time()
@@ -65,8 +69,9 @@ def stage_profile(source, config: data.AugmentConfig, n: int) -> dict[str, float
     lap('to float32')
     image, label = transforms.random_scale(image, label, rng, config.scale_min, config.scale_max)
     lap('scale')
-    image, label = transforms.random_rotate(image, label, rng, config.rotate_min,
-                                            config.rotate_max, config.ignore_label)
+    image, label = transforms.random_rotate(
+      image, label, rng, config.rotate_min, config.rotate_max, config.ignore_label
+    )
     lap('rotate')
     image = transforms.random_gaussian_blur(image, rng)
     lap('blur')
@@ -80,8 +85,9 @@ def stage_profile(source, config: data.AugmentConfig, n: int) -> dict[str, float
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument('--workers', type=int, nargs='+', default=[0, 1, 2])
   parser.add_argument('--steps', type=int, default=12, help='timed batches per setting')
   parser.add_argument('--batch', type=int, default=8)
@@ -102,9 +108,17 @@ def main():
     print(f'  {"total":12s} {1e3 * total:7.2f}  -> {1 / total:.1f} img/s per worker')
 
     for workers in args.workers:
-      loader = data.train_loader('segmentation_folder', 'train', f'{tmp}/prepared',
-                                 global_batch_size=args.batch, augment=config, seed=0,
-                                 process_index=0, process_count=1, worker_count=workers)
+      loader = data.train_loader(
+        'segmentation_folder',
+        'train',
+        f'{tmp}/prepared',
+        global_batch_size=args.batch,
+        augment=config,
+        seed=0,
+        process_index=0,
+        process_count=1,
+        worker_count=workers,
+      )
       next(loader)  # start-up (worker spawn) and the first batch are not timed
       t = time.perf_counter()
       for _ in range(args.steps):

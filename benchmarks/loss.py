@@ -34,6 +34,7 @@ def main():
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   sys.path.insert(0, ROOT)
   from pspnet_jax.train.loss import upsampled_cross_entropy
 
@@ -46,8 +47,11 @@ def main():
   paths = sorted({0, *(int(r) for r in args.block_rows.split(','))})
   programs = {}
   for rows in paths:
-    f = jax.jit(jax.value_and_grad(lambda z, y, rows=rows: upsampled_cross_entropy(
-        z, y, align_corners=True, block_rows=rows)))
+    f = jax.jit(
+      jax.value_and_grad(
+        lambda z, y, rows=rows: upsampled_cross_entropy(z, y, align_corners=True, block_rows=rows)
+      )
+    )
     compiled = f.lower(z, labels).compile()
     jax.block_until_ready(compiled(z, labels))
     programs[rows] = compiled
@@ -63,12 +67,22 @@ def main():
   device = jax.devices()[0]
   for rows in paths:
     mem = programs[rows].memory_analysis()
-    print(json.dumps({
-        'path': 'composition' if rows == 0 else f'blocks of {rows} rows', 'block_rows': rows,
-        'device': device.device_kind, 'batch': args.batch, 'size': args.size,
-        'classes': args.classes, 'median_s': statistics.median(times[rows]),
-        'min_s': min(times[rows]), 'ratio_to_composition': statistics.median(times[rows]) / base,
-        'temp_mib': mem.temp_size_in_bytes / 2**20 if mem else None}))
+    print(
+      json.dumps(
+        {
+          'path': 'composition' if rows == 0 else f'blocks of {rows} rows',
+          'block_rows': rows,
+          'device': device.device_kind,
+          'batch': args.batch,
+          'size': args.size,
+          'classes': args.classes,
+          'median_s': statistics.median(times[rows]),
+          'min_s': min(times[rows]),
+          'ratio_to_composition': statistics.median(times[rows]) / base,
+          'temp_mib': mem.temp_size_in_bytes / 2**20 if mem else None,
+        }
+      )
+    )
 
 
 if __name__ == '__main__':

@@ -24,11 +24,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def child(args):
   import dataclasses
+
   import numpy as np
+
   sys.path.insert(0, ROOT)
   sys.path.insert(0, os.path.join(ROOT, 'tests'))
-  from pspnet_jax.evaluation import EvalConfig, Evaluator
   from tiny_models import TINY, random_model
+
+  from pspnet_jax.evaluation import EvalConfig, Evaluator
+
   h, w = (int(v) for v in args.size.split('x'))
   model = random_model(dataclasses.replace(TINY, num_classes=args.classes), seed=0)
   ev = Evaluator(model, EvalConfig())
@@ -36,10 +40,19 @@ def child(args):
   t = time.perf_counter()
   labels = ev.predict(image) if args.child == 'bands' else np.argmax(ev.probabilities(image), -1)
   seconds = time.perf_counter() - t
-  print('RESULT ' + json.dumps({
-      'path': args.child, 'size': args.size, 'classes': args.classes, 'seconds': seconds,
-      'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-      'labels_sha1': hashlib.sha1(labels.astype(np.int32).tobytes()).hexdigest()[:12]}))
+  print(
+    'RESULT '
+    + json.dumps(
+      {
+        'path': args.child,
+        'size': args.size,
+        'classes': args.classes,
+        'seconds': seconds,
+        'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        'labels_sha1': hashlib.sha1(labels.astype(np.int32).tobytes()).hexdigest()[:12],
+      }
+    )
+  )
 
 
 def main():
@@ -52,10 +65,21 @@ def main():
   if args.child:
     return child(args)
   for path in args.paths.split(','):
-    cmd = [sys.executable, __file__, '--child', path, '--size', args.size, '--classes', str(args.classes)]
+    cmd = [
+      sys.executable,
+      __file__,
+      '--child',
+      path,
+      '--size',
+      args.size,
+      '--classes',
+      str(args.classes),
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     line = [l for l in p.stdout.splitlines() if l.startswith('RESULT ')]
-    print(line[0][7:] if line else json.dumps({'path': path, 'error': p.stderr[-1500:]}), flush=True)
+    print(
+      line[0][7:] if line else json.dumps({'path': path, 'error': p.stderr[-1500:]}), flush=True
+    )
 
 
 if __name__ == '__main__':

@@ -22,16 +22,21 @@ resized to 512 (``eval.base_size``), where mmseg resizes the short side to 512.
 from configs.semseg_recipe import DatasetRecipe, base_config
 
 DATASETS = {  # length: iterations
-    'ade20k': DatasetRecipe('ade20k', 'train', 'val', crop_size=512, length=160_000, base_size=512),
-    'cityscapes': DatasetRecipe('cityscapes_trainid', 'train', 'val', crop_size=512, length=80_000,
-                                base_size=2048, batch=8),
+  'ade20k': DatasetRecipe('ade20k', 'train', 'val', crop_size=512, length=160_000, base_size=512),
+  'cityscapes': DatasetRecipe(
+    'cityscapes_trainid', 'train', 'val', crop_size=512, length=80_000, base_size=2048, batch=8
+  ),
 }
 
 
 def get_recipe(dataset: str):
   r = DATASETS[dataset]
   c = base_config()
-  c.dataset.name, c.dataset.train_split, c.dataset.eval_split = r.builder, r.train_split, r.eval_split
+  c.dataset.name, c.dataset.train_split, c.dataset.eval_split = (
+    r.builder,
+    r.train_split,
+    r.eval_split,
+  )
   c.model.backbone = 'mobilenet_v2'
   c.model.align_corners = False
   c.model.ppm_channels = 512

@@ -14,20 +14,24 @@ import ml_collections
 @dataclasses.dataclass(frozen=True)
 class DatasetRecipe:
   """What a recipe sets per dataset."""
-  builder: str        # the TFDS builder (pspnet_jax.data)
+
+  builder: str  # the TFDS builder (pspnet_jax.data)
   train_split: str
   eval_split: str
-  crop_size: int      # training crop and evaluation window
-  length: float       # epochs (semseg) or iterations (mmseg)
-  base_size: int      # evaluation: the long side at scale 1.0
-  batch: int = 16     # global batch
+  crop_size: int  # training crop and evaluation window
+  length: float  # epochs (semseg) or iterations (mmseg)
+  base_size: int  # evaluation: the long side at scale 1.0
+  batch: int = 16  # global batch
 
 
 DATASETS = {
-    'ade20k': DatasetRecipe('ade20k', 'train', 'val', crop_size=473, length=100, base_size=512),
-    'voc2012': DatasetRecipe('voc2012_aug', 'train_aug', 'val', crop_size=473, length=50, base_size=512),
-    'cityscapes': DatasetRecipe('cityscapes_trainid', 'train', 'val', crop_size=713, length=200,
-                                base_size=2048),
+  'ade20k': DatasetRecipe('ade20k', 'train', 'val', crop_size=473, length=100, base_size=512),
+  'voc2012': DatasetRecipe(
+    'voc2012_aug', 'train_aug', 'val', crop_size=473, length=50, base_size=512
+  ),
+  'cityscapes': DatasetRecipe(
+    'cityscapes_trainid', 'train', 'val', crop_size=713, length=200, base_size=2048
+  ),
 }
 
 
@@ -35,27 +39,67 @@ def base_config() -> ml_collections.ConfigDict:
   """Every key the trainer reads, with the semseg defaults."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.dataset = ml_collections.ConfigDict(dict(
-      name='', data_dir='~/tensorflow_datasets', manual_dir='', train_split='train',
-      eval_split='val', builder_kwargs=ml_collections.ConfigDict(),
+  c.dataset = ml_collections.ConfigDict(
+    dict(
+      name='',
+      data_dir='~/tensorflow_datasets',
+      manual_dir='',
+      train_split='train',
+      eval_split='val',
+      builder_kwargs=ml_collections.ConfigDict(),
       # On resume: 'exact' (the batches the run would have drawn next; refused if the batch
       # size, seed, split or augmentation changed), 'restart' (this run's data order from the
       # checkpoint's epoch position), 'auto' (exact if unchanged, else restart, said in a line).
-      resume_data='auto'))
-  c.model = ml_collections.ConfigDict(dict(
-      depth=50, stem='deep', output_stride=8, contract_dilation=False, align_corners=True,
-      bins=(1, 2, 3, 6), base_width=64, head_channels=512, aux_channels=256, dropout=0.1,
-      dtype='float32', backbone='resnet', ppm_channels=0))
-  c.augment = ml_collections.ConfigDict(dict(
-      crop_size=473, scale_min=0.5, scale_max=2.0, rotate_min=-10.0, rotate_max=10.0,
-      blur=True, flip=True, ignore_label=255))
-  c.optimizer = ml_collections.ConfigDict(dict(
-      name='sgd', learning_rate=0.01, momentum=0.9, weight_decay=1e-4, power=0.9,
-      warmup_steps=0, head_lr_multiplier=10.0, clip_grad_norm=0.0, b1=0.9, b2=0.999))
+      resume_data='auto',
+    )
+  )
+  c.model = ml_collections.ConfigDict(
+    dict(
+      depth=50,
+      stem='deep',
+      output_stride=8,
+      contract_dilation=False,
+      align_corners=True,
+      bins=(1, 2, 3, 6),
+      base_width=64,
+      head_channels=512,
+      aux_channels=256,
+      dropout=0.1,
+      dtype='float32',
+      backbone='resnet',
+      ppm_channels=0,
+    )
+  )
+  c.augment = ml_collections.ConfigDict(
+    dict(
+      crop_size=473,
+      scale_min=0.5,
+      scale_max=2.0,
+      rotate_min=-10.0,
+      rotate_max=10.0,
+      blur=True,
+      flip=True,
+      ignore_label=255,
+    )
+  )
+  c.optimizer = ml_collections.ConfigDict(
+    dict(
+      name='sgd',
+      learning_rate=0.01,
+      momentum=0.9,
+      weight_decay=1e-4,
+      power=0.9,
+      warmup_steps=0,
+      head_lr_multiplier=10.0,
+      clip_grad_norm=0.0,
+      b1=0.9,
+      b2=0.999,
+    )
+  )
   c.global_batch_size = 16
   c.grad_accum_steps = 1
   c.num_epochs = 100.0
-  c.num_steps = 0            # > 0 overrides num_epochs
+  c.num_steps = 0  # > 0 overrides num_epochs
   c.aux_weight = 0.4
   # The loss is taken at the logits' resolution, this many output rows at a time
   # (pspnet_jax.train.loss): a block's float32 logits, B x rows x crop x classes per device,
@@ -66,7 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
   # steps, at least log(classes)) marks a divergence, as a NaN does: the run stops, keeping
   # only checkpoints from before it (pspnet_jax.train.monitor.DivergenceWatch). 0: NaN only.
   c.divergence_factor = 10.0
-  c.init_checkpoint = ''     # a model directory from `python -m pspnet_jax.port`
+  c.init_checkpoint = ''  # a model directory from `python -m pspnet_jax.port`
   c.init_backbone_only = False  # True: take only its backbone (e.g. other classes)
   c.worker_count = 4
   c.log_every_steps = 20
@@ -77,16 +121,32 @@ def base_config() -> ml_collections.ConfigDict:
   # Final evaluation after training; eval.py runs the full protocol with these settings.
   # Every field of pspnet_jax.evaluation.EvalConfig is a key; window_batch 0 is one window
   # per local device.
-  c.eval = ml_collections.ConfigDict(dict(
-      mode='slide', scales=(1.0,), flip=True, crop_size=473, stride_rate=2 / 3, base_size=512,
-      window_batch=0, bucket_multiple=128, whole_multiple=64, per_scale=False, ignore_label=255))
+  c.eval = ml_collections.ConfigDict(
+    dict(
+      mode='slide',
+      scales=(1.0,),
+      flip=True,
+      crop_size=473,
+      stride_rate=2 / 3,
+      base_size=512,
+      window_batch=0,
+      bucket_multiple=128,
+      whole_multiple=64,
+      per_scale=False,
+      ignore_label=255,
+    )
+  )
   return c
 
 
 def get_recipe(dataset: str, depth: int) -> ml_collections.ConfigDict:
   r = DATASETS[dataset]
   c = base_config()
-  c.dataset.name, c.dataset.train_split, c.dataset.eval_split = r.builder, r.train_split, r.eval_split
+  c.dataset.name, c.dataset.train_split, c.dataset.eval_split = (
+    r.builder,
+    r.train_split,
+    r.eval_split,
+  )
   c.model.depth = depth
   c.augment.crop_size = r.crop_size
   c.num_epochs = float(r.length)

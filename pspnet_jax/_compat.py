@@ -19,11 +19,11 @@ import traceback
 
 # The versions each workaround was observed on (tests/test_compat.py prints them).
 OBSERVED = {
-    'import_summary_writer': 'tensorboardX 2.6.4, torch 2.13.0',
-    'grain_flags_usable': 'grain 0.2.18',
-    'quiet_abandoned_orbax_reads': 'orbax-checkpoint 0.11',
-    'NoMetricsWarningFilter': 'orbax-checkpoint 0.11',
-    'allow_multiple_libtpu_load': 'libtpu of jax[tpu] 0.10.2',
+  'import_summary_writer': 'tensorboardX 2.6.4, torch 2.13.0',
+  'grain_flags_usable': 'grain 0.2.18',
+  'quiet_abandoned_orbax_reads': 'orbax-checkpoint 0.11',
+  'NoMetricsWarningFilter': 'orbax-checkpoint 0.11',
+  'allow_multiple_libtpu_load': 'libtpu of jax[tpu] 0.10.2',
 }
 
 
@@ -34,6 +34,7 @@ def import_summary_writer():
   duration of this import, so tensorboardX takes the path it takes without torch."""
   if 'torch' in sys.modules:
     from tensorboardX import SummaryWriter
+
     return SummaryWriter
   sys.modules['torch'] = None  # makes ``import torch`` raise ImportError
   try:
@@ -50,6 +51,7 @@ def grain_flags_usable():
   first (pytest, notebooks, plain scripts) that raises ``UnparsedFlagAccessError``.
   Marking the flags parsed keeps every default."""
   from absl import flags
+
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -72,11 +74,14 @@ def quiet_abandoned_orbax_reads():
     if code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename:
       return  # one of orbax's abandoned read coroutines, collected with its error
     if isinstance(unraisable.exc_value, RuntimeError) and 'Event loop is closed' in str(
-        unraisable.exc_value):
+      unraisable.exc_value
+    ):
       tb = unraisable.exc_traceback
       while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-      if tb is not None and tb.tb_frame.f_code.co_filename.endswith(f'asyncio{os.sep}base_events.py'):
+      if tb is not None and tb.tb_frame.f_code.co_filename.endswith(
+        f'asyncio{os.sep}base_events.py'
+      ):
         return  # a read orbax left pending, calling back into its closed event loop
     previous(unraisable)
 

@@ -55,7 +55,10 @@ class _StorageErrorFilter(logging.Filter):
     if os.environ.get('PSPNET_DEBUG'):
       return True
     error = record.exc_info[1] if record.exc_info else None
-    return not ((error is not None and _storage_cause(error)) or _storage_cause(Exception(record.getMessage())))
+    return not (
+      (error is not None and _storage_cause(error))
+      or _storage_cause(Exception(record.getMessage()))
+    )
 
 
 def _cause(error: BaseException) -> str:
@@ -100,15 +103,23 @@ def newest_intact(directory: str, steps: list[int], restore):
       result = restore(step)
     except CheckpointError as e:
       damaged.append(step)
-      print(f'warning: {os.path.join(directory, str(step))} is damaged, skipped: {e}',
-            file=sys.stderr, flush=True)
+      print(
+        f'warning: {os.path.join(directory, str(step))} is damaged, skipped: {e}',
+        file=sys.stderr,
+        flush=True,
+      )
       continue
     if damaged:
-      print(f'warning: using step {step}, the newest intact checkpoint in {directory}',
-            file=sys.stderr, flush=True)
+      print(
+        f'warning: using step {step}, the newest intact checkpoint in {directory}',
+        file=sys.stderr,
+        flush=True,
+      )
     return step, result
-  raise CheckpointError(f'{directory}: no intact checkpoint (damaged: steps '
-                        f'{", ".join(map(str, damaged))}; see the warnings above)')
+  raise CheckpointError(
+    f'{directory}: no intact checkpoint (damaged: steps '
+    f'{", ".join(map(str, damaged))}; see the warnings above)'
+  )
 
 
 def model_variables(model: PSPNet) -> dict:
@@ -165,7 +176,9 @@ def read_model_config(directory: str) -> tuple[PSPNetConfig, dict]:
       payload = json.load(f)
     return PSPNetConfig.from_dict(payload['model']), payload.get('metadata', {})
   except FileNotFoundError:
-    raise CheckpointError(f'{directory}: no {MODEL_CONFIG}; not a pspnet_jax model directory') from None
+    raise CheckpointError(
+      f'{directory}: no {MODEL_CONFIG}; not a pspnet_jax model directory'
+    ) from None
   except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
     raise CheckpointError(f'{path}: unreadable model config ({e})') from None
 
@@ -173,7 +186,9 @@ def read_model_config(directory: str) -> tuple[PSPNetConfig, dict]:
 def _config_directory(path: str | os.PathLike) -> str:
   """Where the model config of a model directory, a training workdir or one of its steps is."""
   path = os.path.abspath(os.fspath(path))
-  if not os.path.exists(os.path.join(path, MODEL_CONFIG)) and os.path.isdir(os.path.join(path, 'model')):
+  if not os.path.exists(os.path.join(path, MODEL_CONFIG)) and os.path.isdir(
+    os.path.join(path, 'model')
+  ):
     path = os.path.dirname(os.path.dirname(path))  # workdir/checkpoints/<step>
   return path
 
@@ -203,17 +218,22 @@ def check_workdir(workdir: str, config: PSPNetConfig):
   dtype and dropout may change on resume."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise CheckpointError(f'--workdir {workdir} is a file (give a directory)')
-  if not (os.path.exists(os.path.join(workdir, MODEL_CONFIG))
-          and _steps(os.path.join(workdir, CHECKPOINTS_DIR))):
+  if not (
+    os.path.exists(os.path.join(workdir, MODEL_CONFIG))
+    and _steps(os.path.join(workdir, CHECKPOINTS_DIR))
+  ):
     return
   saved, _ = read_model_config(workdir)
-  diff = [f'{k} {v!r} (workdir) vs {getattr(config, k)!r} (asked)'
-          for k, v in saved.to_dict().items()
-          if k not in ('dtype', 'dropout') and v != getattr(config, k)]
+  diff = [
+    f'{k} {v!r} (workdir) vs {getattr(config, k)!r} (asked)'
+    for k, v in saved.to_dict().items()
+    if k not in ('dtype', 'dropout') and v != getattr(config, k)
+  ]
   if diff:
     raise CheckpointError(
-        f'{workdir} holds checkpoints of another model: {"; ".join(diff)} (resume with the '
-        'model config it was trained with, or give a new --workdir)')
+      f'{workdir} holds checkpoints of another model: {"; ".join(diff)} (resume with the '
+      'model config it was trained with, or give a new --workdir)'
+    )
 
 
 def restore_variables(state_dir: str, config: PSPNetConfig) -> PSPNet:
@@ -222,8 +242,9 @@ def restore_variables(state_dir: str, config: PSPNetConfig) -> PSPNet:
   graphdef, state = nnx.split(model)
   # Restore onto this process's first device, whatever topology wrote the checkpoint.
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                        nnx.to_pure_dict(state))
+  target = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(state)
+  )
   _compat.quiet_abandoned_orbax_reads()  # installed before: the leftovers may report while it fails
   try:
     with ocp.StandardCheckpointer() as ckptr:
@@ -255,18 +276,26 @@ def _load_model(path) -> PSPNet:
       raise CheckpointError(f'{path}: training workdir without any finished checkpoint')
     config, _ = read_model_config(path)
     directory = os.path.join(path, CHECKPOINTS_DIR)
-    _, model = newest_intact(directory, steps, lambda step: restore_variables(
-        os.path.join(directory, str(step), 'model'), config))
+    _, model = newest_intact(
+      directory,
+      steps,
+      lambda step: restore_variables(os.path.join(directory, str(step), 'model'), config),
+    )
     return model
-  if os.path.isdir(os.path.join(path, 'model')) and not os.path.exists(os.path.join(path, MODEL_CONFIG)):
-    config, _ = read_model_config(os.path.dirname(os.path.dirname(path)))  # workdir/checkpoints/<step>
+  if os.path.isdir(os.path.join(path, 'model')) and not os.path.exists(
+    os.path.join(path, MODEL_CONFIG)
+  ):
+    config, _ = read_model_config(
+      os.path.dirname(os.path.dirname(path))
+    )  # workdir/checkpoints/<step>
     return restore_variables(os.path.join(path, 'model'), config)
   config, _ = read_model_config(path)
   if not os.path.isdir(os.path.join(path, STATE_DIR)):
     raise CheckpointError(
-        f'{path}: has {MODEL_CONFIG} but neither {STATE_DIR}/ (a model directory) nor '
-        f'{CHECKPOINTS_DIR}/ (a training run that saved a checkpoint): nothing to load yet '
-        '(train until the first checkpoint_every_steps, or give a model directory)')
+      f'{path}: has {MODEL_CONFIG} but neither {STATE_DIR}/ (a model directory) nor '
+      f'{CHECKPOINTS_DIR}/ (a training run that saved a checkpoint): nothing to load yet '
+      '(train until the first checkpoint_every_steps, or give a model directory)'
+    )
   return restore_variables(os.path.join(path, STATE_DIR), config)
 
 
@@ -274,8 +303,11 @@ def _steps(directory: str) -> list[int]:
   """Finished checkpoint steps (orbax writes into temporary names and renames at the end)."""
   if not os.path.isdir(directory):
     return []
-  return sorted(int(n) for n in os.listdir(directory)
-                if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+  return sorted(
+    int(n)
+    for n in os.listdir(directory)
+    if n.isdigit() and os.path.isdir(os.path.join(directory, n))
+  )
 
 
 class _IteratorStateAdapter:
@@ -303,17 +335,29 @@ class TrainCheckpointer:
   background). Kept: the latest ``keep`` steps and the best by validation mIoU.
   """
 
-  def __init__(self, workdir: str, model_config: PSPNetConfig, *, keep: int = 3,
-               async_save: bool = True, metadata: dict | None = None):
+  def __init__(
+    self,
+    workdir: str,
+    model_config: PSPNetConfig,
+    *,
+    keep: int = 3,
+    async_save: bool = True,
+    metadata: dict | None = None,
+  ):
     import grain  # noqa: F401  registers grain's orbax handler for the data item
+
     self.workdir = os.path.abspath(workdir)
     os.makedirs(self.workdir, exist_ok=True)
     if jax.process_index() == 0:
       write_model_config(self.workdir, model_config, metadata)
-    policy = ocp_policy.AnyPreservationPolicy([
+    policy = ocp_policy.AnyPreservationPolicy(
+      [
         ocp_policy.LatestN(keep),
-        ocp_policy.BestN(get_metric_fn=lambda m: m['miou'], n=1,
-                         keep_checkpoints_without_metrics=False)])
+        ocp_policy.BestN(
+          get_metric_fn=lambda m: m['miou'], n=1, keep_checkpoints_without_metrics=False
+        ),
+      ]
+    )
     # best_fn makes orbax write each step's metrics into the step (item 'metrics'): without
     # it they live in this manager's memory only, and a resumed run, knowing no step's
     # mIoU, lets BestN delete the best checkpoint at its next save.
@@ -323,10 +367,15 @@ class TrainCheckpointer:
     # leaves <step>.orbax-checkpoint-tmp*; the workdir lock (train.workdir) makes this run
     # the only writer, so whatever is temporary at its start is such a leftover.
     self.manager = ocp.CheckpointManager(
-        os.path.join(self.workdir, CHECKPOINTS_DIR),
-        options=ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=lambda m: m['miou'],
-                                             best_mode='max', enable_async_checkpointing=async_save,
-                                             cleanup_tmp_directories=True))
+      os.path.join(self.workdir, CHECKPOINTS_DIR),
+      options=ocp.CheckpointManagerOptions(
+        preservation_policy=policy,
+        best_fn=lambda m: m['miou'],
+        best_mode='max',
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+      ),
+    )
     self._in_flight = None  # (step, bytes) of the save being written
 
   @property
@@ -369,17 +418,28 @@ class TrainCheckpointer:
           shutil.rmtree(target)
         os.replace(os.path.join(directory, str(s)), target)
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(f'checkpoints moved to {suffix}')
     self.manager.reload()
 
-  def save(self, step: int, *, model_variables: dict, opt_state, meta: dict, data_state,
-           metrics: dict | None = None):
+  def save(
+    self,
+    step: int,
+    *,
+    model_variables: dict,
+    opt_state,
+    meta: dict,
+    data_state,
+    metrics: dict | None = None,
+  ):
     import grain
+
     args = ocp.args.Composite(
-        model=ocp.args.StandardSave(model_variables),
-        opt_state=ocp.args.StandardSave(opt_state),
-        meta=ocp.args.JsonSave(meta),
-        data=grain.checkpoint.CheckpointSave(_IteratorStateAdapter(state=data_state)))
+      model=ocp.args.StandardSave(model_variables),
+      opt_state=ocp.args.StandardSave(opt_state),
+      meta=ocp.args.JsonSave(meta),
+      data=grain.checkpoint.CheckpointSave(_IteratorStateAdapter(state=data_state)),
+    )
     nbytes = sum(x.nbytes for x in jax.tree.leaves((model_variables, opt_state)))
     with self._storage_errors():  # the previous save is finished (or fails) first
       self.manager.save(step, args=args, metrics=metrics, force=True)
@@ -390,12 +450,14 @@ class TrainCheckpointer:
     meta, data_state)``; the data state is the input pipeline's ``get_state()`` at the save,
     which the pipeline itself judges (``TrainLoader.resume``)."""
     import grain
+
     data = _IteratorStateAdapter()
     args = ocp.args.Composite(
-        model=ocp.args.StandardRestore(model_target),
-        opt_state=ocp.args.StandardRestore(opt_target),
-        meta=ocp.args.JsonRestore(),
-        data=grain.checkpoint.CheckpointRestore(data))
+      model=ocp.args.StandardRestore(model_target),
+      opt_state=ocp.args.StandardRestore(opt_target),
+      meta=ocp.args.JsonRestore(),
+      data=grain.checkpoint.CheckpointRestore(data),
+    )
     _compat.quiet_abandoned_orbax_reads()
     try:
       r = self.manager.restore(step, args=args)
@@ -429,13 +491,22 @@ class TrainCheckpointer:
       self.manager.reload()
       last = self.manager.latest_step()
       free = shutil.disk_usage(self.workdir).free
-      what = f'the checkpoint of step {step} (about {nbytes / 2**20:.1f} MB)' if step is not None else 'a checkpoint'
-      kept = f'the last good checkpoint, step {last}, is kept' if last is not None else 'no earlier checkpoint exists'
+      what = (
+        f'the checkpoint of step {step} (about {nbytes / 2**20:.1f} MB)'
+        if step is not None
+        else 'a checkpoint'
+      )
+      kept = (
+        f'the last good checkpoint, step {last}, is kept'
+        if last is not None
+        else 'no earlier checkpoint exists'
+      )
       raise CheckpointError(
-          f'{cause} on the device holding {self.workdir} ({free / 2**20:.1f} MB free): {what} was '
-          f'not written and its partial files were removed; {kept}. Free space (or lower '
-          'keep_checkpoints, or give a --workdir on a larger disk) and run the same command '
-          'to resume') from e
+        f'{cause} on the device holding {self.workdir} ({free / 2**20:.1f} MB free): {what} was '
+        f'not written and its partial files were removed; {kept}. Free space (or lower '
+        'keep_checkpoints, or give a --workdir on a larger disk) and run the same command '
+        'to resume'
+      ) from e
 
   def close(self):
     self.manager.close()

@@ -37,54 +37,54 @@ DEFAULT = os.path.join(BUNDLED_DIR, 'synthetic.py')
 # not checked; tests/test_config_file.py checks every numeric key of every bundled config
 # has one.
 RANGES = {
-    'seed': 'int [0, inf)',
-    'global_batch_size': 'int [1, inf)',
-    'grad_accum_steps': 'int [1, inf)',
-    'num_epochs': '(0, inf)',
-    'num_steps': 'int [0, inf)',
-    'aux_weight': '[0, inf)',
-    'loss_block_rows': 'int [0, inf)',
-    'divergence_factor': '[0, inf)',
-    'worker_count': 'int [0, inf)',
-    'log_every_steps': 'int [1, inf)',
-    'checkpoint_every_steps': 'int [1, inf)',
-    'keep_checkpoints': 'int [1, inf)',
-    'eval_every_steps': 'int [0, inf)',
-    'eval_num_examples': 'int [0, inf)',
-    'model.depth': 'int [1, inf)',
-    'model.output_stride': 'int [1, inf)',
-    'model.base_width': 'int [1, inf)',
-    'model.head_channels': 'int [1, inf)',
-    'model.aux_channels': 'int [0, inf)',
-    'model.ppm_channels': 'int [0, inf)',
-    'model.dropout': '[0, 1)',
-    'model.bins': 'int [1, inf)',
-    'augment.crop_size': 'int [1, inf)',
-    'augment.scale_min': '(0, inf)',
-    'augment.scale_max': '(0, inf)',
-    'augment.rotate_min': '[-180, 180]',
-    'augment.rotate_max': '[-180, 180]',
-    'augment.ignore_label': 'int [0, 255]',
-    'optimizer.learning_rate': '[0, inf)',
-    'optimizer.momentum': '[0, 1)',
-    'optimizer.weight_decay': '[0, inf)',
-    'optimizer.power': '[0, inf)',
-    'optimizer.warmup_steps': 'int [0, inf)',
-    'optimizer.head_lr_multiplier': '(0, inf)',
-    'optimizer.clip_grad_norm': '[0, inf)',
-    'optimizer.b1': '[0, 1)',
-    'optimizer.b2': '[0, 1)',
-    'eval.scales': '(0, inf)',
-    'eval.crop_size': 'int [1, inf)',
-    'eval.stride_rate': '(0, 1]',
-    'eval.base_size': 'int [1, inf)',
-    'eval.window_batch': 'int [0, inf)',
-    'eval.bucket_multiple': 'int [1, inf)',
-    'eval.whole_multiple': 'int [1, inf)',
-    'eval.ignore_label': 'int [0, 255]',
-    'dataset.builder_kwargs.image_size': 'int [8, inf)',
-    'dataset.builder_kwargs.num_train': 'int [1, inf)',
-    'dataset.builder_kwargs.num_val': 'int [1, inf)',
+  'seed': 'int [0, inf)',
+  'global_batch_size': 'int [1, inf)',
+  'grad_accum_steps': 'int [1, inf)',
+  'num_epochs': '(0, inf)',
+  'num_steps': 'int [0, inf)',
+  'aux_weight': '[0, inf)',
+  'loss_block_rows': 'int [0, inf)',
+  'divergence_factor': '[0, inf)',
+  'worker_count': 'int [0, inf)',
+  'log_every_steps': 'int [1, inf)',
+  'checkpoint_every_steps': 'int [1, inf)',
+  'keep_checkpoints': 'int [1, inf)',
+  'eval_every_steps': 'int [0, inf)',
+  'eval_num_examples': 'int [0, inf)',
+  'model.depth': 'int [1, inf)',
+  'model.output_stride': 'int [1, inf)',
+  'model.base_width': 'int [1, inf)',
+  'model.head_channels': 'int [1, inf)',
+  'model.aux_channels': 'int [0, inf)',
+  'model.ppm_channels': 'int [0, inf)',
+  'model.dropout': '[0, 1)',
+  'model.bins': 'int [1, inf)',
+  'augment.crop_size': 'int [1, inf)',
+  'augment.scale_min': '(0, inf)',
+  'augment.scale_max': '(0, inf)',
+  'augment.rotate_min': '[-180, 180]',
+  'augment.rotate_max': '[-180, 180]',
+  'augment.ignore_label': 'int [0, 255]',
+  'optimizer.learning_rate': '[0, inf)',
+  'optimizer.momentum': '[0, 1)',
+  'optimizer.weight_decay': '[0, inf)',
+  'optimizer.power': '[0, inf)',
+  'optimizer.warmup_steps': 'int [0, inf)',
+  'optimizer.head_lr_multiplier': '(0, inf)',
+  'optimizer.clip_grad_norm': '[0, inf)',
+  'optimizer.b1': '[0, 1)',
+  'optimizer.b2': '[0, 1)',
+  'eval.scales': '(0, inf)',
+  'eval.crop_size': 'int [1, inf)',
+  'eval.stride_rate': '(0, 1]',
+  'eval.base_size': 'int [1, inf)',
+  'eval.window_batch': 'int [0, inf)',
+  'eval.bucket_multiple': 'int [1, inf)',
+  'eval.whole_multiple': 'int [1, inf)',
+  'eval.ignore_label': 'int [0, 255]',
+  'dataset.builder_kwargs.image_size': 'int [8, inf)',
+  'dataset.builder_kwargs.num_train': 'int [1, inf)',
+  'dataset.builder_kwargs.num_val': 'int [1, inf)',
 }
 # Pairs whose first must not exceed the second.
 ORDERED = (('augment.scale_min', 'augment.scale_max'), ('augment.rotate_min', 'augment.rotate_max'))
@@ -99,8 +99,9 @@ def _in_range(value, rule: str) -> bool:
   if math.isnan(value) or (whole and value != int(value)):
     return False
   low, high = float(low), float(high)
-  return ((value >= low if low_bracket == '[' else value > low)
-          and (value <= high if high_bracket == ']' else value < high))
+  return (value >= low if low_bracket == '[' else value > low) and (
+    value <= high if high_bracket == ']' else value < high
+  )
 
 
 def _describe(rule: str) -> str:
@@ -131,12 +132,15 @@ def check_values(config) -> None:
     values = value if isinstance(value, (tuple, list)) else (value,)
     if not values or not all(_in_range(v, rule) for v in values):
       each = ' each' if isinstance(value, (tuple, list)) else ''
-      raise UserError(f'config key {key}={value!r} is out of range: give{each} {_describe(rule)} '
-                      f'(--config.{key}=...)')
+      raise UserError(
+        f'config key {key}={value!r} is out of range: give{each} {_describe(rule)} '
+        f'(--config.{key}=...)'
+      )
   for low, high in ORDERED:
     if low in keys and high in keys and keys[low] > keys[high]:
-      raise UserError(f'config keys {low}={keys[low]!r} and {high}={keys[high]!r}: {low} must not '
-                      f'exceed {high}')
+      raise UserError(
+        f'config keys {low}={keys[low]!r} and {high}={keys[high]!r}: {low} must not exceed {high}'
+      )
 
 
 def unknown_config_key(config, key: str, flag: str) -> str | None:
@@ -147,15 +151,20 @@ def unknown_config_key(config, key: str, flag: str) -> str | None:
     return None
   close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
   hint = f'did you mean {", ".join(close)}? ' if close else ''
-  return (f'unknown config key {key!r} in {flag} ({hint}every key is listed, with its '
-          'default, in configs/semseg_recipe.py)')
+  return (
+    f'unknown config key {key!r} in {flag} ({hint}every key is listed, with its '
+    'default, in configs/semseg_recipe.py)'
+  )
 
 
 def bundled_names() -> list[str]:
   if not os.path.isdir(BUNDLED_DIR):
     return []
-  return sorted(f[:-3] for f in os.listdir(BUNDLED_DIR)
-                if f.endswith('.py') and not f.startswith('_') and not f.endswith('_recipe.py'))
+  return sorted(
+    f[:-3]
+    for f in os.listdir(BUNDLED_DIR)
+    if f.endswith('.py') and not f.startswith('_') and not f.endswith('_recipe.py')
+  )
 
 
 def resolve(path: str) -> str:
@@ -171,8 +180,10 @@ def resolve(path: str) -> str:
     if os.path.isfile(candidate):
       return candidate
   looked = os.getcwd() if os.path.isabs(path) else f'{os.getcwd()} and {PROJECT_ROOT}'
-  raise UserError(f'no config file {path} (looked for it in {looked}; the bundled configs, by '
-                  f'name or as configs/NAME.py: {", ".join(bundled_names()) or "none"})')
+  raise UserError(
+    f'no config file {path} (looked for it in {looked}; the bundled configs, by '
+    f'name or as configs/NAME.py: {", ".join(bundled_names()) or "none"})'
+  )
 
 
 def load(path: str):
@@ -189,27 +200,36 @@ def load(path: str):
     raise UserError(f'{shown} line {e.lineno}: {e.msg} (fix the config file)') from e
   except Exception as e:
     line = _line_in(e, path)
-    raise UserError(f'{shown}{f" line {line}" if line else ""}: {type(e).__name__}: {e} (fix the '
-                    'config file)') from e
+    raise UserError(
+      f'{shown}{f" line {line}" if line else ""}: {type(e).__name__}: {e} (fix the config file)'
+    ) from e
   if not callable(getattr(module, 'get_config', None)):
-    raise UserError(f'{shown}: has no get_config() function (a config file defines get_config() '
-                    'returning an ml_collections.ConfigDict; see configs/synthetic.py)')
+    raise UserError(
+      f'{shown}: has no get_config() function (a config file defines get_config() '
+      'returning an ml_collections.ConfigDict; see configs/synthetic.py)'
+    )
   try:
     config = module.get_config()
   except Exception as e:
     line = _line_in(e, path)
-    raise UserError(f'{shown}: get_config() raised {type(e).__name__}: {e}'
-                    f'{f" at line {line}" if line else ""} (fix the config file)') from e
+    raise UserError(
+      f'{shown}: get_config() raised {type(e).__name__}: {e}'
+      f'{f" at line {line}" if line else ""} (fix the config file)'
+    ) from e
   if not hasattr(config, 'items'):
-    raise UserError(f'{shown}: get_config() returned a {type(config).__name__}, not an '
-                    'ml_collections.ConfigDict')
+    raise UserError(
+      f'{shown}: get_config() returned a {type(config).__name__}, not an ml_collections.ConfigDict'
+    )
   return config
 
 
 def _line_in(error: BaseException, path: str) -> int | None:
   """The last line of the config file in ``error``'s traceback."""
-  lines = [f.lineno for f in traceback.extract_tb(error.__traceback__)
-           if os.path.abspath(f.filename) == os.path.abspath(path)]
+  lines = [
+    f.lineno
+    for f in traceback.extract_tb(error.__traceback__)
+    if os.path.abspath(f.filename) == os.path.abspath(path)
+  ]
   return lines[-1] if lines else None
 
 
@@ -225,7 +245,7 @@ def prepare_argv(argv: list[str]) -> list[str]:
     elif arg.startswith('--config='):
       index, path = i, arg.split('=', 1)[1]
     elif arg.startswith('--config.'):
-      overrides.append(arg[len('--config.'):].split('=', 1)[0])
+      overrides.append(arg[len('--config.') :].split('=', 1)[0])
   try:
     resolved = resolve(path) if path is not None else DEFAULT
     config = load(resolved)

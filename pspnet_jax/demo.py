@@ -24,10 +24,10 @@ def synthetic_image(size: int, seed: int = 0) -> np.ndarray:
   """[size, size, 3] uint8: a textured background with a disc and a rectangle."""
   rng = np.random.default_rng(seed)
   yy, xx = np.mgrid[:size, :size]
-  img = (rng.uniform(0, 40, (size, size, 3)) + np.stack([xx, yy, xx + yy], -1) * 60 / size)
+  img = rng.uniform(0, 40, (size, size, 3)) + np.stack([xx, yy, xx + yy], -1) * 60 / size
   disc = (yy - size * 0.4) ** 2 + (xx - size * 0.35) ** 2 < (size * 0.2) ** 2
   img[disc] = (220, 40, 40)
-  img[int(size * .6):int(size * .9), int(size * .5):int(size * .85)] = (40, 200, 60)
+  img[int(size * 0.6) : int(size * 0.9), int(size * 0.5) : int(size * 0.85)] = (40, 200, 60)
   return img.clip(0, 255).astype(np.uint8)
 
 
@@ -57,11 +57,15 @@ def main(argv=None):
   pred = compiled(state, x).block_until_ready()
   forward_s = time.perf_counter() - t
   print('PSPNet smoke run: RANDOMLY INITIALISED weights, so the classes predicted are noise.')
-  print(f'  model        PSPNet-{args.depth}, {args.classes} classes, '
-        f'{sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.Param))) / 1e6:.1f}M parameters')
+  print(
+    f'  model        PSPNet-{args.depth}, {args.classes} classes, '
+    f'{sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.Param))) / 1e6:.1f}M parameters'
+  )
   print(f'  device       {jax.devices()[0].platform} x{jax.device_count()}')
   print(f'  input        {tuple(x.shape)} (synthetic image, normalised)')
-  print(f'  prediction   {tuple(pred.shape)} {pred.dtype}, {len(np.unique(np.asarray(pred)))} distinct classes')
+  print(
+    f'  prediction   {tuple(pred.shape)} {pred.dtype}, {len(np.unique(np.asarray(pred)))} distinct classes'
+  )
   print(f'  compile      {compile_s:.2f} s')
   print(f'  forward      {forward_s:.3f} s (after one warm-up run)')
 

@@ -37,8 +37,10 @@ STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 def storage_error(e: OSError) -> str:
   """One line for a failed write: what failed, where, and what to do."""
   where = f' writing {e.filename}' if e.filename else ''
-  return (f'{e.strerror}{where} (free space or give a writable folder on another disk, then run '
-          'the same command again)')
+  return (
+    f'{e.strerror}{where} (free space or give a writable folder on another disk, then run '
+    'the same command again)'
+  )
 
 
 def command(main):
@@ -56,8 +58,11 @@ def command(main):
     except KeyboardInterrupt:
       if os.environ.get('PSPNET_DEBUG'):
         raise
-      print('\ninterrupted: stopped (files are written whole or not at all: run the same command '
-            'again)', file=sys.stderr)
+      print(
+        '\ninterrupted: stopped (files are written whole or not at all: run the same command '
+        'again)',
+        file=sys.stderr,
+      )
       sys.exit(EXIT_INTERRUPTED)
     except OSError as e:  # the machine's, not the program's: a full disk, a read-only one
       if e.errno not in STORAGE_ERRNOS or os.environ.get('PSPNET_DEBUG'):

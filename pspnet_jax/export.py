@@ -107,8 +107,13 @@ def export_onnx(serve, output: str = 'logits'):
     raise ExportError("ONNX export needs jax2onnx (pip install 'pspnet_jax[onnx]')") from None
   # onnx_ir warns about shape-only helper values it does not serialise; they are harmless.
   logging.getLogger('onnx_ir.serde').setLevel(logging.ERROR)
-  return to_onnx(serve, [('batch', 'height', 'width', 3)], model_name='pspnet',
-                 input_names=[INPUT_NAME], output_names=[output])
+  return to_onnx(
+    serve,
+    [('batch', 'height', 'width', 3)],
+    model_name='pspnet',
+    input_names=[INPUT_NAME],
+    output_names=[output],
+  )
 
 
 def weights_sha256(model: PSPNet) -> str:
@@ -148,15 +153,24 @@ def _with_dtype(model: PSPNet, dtype: str) -> PSPNet:
 
 
 def _parse_list(text, known, what) -> tuple[str, ...]:
-  items = tuple(t.strip() for t in (text.split(',') if isinstance(text, str) else text) if t.strip())
+  items = tuple(
+    t.strip() for t in (text.split(',') if isinstance(text, str) else text) if t.strip()
+  )
   bad = [t for t in items if t not in known]
   if bad or not items:
     raise ExportError(f'{what} {",".join(bad) or repr(text)}: choose from {", ".join(known)}')
   return items
 
 
-def export_model(model_dir: str, out: str, *, formats=('stablehlo',), platforms=('cpu', 'cuda', 'tpu'),
-                 dtype: str = 'float32', output: str = 'logits') -> dict:
+def export_model(
+  model_dir: str,
+  out: str,
+  *,
+  formats=('stablehlo',),
+  platforms=('cpu', 'cuda', 'tpu'),
+  dtype: str = 'float32',
+  output: str = 'logits',
+) -> dict:
   """Exports the model in ``model_dir`` into ``out``; returns the manifest (``export.json``).
 
   Every check comes before anything is written, and the files are written into a temporary
@@ -169,9 +183,11 @@ def export_model(model_dir: str, out: str, *, formats=('stablehlo',), platforms=
   if output not in OUTPUTS:
     raise ExportError(f'--output {output!r}: choose one of {", ".join(OUTPUTS)}')
   if 'onnx' in formats and dtype != 'float32':
-    raise ExportError('--dtype bfloat16 is for the StableHLO artifact (accelerators); the ONNX '
-                      'artifact is float32 (onnxruntime has no bfloat16 CPU convolution): export '
-                      'them separately')
+    raise ExportError(
+      '--dtype bfloat16 is for the StableHLO artifact (accelerators); the ONNX '
+      'artifact is float32 (onnxruntime has no bfloat16 CPU convolution): export '
+      'them separately'
+    )
   out = output_dir.claim(out, marker=MANIFEST, what='export')
   model = checkpoint.load_model(model_dir)
   metadata = checkpoint.model_metadata(model_dir)
@@ -180,22 +196,35 @@ def export_model(model_dir: str, out: str, *, formats=('stablehlo',), platforms=
   serve = serving_function(model, output)
 
   manifest = {
-      'format_version': 1,
-      'source': os.path.abspath(os.fspath(model_dir)),
-      'model': dataclasses.replace(config, dtype=dtype).to_dict(),
-      'classes': checkpoint.metadata_value(metadata, 'class_names'),
-      'palette': as_palette(checkpoint.metadata_value(metadata, 'palette'), config.num_classes).tolist(),
-      'normalization': {'mean': list(config.mean), 'std': list(config.std),
-                        'formula': '(image - mean) / std, inside the artifact; image RGB 0-255'},
-      'input': {'name': INPUT_NAME, 'dtype': 'float32', 'layout': 'NHWC',
-                'shape': ['batch', 'height', 'width', 3], 'range': 'RGB, 0-255',
-                'constraints': 'batch >= 1, height >= 1, width >= 1'},
-      'output': {'name': output, 'dtype': 'int32' if output == 'classes' else 'float32',
-                 'shape': ['batch', 'height', 'width'] + ([] if output == 'classes' else [config.num_classes]),
-                 'kind': output},
-      'weights_sha256': weights_sha256(model),
-      'versions': {p: _version(p) for p in ('pspnet_jax', 'jax', 'jaxlib', 'flax')},
-      'artifacts': {},
+    'format_version': 1,
+    'source': os.path.abspath(os.fspath(model_dir)),
+    'model': dataclasses.replace(config, dtype=dtype).to_dict(),
+    'classes': checkpoint.metadata_value(metadata, 'class_names'),
+    'palette': as_palette(
+      checkpoint.metadata_value(metadata, 'palette'), config.num_classes
+    ).tolist(),
+    'normalization': {
+      'mean': list(config.mean),
+      'std': list(config.std),
+      'formula': '(image - mean) / std, inside the artifact; image RGB 0-255',
+    },
+    'input': {
+      'name': INPUT_NAME,
+      'dtype': 'float32',
+      'layout': 'NHWC',
+      'shape': ['batch', 'height', 'width', 3],
+      'range': 'RGB, 0-255',
+      'constraints': 'batch >= 1, height >= 1, width >= 1',
+    },
+    'output': {
+      'name': output,
+      'dtype': 'int32' if output == 'classes' else 'float32',
+      'shape': ['batch', 'height', 'width'] + ([] if output == 'classes' else [config.num_classes]),
+      'kind': output,
+    },
+    'weights_sha256': weights_sha256(model),
+    'versions': {p: _version(p) for p in ('pspnet_jax', 'jax', 'jaxlib', 'flax')},
+    'artifacts': {},
   }
   parent = os.path.dirname(out)
   os.makedirs(parent, exist_ok=True)
@@ -208,23 +237,31 @@ def export_model(model_dir: str, out: str, *, formats=('stablehlo',), platforms=
       with open(path, 'wb') as f:
         f.write(exported.serialize())
       manifest['artifacts']['stablehlo'] = {
-          'file': STABLEHLO_FILE, 'platforms': list(exported.platforms),
-          'calling_convention_version': exported.calling_convention_version,
-          'sha256': _file_sha256(path), 'bytes': os.path.getsize(path),
-          'seconds': round(time.perf_counter() - t, 1),
-          'load': 'jax.export.deserialize(open(file, "rb").read()).call(image)'}
+        'file': STABLEHLO_FILE,
+        'platforms': list(exported.platforms),
+        'calling_convention_version': exported.calling_convention_version,
+        'sha256': _file_sha256(path),
+        'bytes': os.path.getsize(path),
+        'seconds': round(time.perf_counter() - t, 1),
+        'load': 'jax.export.deserialize(open(file, "rb").read()).call(image)',
+      }
     if 'onnx' in formats:
       t = time.perf_counter()
       proto = export_onnx(serve, output)
       import onnx
+
       path = os.path.join(staging, ONNX_FILE)
       onnx.save(proto, path)
       manifest['artifacts']['onnx'] = {
-          'file': ONNX_FILE, 'opset': max(o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx')),
-          'dynamic_dims': ['batch', 'height', 'width'], 'sha256': _file_sha256(path),
-          'bytes': os.path.getsize(path), 'seconds': round(time.perf_counter() - t, 1),
-          'converter': f'jax2onnx {_version("jax2onnx")}',
-          'load': 'onnxruntime.InferenceSession(file).run(None, {"image": image})'}
+        'file': ONNX_FILE,
+        'opset': max(o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx')),
+        'dynamic_dims': ['batch', 'height', 'width'],
+        'sha256': _file_sha256(path),
+        'bytes': os.path.getsize(path),
+        'seconds': round(time.perf_counter() - t, 1),
+        'converter': f'jax2onnx {_version("jax2onnx")}',
+        'load': 'onnxruntime.InferenceSession(file).run(None, {"image": image})',
+      }
     with open(os.path.join(staging, MANIFEST), 'w') as f:
       json.dump(manifest, f, indent=2)
     os.makedirs(out, exist_ok=True)
@@ -240,23 +277,43 @@ def export_model(model_dir: str, out: str, *, formats=('stablehlo',), platforms=
 
 @errors.command
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog='python -m pspnet_jax.export', description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument('model_dir', help='model directory, training workdir or workdir/checkpoints/<step>')
+  ap = argparse.ArgumentParser(
+    prog='python -m pspnet_jax.export',
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  ap.add_argument(
+    'model_dir', help='model directory, training workdir or workdir/checkpoints/<step>'
+  )
   ap.add_argument('--out', required=True, help='folder to write the artifacts into')
   ap.add_argument('--format', default='stablehlo', choices=[*FORMATS, 'all'])
-  ap.add_argument('--platforms', default='cpu,cuda,tpu',
-                  help=f'comma-separated, for the StableHLO artifact: {",".join(PLATFORMS)}')
-  ap.add_argument('--dtype', default='float32', choices=DTYPES,
-                  help='compute dtype inside the artifact (weights and outputs stay float32)')
+  ap.add_argument(
+    '--platforms',
+    default='cpu,cuda,tpu',
+    help=f'comma-separated, for the StableHLO artifact: {",".join(PLATFORMS)}',
+  )
+  ap.add_argument(
+    '--dtype',
+    default='float32',
+    choices=DTYPES,
+    help='compute dtype inside the artifact (weights and outputs stay float32)',
+  )
   ap.add_argument('--output', default='logits', choices=OUTPUTS)
   args = ap.parse_args(argv)
   formats = FORMATS if args.format == 'all' else (args.format,)
-  manifest = export_model(args.model_dir, args.out, formats=formats, platforms=args.platforms,
-                          dtype=args.dtype, output=args.output)
+  manifest = export_model(
+    args.model_dir,
+    args.out,
+    formats=formats,
+    platforms=args.platforms,
+    dtype=args.dtype,
+    output=args.output,
+  )
   for fmt, art in manifest['artifacts'].items():
-    print(f'{fmt}: {os.path.join(os.path.abspath(args.out), art["file"])} ({art["bytes"] / 2**20:.1f} MiB, '
-          f'{art["seconds"]} s)')
+    print(
+      f'{fmt}: {os.path.join(os.path.abspath(args.out), art["file"])} ({art["bytes"] / 2**20:.1f} MiB, '
+      f'{art["seconds"]} s)'
+    )
   print(f'manifest: {os.path.join(os.path.abspath(args.out), MANIFEST)}')
   return 0
 

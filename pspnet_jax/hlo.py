@@ -31,13 +31,42 @@ import dataclasses
 import math
 import re
 
-DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'bf16': 2, 'f16': 2, 's32': 4,
-               'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8, 'c128': 16,
-               'f8e4m3fn': 1, 'f8e5m2': 1, 's4': 0.5, 'u4': 0.5}
+DTYPE_BYTES = {
+  'pred': 1,
+  's8': 1,
+  'u8': 1,
+  's16': 2,
+  'u16': 2,
+  'bf16': 2,
+  'f16': 2,
+  's32': 4,
+  'u32': 4,
+  'f32': 4,
+  's64': 8,
+  'u64': 8,
+  'f64': 8,
+  'c64': 8,
+  'c128': 16,
+  'f8e4m3fn': 1,
+  'f8e5m2': 1,
+  's4': 0.5,
+  'u4': 0.5,
+}
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'collective-permute', 'all-to-all')
 # Instructions that move no data of their own.
-_FREE = {'parameter', 'constant', 'get-tuple-element', 'tuple', 'bitcast', 'after-all',
-         'partition-id', 'replica-id', 'opt-barrier', 'add-dependency', 'domain'}
+_FREE = {
+  'parameter',
+  'constant',
+  'get-tuple-element',
+  'tuple',
+  'bitcast',
+  'after-all',
+  'partition-id',
+  'replica-id',
+  'opt-barrier',
+  'add-dependency',
+  'domain',
+}
 _SLICES = {'slice', 'dynamic-slice'}
 
 _ARRAY = re.compile(r'\b([a-z][a-z0-9]*)\[([0-9,]*)\](?:\{([^{}]*)\})?')
@@ -47,10 +76,12 @@ _COMPUTATION = re.compile(r'^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$')
 
 # ---- parsing ----------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Array:
   """One array of an HLO shape: dtype, dimensions, layout (minor-to-major), first tile,
   memory space."""
+
   dtype: str
   dims: tuple[int, ...]
   minor_to_major: tuple[int, ...] = ()
@@ -129,8 +160,11 @@ class Instruction:
 
   def called(self) -> list[str]:
     """Computations this instruction calls (fusion, while body, async wrapped op, ...)."""
-    names = re.findall(r'\b(?:calls|to_apply|body|condition|true_computation|'
-                       r'false_computation)=%?([\w.\-]+)', self.attrs)
+    names = re.findall(
+      r'\b(?:calls|to_apply|body|condition|true_computation|'
+      r'false_computation)=%?([\w.\-]+)',
+      self.attrs,
+    )
     m = re.search(r'branch_computations=\{([^}]*)\}', self.attrs)
     if m:
       names += re.findall(r'%?([\w.\-]+)', m.group(1))
@@ -143,19 +177,19 @@ def _split_shape(text: str) -> tuple[str, str]:
   for i, ch in enumerate(text):
     depth += ch in '({[' and 1 or (ch in ')}]' and -1 or 0)
     if ch == ' ' and depth == 0:
-      return text[:i], text[i + 1:]
+      return text[:i], text[i + 1 :]
   return text, ''
 
 
 def _operands_and_attrs(rest: str, opcode: str) -> tuple[list[str], str, str]:
-  args = rest[len(opcode):]
+  args = rest[len(opcode) :]
   if not args.startswith('('):
     return [], args, ''
   depth = 0
   for i, ch in enumerate(args):
     depth += (ch == '(') - (ch == ')')
     if depth == 0:
-      return re.findall(r'%([\w.\-]+)', args[1:i]), args[i + 1:], args[1:i]
+      return re.findall(r'%([\w.\-]+)', args[1:i]), args[i + 1 :], args[1:i]
   return re.findall(r'%([\w.\-]+)', args), '', args[1:]
 
 
@@ -178,7 +212,7 @@ class Module:
       seen.add(frame)
       file, line, function, parent = self.frames[frame]
       if prefix in file:
-        return f'{file[file.index(prefix):]}:{line} {function.rsplit(".", 1)[-1]}'
+        return f'{file[file.index(prefix) :]}:{line} {function.rsplit(".", 1)[-1]}'
       frame = parent
     m = re.search(r'op_name="([^"]*)"', inst.attrs)
     return m.group(1) if m else '?'
@@ -217,7 +251,9 @@ def parse(text: str) -> Module:
     shape, rest = _split_shape(body)
     opcode = rest.split('(', 1)[0].strip()
     operands, attrs, args = _operands_and_attrs(rest, opcode)
-    computations[current].append(Instruction(name, shape, opcode, operands, attrs, bool(root), args))
+    computations[current].append(
+      Instruction(name, shape, opcode, operands, attrs, bool(root), args)
+    )
   return Module(computations, entry, _frames(tables))
 
 
@@ -229,8 +265,11 @@ def _frames(tables) -> dict[int, tuple[str, int, str, int]]:
     f = re.search(r'file_name_id=(\d+)', v)
     fn = re.search(r'function_name_id=(\d+)', v)
     ln = re.search(r'\bline=(\d+)', v)
-    locations[k] = (files.get(int(f.group(1)), '?') if f else '?', int(ln.group(1)) if ln else 0,
-                    functions.get(int(fn.group(1)), '?') if fn else '?')
+    locations[k] = (
+      files.get(int(f.group(1)), '?') if f else '?',
+      int(ln.group(1)) if ln else 0,
+      functions.get(int(fn.group(1)), '?') if fn else '?',
+    )
   frames = {}
   for k, v in tables.get('StackFrames', {}).items():
     loc = re.search(r'file_location_id=(\d+)', v)
@@ -242,6 +281,7 @@ def _frames(tables) -> dict[int, tuple[str, int, str, int]]:
 
 
 # ---- collectives ------------------------------------------------------------------------
+
 
 def _group_size(attrs: str, num_devices: int) -> int:
   m = re.search(r'replica_groups=\[\d+,(\d+)\]<=', attrs)  # iota form [groups, size]<=[n]
@@ -259,14 +299,15 @@ def collectives(hlo_text: str, num_devices: int) -> list[dict]:
   computation is a while body, run once per iteration). Asynchronous pairs count at their
   ``-start``; a combined (tuple) collective is one entry per dtype."""
   module = parse(hlo_text)
-  loop_bodies = {i.attr('body') for comp in module.computations.values() for i in comp
-                 if i.opcode == 'while'}
+  loop_bodies = {
+    i.attr('body') for comp in module.computations.values() for i in comp if i.opcode == 'while'
+  }
   out = []
   for computation, instructions in module.computations.items():
     shapes = {i.name: i.shape for i in instructions}
     for inst in instructions:
       op = inst.opcode
-      base = op[:-len('-start')] if op.endswith('-start') else op
+      base = op[: -len('-start')] if op.endswith('-start') else op
       if base not in COLLECTIVES:
         continue
       arrays = [a for o in inst.operands if o in shapes for a in parse_arrays(shapes[o])]
@@ -276,13 +317,21 @@ def collectives(hlo_text: str, num_devices: int) -> list[dict]:
       for a in arrays:
         by_dtype[a.dtype] = by_dtype.get(a.dtype, 0) + a.elements
       for dtype, n in sorted(by_dtype.items()):
-        out.append({'op': base, 'dtype': dtype, 'elements': n, 'bytes': n * DTYPE_BYTES[dtype],
-                    'group': _group_size(inst.attrs, num_devices),
-                    'in_loop': computation in loop_bodies})
+        out.append(
+          {
+            'op': base,
+            'dtype': dtype,
+            'elements': n,
+            'bytes': n * DTYPE_BYTES[dtype],
+            'group': _group_size(inst.attrs, num_devices),
+            'in_loop': computation in loop_bodies,
+          }
+        )
   return out
 
 
 # ---- HBM traffic ------------------------------------------------------------------------
+
 
 def trip_count(module: Module, loop: Instruction, caller: dict[str, Instruction]) -> int | None:
   """A while loop's trip count: XLA's ``known_trip_count`` if printed, else from a
@@ -296,7 +345,9 @@ def trip_count(module: Module, loop: Instruction, caller: dict[str, Instruction]
   if root is None or root.opcode != 'compare' or 'direction=LT' not in root.attrs:
     return None
   counter, bound = (cond.get(o) for o in root.operands[:2])
-  if not (counter and bound and counter.opcode == 'get-tuple-element' and bound.opcode == 'constant'):
+  if not (
+    counter and bound and counter.opcode == 'get-tuple-element' and bound.opcode == 'constant'
+  ):
     return None
   index = int(re.search(r'index=(\d+)', counter.attrs).group(1))
   limit = _constant(bound)
@@ -330,7 +381,13 @@ def kind_of(module: Module, inst: Instruction) -> str:
   """The audit's groups: convolution fusion, gather, elementwise fusion, copy, async copy,
   async slice, slice, collective, pad, or the opcode."""
   op = inst.opcode
-  base = op[:-len('-start')] if op.endswith('-start') else op[:-len('-done')] if op.endswith('-done') else op
+  base = (
+    op[: -len('-start')]
+    if op.endswith('-start')
+    else op[: -len('-done')]
+    if op.endswith('-done')
+    else op
+  )
   if base in COLLECTIVES:
     return 'collective'
   if base == 'copy' and op != base:
@@ -367,23 +424,33 @@ def _is_async_slice(module: Module, inst: Instruction) -> bool:
   return False
 
 
-def _fusion_io(module: Module, inst: Instruction, operand_arrays: list[list[Array]]
-               ) -> tuple[list[tuple[Array, float]], float]:
+def _fusion_io(
+  module: Module, inst: Instruction, operand_arrays: list[list[Array]]
+) -> tuple[list[tuple[Array, float]], float]:
   """What a fusion reads, per operand array (the whole array, nothing for a buffer it
   updates in place, or only the slices its parameter feeds), and the fraction of its
   results it writes (an in-place dynamic-update-slice root writes the update only)."""
   body = module.computations.get(inst.attr('calls') or '', [])
   by_name = {i.name: i for i in body}
-  params = {i.name: _constant(i) if _constant(i) is not None else n
-            for n, i in enumerate(i for i in body if i.opcode == 'parameter')}
+  params = {
+    i.name: _constant(i) if _constant(i) is not None else n
+    for n, i in enumerate(i for i in body if i.opcode == 'parameter')
+  }
   users: dict[str, list[Instruction]] = {}
   for i in body:
     for o in i.operands:
       users.setdefault(o, []).append(i)
   root = next((i for i in body if i.is_root), None)
-  roots = [by_name.get(o) for o in root.operands] if root is not None and root.opcode == 'tuple' else [root]
-  updates = [r for r in roots if r is not None and r.opcode == 'dynamic-update-slice'
-             and r.operands[0] in params]
+  roots = (
+    [by_name.get(o) for o in root.operands]
+    if root is not None and root.opcode == 'tuple'
+    else [root]
+  )
+  updates = [
+    r
+    for r in roots
+    if r is not None and r.opcode == 'dynamic-update-slice' and r.operands[0] in params
+  ]
   in_place = {params[r.operands[0]] for r in updates}
 
   def slices_of(name: str, depth: int = 0) -> list[Instruction] | None:
@@ -418,8 +485,11 @@ def _fusion_io(module: Module, inst: Instruction, operand_arrays: list[list[Arra
   written = 1.0
   total = sum(a.elements for a in inst.arrays)
   if updates and total:
-    update = sum(sum(a.elements for a in by_name[r.operands[1]].arrays)
-                 for r in updates if r.operands[1] in by_name)
+    update = sum(
+      sum(a.elements for a in by_name[r.operands[1]].arrays)
+      for r in updates
+      if r.operands[1] in by_name
+    )
     written = min(update / total, 1.0)
   return reads, written
 
@@ -459,8 +529,14 @@ def hbm_traffic(hlo_text: str, *, unknown_trips: int = 1, top: int = 10) -> dict
       op = inst.opcode
       if op == 'while':
         trips = trip_count(module, inst, instructions)
-        loops.append({'body': inst.attr('body'), 'trips': trips if trips is not None else unknown_trips,
-                      'known': trips is not None, 'times': times})
+        loops.append(
+          {
+            'body': inst.attr('body'),
+            'trips': trips if trips is not None else unknown_trips,
+            'known': trips is not None,
+            'times': times,
+          }
+        )
         walk(inst.attr('body'), times * (trips if trips is not None else unknown_trips))
         continue
       if op == 'call':
@@ -482,9 +558,18 @@ def hbm_traffic(hlo_text: str, *, unknown_trips: int = 1, top: int = 10) -> dict
         continue
       raw, padded = _instruction_bytes(module, inst, instructions)
       if raw or padded:
-        rows.append({'name': inst.name, 'opcode': op, 'kind': kind_of(module, inst),
-                     'source': source(inst, users), 'shape': re.sub(r'\{[^{}]*\}', '', inst.shape)[:120],
-                     'times': times, 'bytes': raw * times, 'bytes_padded': padded * times})
+        rows.append(
+          {
+            'name': inst.name,
+            'opcode': op,
+            'kind': kind_of(module, inst),
+            'source': source(inst, users),
+            'shape': re.sub(r'\{[^{}]*\}', '', inst.shape)[:120],
+            'times': times,
+            'bytes': raw * times,
+            'bytes_padded': padded * times,
+          }
+        )
 
   walk(module.entry, 1.0)
 
@@ -497,14 +582,19 @@ def hbm_traffic(hlo_text: str, *, unknown_trips: int = 1, top: int = 10) -> dict
       g['count'] += 1
     return dict(sorted(out.items(), key=lambda kv: -kv[1]['bytes_padded']))
 
-  return {'bytes': sum(r['bytes'] for r in rows),
-          'bytes_padded': sum(r['bytes_padded'] for r in rows),
-          'by_kind': group('kind'), 'by_source': group('source'),
-          'top': sorted(rows, key=lambda r: -r['bytes_padded'])[:top], 'loops': loops}
+  return {
+    'bytes': sum(r['bytes'] for r in rows),
+    'bytes_padded': sum(r['bytes_padded'] for r in rows),
+    'by_kind': group('kind'),
+    'by_source': group('source'),
+    'top': sorted(rows, key=lambda r: -r['bytes_padded'])[:top],
+    'loops': loops,
+  }
 
 
-def _instruction_bytes(module: Module, inst: Instruction, scope: dict[str, Instruction]
-                       ) -> tuple[float, float]:
+def _instruction_bytes(
+  module: Module, inst: Instruction, scope: dict[str, Instruction]
+) -> tuple[float, float]:
   """(raw, padded) HBM bytes one execution of ``inst`` reads and writes."""
   op = inst.opcode
   operand_arrays = [scope[o].arrays if o in scope else [] for o in inst.operands]

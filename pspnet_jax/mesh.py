@@ -14,13 +14,15 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pspnet_jax.errors import UserError
 
 
-def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                                 process_id: int | None = None):
+def maybe_initialize_distributed(
+  coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+):
   """``jax.distributed.initialize`` when launched across processes.
 
   Explicit arguments win; otherwise JAX's own detection (TPU pods, SLURM, Open MPI) runs
@@ -28,10 +30,14 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
   ``SLURM_NTASKS`` > 1 or a TPU worker list).
   """
   if coordinator:
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id)
-  elif (os.environ.get('JAX_COORDINATOR_ADDRESS') or int(os.environ.get('SLURM_NTASKS', '1')) > 1
-        or ',' in os.environ.get('TPU_WORKER_HOSTNAMES', '')):
+    jax.distributed.initialize(
+      coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+    )
+  elif (
+    os.environ.get('JAX_COORDINATOR_ADDRESS')
+    or int(os.environ.get('SLURM_NTASKS', '1')) > 1
+    or ',' in os.environ.get('TPU_WORKER_HOSTNAMES', '')
+  ):
     jax.distributed.initialize()
 
 
@@ -47,8 +53,7 @@ def data_mesh() -> Mesh:
   cross-device all-reduces without annotations in model code. (``jax.make_mesh`` defaults
   to Explicit axes in recent JAX, which would demand an ``out_sharding`` on every
   contraction over the batch.)"""
-  return jax.make_mesh((jax.device_count(),), ('data',),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def local_mesh() -> Mesh:
@@ -81,6 +86,7 @@ def sum_over_processes(counts: np.ndarray) -> np.ndarray:
   if jax.process_count() == 1:
     return counts
   from jax.experimental import multihost_utils
+
   words = np.stack([counts & 0xFFFFFFFF, counts >> 32]).astype(np.uint32)
   gathered = np.asarray(multihost_utils.process_allgather(words)).astype(np.int64)
   return (gathered[:, 0] + (gathered[:, 1] << 32)).sum(axis=0)
@@ -90,22 +96,28 @@ def check_batch_size(global_batch_size: int, grad_accum_steps: int = 1, devices=
   """The global batch (and each micro-batch) must split evenly over ``devices`` (default:
   every device of the run; ``pspnet_jax.aot`` passes a TPU slice's)."""
   n = jax.device_count() if devices is None else len(devices)
-  where = (f'{jax.process_count()} process(es) x {jax.local_device_count()} local'
-           if devices is None else f'the target has {n}')
+  where = (
+    f'{jax.process_count()} process(es) x {jax.local_device_count()} local'
+    if devices is None
+    else f'the target has {n}'
+  )
   if global_batch_size % n:
     raise UserError(
-        f'global_batch_size={global_batch_size} does not divide over {n} devices '
-        f'({where}): choose a multiple of {n}, e.g. {n * max(1, round(global_batch_size / n))}')
+      f'global_batch_size={global_batch_size} does not divide over {n} devices '
+      f'({where}): choose a multiple of {n}, e.g. {n * max(1, round(global_batch_size / n))}'
+    )
   micro = global_batch_size // max(grad_accum_steps, 1)
   if global_batch_size % grad_accum_steps or micro % n:
     raise UserError(
-        f'global_batch_size={global_batch_size} with grad_accum_steps={grad_accum_steps} gives '
-        f'micro-batches of {global_batch_size / grad_accum_steps:g}, which must be a whole '
-        f'multiple of the {n} devices')
+      f'global_batch_size={global_batch_size} with grad_accum_steps={grad_accum_steps} gives '
+      f'micro-batches of {global_batch_size / grad_accum_steps:g}, which must be a whole '
+      f'multiple of the {n} devices'
+    )
 
 
 def global_batch(local: dict, mesh: Mesh) -> dict:
   """Host-local numpy batch -> global arrays sharded over the mesh's data axis."""
   sharding = NamedSharding(mesh, P('data'))
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local.items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
+  }

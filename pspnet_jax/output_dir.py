@@ -18,27 +18,43 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from typing import Iterable
+from collections.abc import Iterable
 
 from pspnet_jax.errors import UserError
 
 
-def claim(path: str | os.PathLike, *, flag: str = '--out', marker: str | None = None,
-          what: str = 'output', writes: Iterable[str] = (), protect: Iterable[str] = ()) -> str:
+def claim(
+  path: str | os.PathLike,
+  *,
+  flag: str = '--out',
+  marker: str | None = None,
+  what: str = 'output',
+  writes: Iterable[str] = (),
+  protect: Iterable[str] = (),
+) -> str:
   """Checks the output folder ``path`` as the module docstring says; returns its absolute
   path (not created). ``writes``: the names of the files the run will write there;
   ``protect``: the paths of its inputs."""
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   check_writable(path, flag)
-  if marker and os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, marker)):
-    raise UserError(f'{flag} {path} is a folder that holds other files and no earlier {what} (no '
-                    f'{marker}): give a new or empty folder (nothing was run)')
+  if (
+    marker
+    and os.path.isdir(path)
+    and os.listdir(path)
+    and not os.path.exists(os.path.join(path, marker))
+  ):
+    raise UserError(
+      f'{flag} {path} is a folder that holds other files and no earlier {what} (no '
+      f'{marker}): give a new or empty folder (nothing was run)'
+    )
   protected = {os.path.realpath(p) for p in protect}
   for name in writes:
     target = os.path.realpath(os.path.join(path, name))
     if target in protected:
-      raise UserError(f'{flag} {path}: writing {name} there would replace the input {target}; '
-                      'choose another folder (nothing was run)')
+      raise UserError(
+        f'{flag} {path}: writing {name} there would replace the input {target}; '
+        'choose another folder (nothing was run)'
+      )
   return path
 
 
@@ -50,13 +66,17 @@ def check_writable(path: str, flag: str = '--out') -> None:
   while not os.path.isdir(existing):
     parent = os.path.dirname(existing)
     if os.path.exists(existing) or parent == existing:
-      raise UserError(f'{flag} {path}: {existing} is not a folder (give a folder path; nothing was run)')
+      raise UserError(
+        f'{flag} {path}: {existing} is not a folder (give a folder path; nothing was run)'
+      )
     existing = parent
   try:
     os.rmdir(tempfile.mkdtemp(prefix='.pspnet-write-check-', dir=existing))
   except OSError as e:
-    raise UserError(f'{flag} {path}: cannot write in {existing} ({e.strerror}); give a folder '
-                    'this user can write to (nothing was run)') from None
+    raise UserError(
+      f'{flag} {path}: cannot write in {existing} ({e.strerror}); give a folder '
+      'this user can write to (nothing was run)'
+    ) from None
 
 
 @contextlib.contextmanager

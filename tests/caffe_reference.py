@@ -33,49 +33,77 @@ BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
 _T = descriptor_pb2.FieldDescriptorProto
 _MESSAGES = {
-    'BlobShape': [('dim', 1, _T.TYPE_INT64, True)],
-    'BlobProto': [('data', 5, _T.TYPE_FLOAT, True), ('shape', 7, 'BlobShape', False)],
-    'FillerParameter': [('type', 1, _T.TYPE_STRING, False), ('value', 2, _T.TYPE_FLOAT, False)],
-    'ParamSpec': [('lr_mult', 3, _T.TYPE_FLOAT, False), ('decay_mult', 4, _T.TYPE_FLOAT, False)],
-    'ConvolutionParameter': [
-        ('num_output', 1, _T.TYPE_UINT32, False), ('bias_term', 2, _T.TYPE_BOOL, False),
-        ('pad', 3, _T.TYPE_UINT32, True), ('kernel_size', 4, _T.TYPE_UINT32, True),
-        ('stride', 6, _T.TYPE_UINT32, True), ('weight_filler', 7, 'FillerParameter', False),
-        ('dilation', 18, _T.TYPE_UINT32, True)],
-    'PoolingParameter': [('pool', 1, 'PoolMethod', False), ('kernel_size', 2, _T.TYPE_UINT32, False),
-                         ('stride', 3, _T.TYPE_UINT32, False), ('pad', 4, _T.TYPE_UINT32, False)],
-    'InterpParameter': [('height', 1, _T.TYPE_INT32, False), ('width', 2, _T.TYPE_INT32, False),
-                        ('zoom_factor', 3, _T.TYPE_INT32, False),
-                        ('shrink_factor', 4, _T.TYPE_INT32, False)],
-    'ConcatParameter': [('axis', 2, _T.TYPE_INT32, False)],
-    'EltwiseParameter': [('operation', 1, 'EltwiseOp', False)],
-    'DropoutParameter': [('dropout_ratio', 1, _T.TYPE_FLOAT, False)],
-    'BNParameter': [('slope_filler', 1, 'FillerParameter', False),
-                    ('bias_filler', 2, 'FillerParameter', False), ('momentum', 3, _T.TYPE_FLOAT, False),
-                    ('eps', 4, _T.TYPE_FLOAT, False), ('frozen', 5, _T.TYPE_BOOL, False)],
-    'LossParameter': [('ignore_label', 1, _T.TYPE_INT32, False)],
-    'LayerParameter': [
-        ('name', 1, _T.TYPE_STRING, False), ('type', 2, _T.TYPE_STRING, False),
-        ('bottom', 3, _T.TYPE_STRING, True), ('top', 4, _T.TYPE_STRING, True),
-        ('loss_weight', 5, _T.TYPE_FLOAT, True), ('param', 6, 'ParamSpec', True),
-        ('blobs', 7, 'BlobProto', True), ('phase', 10, 'Phase', False),
-        ('loss_param', 101, 'LossParameter', False),
-        ('concat_param', 104, 'ConcatParameter', False),
-        ('convolution_param', 106, 'ConvolutionParameter', False),
-        ('dropout_param', 108, 'DropoutParameter', False),
-        ('eltwise_param', 110, 'EltwiseParameter', False),
-        ('pooling_param', 121, 'PoolingParameter', False),
-        ('interp_param', 143, 'InterpParameter', False), ('bn_param', 152, 'BNParameter', False)],
-    'NetParameter': [('name', 1, _T.TYPE_STRING, False), ('input', 3, _T.TYPE_STRING, True),
-                     ('layer', 100, 'LayerParameter', True)],
+  'BlobShape': [('dim', 1, _T.TYPE_INT64, True)],
+  'BlobProto': [('data', 5, _T.TYPE_FLOAT, True), ('shape', 7, 'BlobShape', False)],
+  'FillerParameter': [('type', 1, _T.TYPE_STRING, False), ('value', 2, _T.TYPE_FLOAT, False)],
+  'ParamSpec': [('lr_mult', 3, _T.TYPE_FLOAT, False), ('decay_mult', 4, _T.TYPE_FLOAT, False)],
+  'ConvolutionParameter': [
+    ('num_output', 1, _T.TYPE_UINT32, False),
+    ('bias_term', 2, _T.TYPE_BOOL, False),
+    ('pad', 3, _T.TYPE_UINT32, True),
+    ('kernel_size', 4, _T.TYPE_UINT32, True),
+    ('stride', 6, _T.TYPE_UINT32, True),
+    ('weight_filler', 7, 'FillerParameter', False),
+    ('dilation', 18, _T.TYPE_UINT32, True),
+  ],
+  'PoolingParameter': [
+    ('pool', 1, 'PoolMethod', False),
+    ('kernel_size', 2, _T.TYPE_UINT32, False),
+    ('stride', 3, _T.TYPE_UINT32, False),
+    ('pad', 4, _T.TYPE_UINT32, False),
+  ],
+  'InterpParameter': [
+    ('height', 1, _T.TYPE_INT32, False),
+    ('width', 2, _T.TYPE_INT32, False),
+    ('zoom_factor', 3, _T.TYPE_INT32, False),
+    ('shrink_factor', 4, _T.TYPE_INT32, False),
+  ],
+  'ConcatParameter': [('axis', 2, _T.TYPE_INT32, False)],
+  'EltwiseParameter': [('operation', 1, 'EltwiseOp', False)],
+  'DropoutParameter': [('dropout_ratio', 1, _T.TYPE_FLOAT, False)],
+  'BNParameter': [
+    ('slope_filler', 1, 'FillerParameter', False),
+    ('bias_filler', 2, 'FillerParameter', False),
+    ('momentum', 3, _T.TYPE_FLOAT, False),
+    ('eps', 4, _T.TYPE_FLOAT, False),
+    ('frozen', 5, _T.TYPE_BOOL, False),
+  ],
+  'LossParameter': [('ignore_label', 1, _T.TYPE_INT32, False)],
+  'LayerParameter': [
+    ('name', 1, _T.TYPE_STRING, False),
+    ('type', 2, _T.TYPE_STRING, False),
+    ('bottom', 3, _T.TYPE_STRING, True),
+    ('top', 4, _T.TYPE_STRING, True),
+    ('loss_weight', 5, _T.TYPE_FLOAT, True),
+    ('param', 6, 'ParamSpec', True),
+    ('blobs', 7, 'BlobProto', True),
+    ('phase', 10, 'Phase', False),
+    ('loss_param', 101, 'LossParameter', False),
+    ('concat_param', 104, 'ConcatParameter', False),
+    ('convolution_param', 106, 'ConvolutionParameter', False),
+    ('dropout_param', 108, 'DropoutParameter', False),
+    ('eltwise_param', 110, 'EltwiseParameter', False),
+    ('pooling_param', 121, 'PoolingParameter', False),
+    ('interp_param', 143, 'InterpParameter', False),
+    ('bn_param', 152, 'BNParameter', False),
+  ],
+  'NetParameter': [
+    ('name', 1, _T.TYPE_STRING, False),
+    ('input', 3, _T.TYPE_STRING, True),
+    ('layer', 100, 'LayerParameter', True),
+  ],
 }
-_ENUMS = {'PoolMethod': ['MAX', 'AVE', 'STOCHASTIC'], 'EltwiseOp': ['PROD', 'SUM', 'MAX'],
-          'Phase': ['TRAIN', 'TEST']}
+_ENUMS = {
+  'PoolMethod': ['MAX', 'AVE', 'STOCHASTIC'],
+  'EltwiseOp': ['PROD', 'SUM', 'MAX'],
+  'Phase': ['TRAIN', 'TEST'],
+}
 
 
 def _classes():
-  fdp = descriptor_pb2.FileDescriptorProto(name='caffe_reference_subset.proto', package='caffe_ref',
-                                           syntax='proto2')
+  fdp = descriptor_pb2.FileDescriptorProto(
+    name='caffe_reference_subset.proto', package='caffe_ref', syntax='proto2'
+  )
   for name, values in _ENUMS.items():
     enum = fdp.enum_type.add(name=name)
     for number, value in enumerate(values):
@@ -83,8 +111,9 @@ def _classes():
   for name, fields in _MESSAGES.items():
     msg = fdp.message_type.add(name=name)
     for fname, number, kind, repeated in fields:
-      f = msg.field.add(name=fname, number=number,
-                        label=_T.LABEL_REPEATED if repeated else _T.LABEL_OPTIONAL)
+      f = msg.field.add(
+        name=fname, number=number, label=_T.LABEL_REPEATED if repeated else _T.LABEL_OPTIONAL
+      )
       if isinstance(kind, str):
         f.type = _T.TYPE_ENUM if kind in _ENUMS else _T.TYPE_MESSAGE
         f.type_name = f'.caffe_ref.{kind}'
@@ -94,8 +123,10 @@ def _classes():
         f.options.packed = True  # [packed = true] in caffe.proto (pad etc. are not; harmless)
   pool = descriptor_pool.DescriptorPool()
   pool.Add(fdp)
-  return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f'caffe_ref.{name}'))
-          for name in _MESSAGES}
+  return {
+    name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f'caffe_ref.{name}'))
+    for name in _MESSAGES
+  }
 
 
 PROTO = _classes()
@@ -104,21 +135,39 @@ PROTO = _classes()
 
 
 def _layer(name, type_, bottom, top, **params):
-  return {'name': name, 'type': type_, 'bottom': list(bottom), 'top': list(top),
-          'params': params, 'blobs': []}
+  return {
+    'name': name,
+    'type': type_,
+    'bottom': list(bottom),
+    'top': list(top),
+    'params': params,
+    'blobs': [],
+  }
 
 
-def pspnet_net(depth: int, num_classes: int, crop: int, *, width: int = 64, head: int = 512,
-               seed: int = 0) -> list[dict]:
+def pspnet_net(
+  depth: int, num_classes: int, crop: int, *, width: int = 64, head: int = 512, seed: int = 0
+) -> list[dict]:
   """The deploy net of ``pspnet{depth}_*_{crop}.prototxt`` at ``width`` / 64 of its widths
   (``head`` channels after the pyramid), random weights, BN statistics not yet set."""
   rng = np.random.default_rng(seed)
   layers = []
 
   def conv(name, bottom, cin, cout, k, stride=1, dilation=1, bias=False):
-    layer = _layer(name, 'Convolution', [bottom], [name], convolution_param=dict(
-        num_output=cout, pad=[dilation * (k // 2)] if k > 1 else [0], kernel_size=[k],
-        stride=[stride], bias_term=bias, **({'dilation': [dilation]} if dilation > 1 else {})))
+    layer = _layer(
+      name,
+      'Convolution',
+      [bottom],
+      [name],
+      convolution_param=dict(
+        num_output=cout,
+        pad=[dilation * (k // 2)] if k > 1 else [0],
+        kernel_size=[k],
+        stride=[stride],
+        bias_term=bias,
+        **({'dilation': [dilation]} if dilation > 1 else {}),
+      ),
+    )
     std = np.sqrt(2.0 / (cin * k * k))
     layer['blobs'] = [(rng.standard_normal((cout, cin, k, k)) * std).astype(np.float32)]
     if bias:
@@ -127,9 +176,12 @@ def pspnet_net(depth: int, num_classes: int, crop: int, *, width: int = 64, head
 
   def bn(name, c, slope=(0.5, 1.5)):
     layer = _layer(f'{name}/bn', 'BN', [name], [name], bn_param=dict(frozen=True, momentum=0.95))
-    layer['blobs'] = [rng.uniform(*slope, (1, c, 1, 1)).astype(np.float32),
-                      (rng.standard_normal((1, c, 1, 1)) * 0.2).astype(np.float32),
-                      np.zeros((1, c, 1, 1), np.float32), np.ones((1, c, 1, 1), np.float32)]
+    layer['blobs'] = [
+      rng.uniform(*slope, (1, c, 1, 1)).astype(np.float32),
+      (rng.standard_normal((1, c, 1, 1)) * 0.2).astype(np.float32),
+      np.zeros((1, c, 1, 1), np.float32),
+      np.ones((1, c, 1, 1), np.float32),
+    ]
     layers.append(layer)
 
   def relu(name):
@@ -147,8 +199,15 @@ def pspnet_net(depth: int, num_classes: int, crop: int, *, width: int = 64, head
   conv_bn_relu('conv1_1_3x3_s2', 'data', 3, w, 3, stride=2)
   conv_bn_relu('conv1_2_3x3', 'conv1_1_3x3_s2', w, w, 3)
   conv_bn_relu('conv1_3_3x3', 'conv1_2_3x3', w, 2 * w, 3)
-  layers.append(_layer('pool1_3x3_s2', 'Pooling', ['conv1_3_3x3'], ['pool1_3x3_s2'],
-                       pooling_param=dict(pool='MAX', kernel_size=3, stride=2, pad=1)))
+  layers.append(
+    _layer(
+      'pool1_3x3_s2',
+      'Pooling',
+      ['conv1_3_3x3'],
+      ['pool1_3x3_s2'],
+      pooling_param=dict(pool='MAX', kernel_size=3, stride=2, pad=1),
+    )
+  )
   x, cin = 'pool1_3x3_s2', 2 * w
   for stage, n in zip((2, 3, 4, 5), BLOCKS[depth]):
     planes = w * 2 ** (stage - 2)
@@ -164,28 +223,53 @@ def pspnet_net(depth: int, num_classes: int, crop: int, *, width: int = 64, head
         shortcut = f'{name}_1x1_proj'
       else:
         shortcut = x
-      layers.append(_layer(name, 'Eltwise', [shortcut, f'{name}_1x1_increase'], [name],
-                           eltwise_param=dict(operation='SUM')))
+      layers.append(
+        _layer(
+          name,
+          'Eltwise',
+          [shortcut, f'{name}_1x1_increase'],
+          [name],
+          eltwise_param=dict(operation='SUM'),
+        )
+      )
       relu(name)
       x, cin = name, 4 * planes
   features = (crop - 1) // 8 + 1
   branches = []
   for b in (1, 2, 3, 6):
     pool = f'{x}_pool{b}'
-    layers.append(_layer(pool, 'Pooling', [x], [pool], pooling_param=dict(
-        pool='AVE', kernel_size=features // b, stride=features // b)))
+    layers.append(
+      _layer(
+        pool,
+        'Pooling',
+        [x],
+        [pool],
+        pooling_param=dict(pool='AVE', kernel_size=features // b, stride=features // b),
+      )
+    )
     conv_bn_relu(f'{pool}_conv', pool, cin, cin // 4, 1)
-    layers.append(_layer(f'{pool}_interp', 'Interp', [f'{pool}_conv'], [f'{pool}_interp'],
-                         interp_param=dict(height=features, width=features)))
+    layers.append(
+      _layer(
+        f'{pool}_interp',
+        'Interp',
+        [f'{pool}_conv'],
+        [f'{pool}_interp'],
+        interp_param=dict(height=features, width=features),
+      )
+    )
     branches.append(f'{pool}_interp')
   concat = f'{x}_concat'
   layers.append(_layer(concat, 'Concat', [x] + branches[::-1], [concat]))
   conv_bn_relu('conv5_4', concat, 2 * cin, head, 3)
-  layers.append(_layer('conv5_4/dropout', 'Dropout', ['conv5_4'], ['conv5_4'],
-                       dropout_param=dict(dropout_ratio=0.1)))
+  layers.append(
+    _layer(
+      'conv5_4/dropout', 'Dropout', ['conv5_4'], ['conv5_4'], dropout_param=dict(dropout_ratio=0.1)
+    )
+  )
   conv('conv6', 'conv5_4', head, num_classes, 1, bias=True)
-  layers.append(_layer('conv6_interp', 'Interp', ['conv6'], ['conv6_interp'],
-                       interp_param=dict(zoom_factor=8)))
+  layers.append(
+    _layer('conv6_interp', 'Interp', ['conv6'], ['conv6_interp'], interp_param=dict(zoom_factor=8))
+  )
   return layers
 
 
@@ -195,21 +279,45 @@ def as_training_net(layers: list[dict], num_classes: int, seed: int = 1) -> list
   rng = np.random.default_rng(seed)
   out = [_layer('data', 'ImageSegData', [], ['data', 'label'])]
   out += [copy.copy(l) for l in layers if l['name'] != 'conv6_interp']
-  last4 = [l['name'] for l in layers if l['type'] == 'Eltwise' and l['name'].startswith('conv4_')][-1]
+  last4 = [l['name'] for l in layers if l['type'] == 'Eltwise' and l['name'].startswith('conv4_')][
+    -1
+  ]
   at = next(i for i, l in enumerate(out) if l['name'] == f'{last4}/relu') + 1
   channels = next(l for l in layers if l['name'] == f'{last4}_1x1_increase')['params'][
-      'convolution_param']['num_output']
-  aux = _layer('conv_aux', 'Convolution', [last4], ['conv_aux'], convolution_param=dict(
-      num_output=num_classes, kernel_size=[1], bias_term=True))
-  aux['blobs'] = [rng.standard_normal((num_classes, channels, 1, 1)).astype(np.float32),
-                  np.zeros(num_classes, np.float32)]
+    'convolution_param'
+  ]['num_output']
+  aux = _layer(
+    'conv_aux',
+    'Convolution',
+    [last4],
+    ['conv_aux'],
+    convolution_param=dict(num_output=num_classes, kernel_size=[1], bias_term=True),
+  )
+  aux['blobs'] = [
+    rng.standard_normal((num_classes, channels, 1, 1)).astype(np.float32),
+    np.zeros(num_classes, np.float32),
+  ]
   out.insert(at, aux)
-  out += [_layer('label_shrink', 'Interp', ['label'], ['label_shrink'],
-                 interp_param=dict(shrink_factor=8)),
-          _layer('loss', 'SoftmaxWithLoss', ['conv6', 'label_shrink'], ['loss'],
-                 loss_param=dict(ignore_label=255)),
-          _layer('loss_aux', 'SoftmaxWithLoss', ['conv_aux', 'label_shrink'], ['loss_aux'],
-                 loss_weight=[0.4], loss_param=dict(ignore_label=255))]
+  out += [
+    _layer(
+      'label_shrink', 'Interp', ['label'], ['label_shrink'], interp_param=dict(shrink_factor=8)
+    ),
+    _layer(
+      'loss',
+      'SoftmaxWithLoss',
+      ['conv6', 'label_shrink'],
+      ['loss'],
+      loss_param=dict(ignore_label=255),
+    ),
+    _layer(
+      'loss_aux',
+      'SoftmaxWithLoss',
+      ['conv_aux', 'label_shrink'],
+      ['loss_aux'],
+      loss_weight=[0.4],
+      loss_param=dict(ignore_label=255),
+    ),
+  ]
   for l in out:
     l['phase'] = 'TRAIN'
   return out
@@ -230,8 +338,12 @@ def insert_splits(layers: list[dict], inputs=()) -> list[dict]:
   last_top, used, out = {b: (-1, 0) for b in inputs}, {}, []
 
   def split(producer_name, blob, j, n):
-    return _layer(f'{blob}_{producer_name}_{j}_split', 'Split', [blob],
-                  [f'{blob}_{producer_name}_{j}_split_{k}' for k in range(n)])
+    return _layer(
+      f'{blob}_{producer_name}_{j}_split',
+      'Split',
+      [blob],
+      [f'{blob}_{producer_name}_{j}_split_{k}' for k in range(n)],
+    )
 
   names = {-1: 'input'}
   for b in inputs:
@@ -275,15 +387,24 @@ def blob_bytes(array: np.ndarray) -> bytes:
 
 def layer_bytes(layer: dict) -> bytes:
   """Fields 1-6 (names, blobs' names, param specs), then the blobs (7), then the rest."""
-  low = PROTO['LayerParameter'](name=layer['name'], type=layer['type'], bottom=layer['bottom'],
-                                top=layer['top'], loss_weight=layer['params'].get('loss_weight', []))
+  low = PROTO['LayerParameter'](
+    name=layer['name'],
+    type=layer['type'],
+    bottom=layer['bottom'],
+    top=layer['top'],
+    loss_weight=layer['params'].get('loss_weight', []),
+  )
   if layer['type'] in ('Convolution', 'BN'):
     for _ in range(len(layer['blobs'])):
       low.param.add(lr_mult=1, decay_mult=1)
   high = PROTO['LayerParameter']()
   if layer.get('phase'):
-    high.phase = PROTO['LayerParameter'].DESCRIPTOR.fields_by_name['phase'].enum_type.values_by_name[
-        f'Phase_{layer["phase"]}'].number
+    high.phase = (
+      PROTO['LayerParameter']
+      .DESCRIPTOR.fields_by_name['phase']
+      .enum_type.values_by_name[f'Phase_{layer["phase"]}']
+      .number
+    )
   for key, fields in layer['params'].items():
     if key == 'loss_weight':
       continue
@@ -318,8 +439,14 @@ def write_caffemodel(path, layers: list[dict], name: str = 'pspnet', inputs=()) 
 
 def write_prototxt(path, layers: list[dict], crop: int, name: str = 'pspnet') -> str:
   """The deploy prototxt of ``layers`` (no blobs), with ``input_dim`` as the released ones."""
-  lines = [f'name: "{name}"', 'input: "data"', 'input_dim: 1', 'input_dim: 3',
-           f'input_dim: {crop}', f'input_dim: {crop}']
+  lines = [
+    f'name: "{name}"',
+    'input: "data"',
+    'input_dim: 1',
+    'input_dim: 3',
+    f'input_dim: {crop}',
+    f'input_dim: {crop}',
+  ]
 
   def value(v):
     if isinstance(v, bool):
@@ -357,8 +484,14 @@ def _convolution(layer, x):
   p = layer['params']['convolution_param']
   w = torch.from_numpy(layer['blobs'][0])
   b = torch.from_numpy(layer['blobs'][1]) if p.get('bias_term', True) else None
-  y = F.conv2d(torch.from_numpy(x), w, b, stride=p.get('stride', [1])[0], padding=p.get('pad', [0])[0],
-               dilation=p.get('dilation', [1])[0])
+  y = F.conv2d(
+    torch.from_numpy(x),
+    w,
+    b,
+    stride=p.get('stride', [1])[0],
+    padding=p.get('pad', [0])[0],
+    dilation=p.get('dilation', [1])[0],
+  )
   return y.numpy()
 
 
@@ -392,7 +525,9 @@ def pooling(layer, x):
         he, we = min(hs + k, h + pad), min(ws + k, w + pad)
         size = (he - hs) * (we - ws)
         hs, ws, he, we = max(hs, 0), max(ws, 0), min(he, h), min(we, w)
-        out[:, :, i, j] = x[:, :, hs:he, ws:we].sum(axis=(2, 3), dtype=np.float32) / np.float32(size)
+        out[:, :, i, j] = x[:, :, hs:he, ws:we].sum(axis=(2, 3), dtype=np.float32) / np.float32(
+          size
+        )
   return out
 
 
@@ -427,8 +562,9 @@ def interp(x, out_h, out_w):
   return (a0[:, None] * top + a1[:, None] * bottom).astype(np.float32)
 
 
-def forward(layers: list[dict], data: np.ndarray, *, calibrate: bool = False,
-            until: str | None = None) -> dict[str, np.ndarray]:
+def forward(
+  layers: list[dict], data: np.ndarray, *, calibrate: bool = False, until: str | None = None
+) -> dict[str, np.ndarray]:
   """Runs ``layers`` on ``data`` ([B, 3, H, W], ``caffe_input``); returns every blob.
 
   calibrate: before each BN runs, set its moving mean and variance to its input's

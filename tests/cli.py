@@ -22,18 +22,24 @@ COMPILE_CACHE = None  # set by conftest.py for the session
 def cli_env(devices: int | None = None, **extra: str) -> dict:
   """``os.environ`` for a subprocess of the test suite; ``devices`` forces that many CPU
   devices (``--xla_force_host_platform_device_count``)."""
-  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''),
-             PYTHONUNBUFFERED='1')
+  env = dict(
+    os.environ,
+    PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''),
+    PYTHONUNBUFFERED='1',
+  )
   env.pop('PSPNET_DEBUG', None)
   if devices is not None:
     env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   if COMPILE_CACHE is not None:
-    env.update(JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
-               # A size limit turns on the cache's file lock: pytest-xdist workers and
-               # multi-process tests read and write it at the same time, and without the
-               # lock a reader can meet a half-written entry.
-               JAX_COMPILATION_CACHE_MAX_SIZE=str(16 << 30))
+    env.update(
+      JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE,
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+      # A size limit turns on the cache's file lock: pytest-xdist workers and
+      # multi-process tests read and write it at the same time, and without the
+      # lock a reader can meet a half-written entry.
+      JAX_COMPILATION_CACHE_MAX_SIZE=str(16 << 30),
+    )
   env.update(extra)
   return env
 
@@ -43,11 +49,14 @@ def mounted_tmpfs(path, *, size: str = '1m', read_only: bool = False):
   """A small (or read-only) filesystem at ``path`` for the duration: where a disk is full
   or cannot be written. Needs root (CI runs as root); skips the test, saying why, elsewhere."""
   import pytest
+
   os.makedirs(path, exist_ok=True)
   options = f'size={size}' + (',ro' if read_only else '')
   if os.geteuid() != 0:
     pytest.skip('mounting a small filesystem needs root (CI runs as root)')
-  p = subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(path)], capture_output=True, text=True)
+  p = subprocess.run(
+    ['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(path)], capture_output=True, text=True
+  )
   if p.returncode != 0:
     pytest.skip(f'cannot mount a tmpfs here: {p.stderr.strip()}')
   try:

@@ -50,8 +50,16 @@ def pytest_runtest_makereport(item, call):
 # initialisation, a 20-step recipe run, a full-width Caffe net). Under pytest-xdist
 # (``--dist loadgroup``, as `make test` runs it) the tests that share one form a group that
 # runs on one worker, so it is built once; every other test is spread by load.
-EXPENSIVE_MODULE_FIXTURES = ('reference_run', 'exported', 'fresh_and_expected', 'recipe_run', 'ade20k50',
-                             'mmseg_file', 'mmseg_checkpoint', 'small_semseg')
+EXPENSIVE_MODULE_FIXTURES = (
+  'reference_run',
+  'exported',
+  'fresh_and_expected',
+  'recipe_run',
+  'ade20k50',
+  'mmseg_file',
+  'mmseg_checkpoint',
+  'small_semseg',
+)
 # The files whose tests run train.py / eval.py / multi-device subprocesses (minutes each, a
 # group of them ~5 min) go first, so the workers do not end on them one at a time.
 SLOW_FILES_FIRST = ('test_train_loop.py', 'test_evaluation.py', 'test_export.py', 'test_aot.py')
@@ -67,4 +75,5 @@ def pytest_collection_modifyitems(config, items):
   def rank(item):
     name = os.path.basename(str(item.fspath))
     return SLOW_FILES_FIRST.index(name) if name in SLOW_FILES_FIRST else len(SLOW_FILES_FIRST)
+
   items.sort(key=rank)  # stable: the order within a file stays

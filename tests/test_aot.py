@@ -19,23 +19,44 @@ from pspnet_jax import aot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AOT_PYTHON = os.environ.get('PSPNET_AOT_PYTHON') or (
-    sys.executable if importlib.util.find_spec('libtpu') else None)
+  sys.executable if importlib.util.find_spec('libtpu') else None
+)
 needs_libtpu = pytest.mark.skipif(
-    AOT_PYTHON is None, reason="libtpu is not installed (pip install -e '.[aot]' in an "
-    'environment and point PSPNET_AOT_PYTHON at its python)')
-TINY = ['--config.dataset.builder_kwargs.image_size=32', '--config.model.base_width=8',
-        '--config.model.head_channels=16', '--config.model.aux_channels=8',
-        '--config.augment.crop_size=33', '--config.model.dtype=bfloat16']
+  AOT_PYTHON is None,
+  reason="libtpu is not installed (pip install -e '.[aot]' in an "
+  'environment and point PSPNET_AOT_PYTHON at its python)',
+)
+TINY = [
+  '--config.dataset.builder_kwargs.image_size=32',
+  '--config.model.base_width=8',
+  '--config.model.head_channels=16',
+  '--config.model.aux_channels=8',
+  '--config.augment.crop_size=33',
+  '--config.model.dtype=bfloat16',
+]
 
 
 def _env():
-  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  return dict(
+    os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', '')
+  )
 
 
 def _aot(tmp_path, *args, stdout=False):
   out = tmp_path / 'aot.json'
-  cmd = [AOT_PYTHON, '-m', 'pspnet_jax.aot', '--config', os.path.join(ROOT, 'configs', 'synthetic.py'),
-         '--target', 'tpu:v5e:2x2', '--json', str(out), *TINY, *args]
+  cmd = [
+    AOT_PYTHON,
+    '-m',
+    'pspnet_jax.aot',
+    '--config',
+    os.path.join(ROOT, 'configs', 'synthetic.py'),
+    '--target',
+    'tpu:v5e:2x2',
+    '--json',
+    str(out),
+    *TINY,
+    *args,
+  ]
   p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=_env(), cwd=ROOT)
   assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
   return (json.loads(out.read_text()), p.stdout) if stdout else json.loads(out.read_text())
@@ -44,8 +65,14 @@ def _aot(tmp_path, *args, stdout=False):
 @pytest.mark.aot
 @needs_libtpu
 def test_train_step_compiles_for_v5e_with_per_chip_figures(tmp_path):
-  r, printed = _aot(tmp_path, '--program=train', '--config.global_batch_size=8', '--breakdown=5',
-                    '--config.loss_block_rows=8', stdout=True)
+  r, printed = _aot(
+    tmp_path,
+    '--program=train',
+    '--config.global_batch_size=8',
+    '--breakdown=5',
+    '--config.loss_block_rows=8',
+    stdout=True,
+  )
   assert r['chips'] == 4 and r['device_kind'].startswith('TPU v5')
   m = r['per_chip']
   mem = m['memory_gib']
@@ -63,21 +90,38 @@ def test_train_step_compiles_for_v5e_with_per_chip_figures(tmp_path):
   traffic = m['hbm_traffic']
   assert 0 < traffic['bytes'] <= traffic['bytes_padded'] < m['xla_bytes_accessed']
   assert bound['memory'] == pytest.approx(traffic['bytes_padded'] / r['chip']['hbm_bytes_per_s'])
-  assert sum(g['bytes_padded'] for g in traffic['by_kind'].values()) == pytest.approx(traffic['bytes_padded'])
-  assert sum(g['bytes_padded'] for g in traffic['by_source'].values()) == pytest.approx(traffic['bytes_padded'])
-  assert len(traffic['top']) == 10 and traffic['top'][0]['bytes_padded'] >= traffic['top'][-1]['bytes_padded']
+  assert sum(g['bytes_padded'] for g in traffic['by_kind'].values()) == pytest.approx(
+    traffic['bytes_padded']
+  )
+  assert sum(g['bytes_padded'] for g in traffic['by_source'].values()) == pytest.approx(
+    traffic['bytes_padded']
+  )
+  assert (
+    len(traffic['top']) == 10
+    and traffic['top'][0]['bytes_padded'] >= traffic['top'][-1]['bytes_padded']
+  )
   # The loss is taken at the logits' resolution: two loops (forward, backward) per head
   # over the 33 rows in blocks of 8 (5 trips), and no gather reads full-resolution logits.
-  assert [l['trips'] for l in traffic['loops']].count(5) == 4 and all(l['known'] for l in traffic['loops'])
+  assert [l['trips'] for l in traffic['loops']].count(5) == 4 and all(
+    l['known'] for l in traffic['loops']
+  )
   assert 'gather' not in traffic['by_kind'], traffic['by_kind']
-  assert 'HBM traffic per chip' in printed and 'by kind' in printed and 'top 5 instructions' in printed
+  assert (
+    'HBM traffic per chip' in printed and 'by kind' in printed and 'top 5 instructions' in printed
+  )
 
 
 @pytest.mark.aot
 @needs_libtpu
 def test_eval_program_compiles_for_v5e(tmp_path):
-  r = _aot(tmp_path, '--program=eval', '--image_size=40x56', '--config.eval.mode=slide',
-           '--config.eval.crop_size=33', '--config.eval.base_size=48')
+  r = _aot(
+    tmp_path,
+    '--program=eval',
+    '--image_size=40x56',
+    '--config.eval.mode=slide',
+    '--config.eval.crop_size=33',
+    '--config.eval.base_size=48',
+  )
   # eval.py's program on a slice: one image a chip, one window (and its flip) a call.
   assert r['chips'] == 4 and r['images_per_step'] == 4 and r['windows_per_call_per_chip'] == 1
   assert r['window_batches_per_scale'] == [4]  # 34x48: 2x2 windows of 33, one a call
@@ -94,7 +138,11 @@ def test_eval_program_compiles_for_v5e(tmp_path):
 def test_sweep_compiles_one_program_per_value(tmp_path):
   r, printed = _aot(tmp_path, '--program=train', '--sweep=global_batch_size=4,16', stdout=True)
   small, large = r['rows']
-  assert (r['sweep'], small['global_batch_size'], large['global_batch_size']) == ('global_batch_size', 4, 16)
+  assert (r['sweep'], small['global_batch_size'], large['global_batch_size']) == (
+    'global_batch_size',
+    4,
+    16,
+  )
   # (Peak memory need not grow with the batch on a tiny model: the compiler keeps more of
   # it in VMEM at one size than at another.)
   assert small['fits'] and large['fits'] and small['hbm_traffic_gb'] < large['hbm_traffic_gb']
@@ -108,8 +156,14 @@ def test_sweep_compiles_one_program_per_value(tmp_path):
 @pytest.mark.aot
 @needs_libtpu
 def test_traffic_audit_on_programs_known_by_hand():
-  p = subprocess.run([AOT_PYTHON, os.path.join(ROOT, 'tests', 'scripts', 'aot_traffic.py')],
-                     capture_output=True, text=True, timeout=900, env=_env(), cwd=ROOT)
+  p = subprocess.run(
+    [AOT_PYTHON, os.path.join(ROOT, 'tests', 'scripts', 'aot_traffic.py')],
+    capture_output=True,
+    text=True,
+    timeout=900,
+    env=_env(),
+    cwd=ROOT,
+  )
   assert p.returncode == 0, p.stderr[-4000:]
   r = json.loads(p.stdout)
   MiB = 2**20
@@ -136,12 +190,18 @@ def test_traffic_audit_on_programs_known_by_hand():
 
 def test_sweep_values_take_the_key_type_and_bad_ones_are_one_line():
   from configs.synthetic import get_config
+
   config = get_config()
   assert aot.parse_sweep(config, 'global_batch_size=8,16') == ('global_batch_size', [8, 16])
-  assert aot.parse_sweep(config, 'model.dtype=float32,bfloat16') == ('model.dtype', ['float32', 'bfloat16'])
+  assert aot.parse_sweep(config, 'model.dtype=float32,bfloat16') == (
+    'model.dtype',
+    ['float32', 'bfloat16'],
+  )
   assert aot.with_value(config, 'model.dtype', 'bfloat16').model.dtype == 'bfloat16'
   assert config.model.dtype == 'float32'  # a copy
-  with pytest.raises(aot.AotError, match="unknown config key 'global_batch' .*did you mean global_batch_size"):
+  with pytest.raises(
+    aot.AotError, match="unknown config key 'global_batch' .*did you mean global_batch_size"
+  ):
     aot.parse_sweep(config, 'global_batch=8')
   with pytest.raises(aot.AotError, match="unknown config key 'model.dtyp'"):
     aot.parse_sweep(config, 'model.dtyp=bfloat16')
@@ -164,6 +224,7 @@ def test_aot_lowers_exactly_the_step_the_training_loop_runs(tmp_path, monkeypatc
   import dataclasses
 
   import jax
+
   from configs.synthetic import get_config
   from pspnet_jax.train import loop
 
@@ -173,8 +234,9 @@ def test_aot_lowers_exactly_the_step_the_training_loop_runs(tmp_path, monkeypatc
   config.model.update(base_width=8, head_channels=16, aux_channels=8)
   config.augment.crop_size = config.eval.crop_size = 33
   config.eval.base_size = 32
-  config.update(global_batch_size=2, num_steps=1, eval_every_steps=0, grad_accum_steps=2,
-                loss_block_rows=8)
+  config.update(
+    global_batch_size=2, num_steps=1, eval_every_steps=0, grad_accum_steps=2, loss_block_rows=8
+  )
   seen = {}
   create = loop.create_trainer
 
@@ -182,8 +244,12 @@ def test_aot_lowers_exactly_the_step_the_training_loop_runs(tmp_path, monkeypatc
     trainer = create(*args, **kwargs)
 
     def step(state, batch):
-      seen.setdefault('args', jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), (state, batch)))
+      seen.setdefault(
+        'args',
+        jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), (state, batch)
+        ),
+      )
       return trainer.step(state, batch)
 
     seen['trainer'] = trainer

@@ -6,10 +6,10 @@ import os
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_models import random_model
 
 from pspnet_jax import checkpoint
 from pspnet_jax.models import PSPNetConfig
-from tiny_models import random_model
 
 
 def test_save_load_round_trip_is_exact(tmp_path):
@@ -33,7 +33,9 @@ def test_load_errors_name_the_path(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match='model_config.json'):
     checkpoint.load_model(tmp_path / 'empty')
   os.makedirs(tmp_path / 'bad')
-  (tmp_path / 'bad' / 'model_config.json').write_text(json.dumps({'model': {'depth': 50, 'colour': 1}}))
+  (tmp_path / 'bad' / 'model_config.json').write_text(
+    json.dumps({'model': {'depth': 50, 'colour': 1}})
+  )
   with pytest.raises(checkpoint.CheckpointError, match='colour'):
     checkpoint.load_model(tmp_path / 'bad')
   (tmp_path / 'bad' / 'model_config.json').write_text(json.dumps({'model': {'depth': 18}}))
@@ -51,20 +53,28 @@ def test_train_checkpoints_keep_the_latest_k_and_the_best_miou(tmp_path):
   still knows step 2 is the best: after saving 7 and 8 it keeps 2, 7 and 8."""
   import jax.numpy as jnp
   import optax
+
   ckpt = checkpoint.TrainCheckpointer(str(tmp_path), PSPNetConfig(depth=18), keep=2)
   tx = optax.sgd(0.1, momentum=0.9)
   mious = {1: 0.1, 2: 0.9, 3: 0.3, 4: 0.2, 5: 0.4}
   for step in range(1, 7):
     variables = {'params': {'w': jnp.full((3,), float(step))}}
-    ckpt.save(step, model_variables=variables, opt_state=tx.init(variables['params']),
-              meta={'step': step}, data_state={'step': step},
-              metrics={'miou': mious[step]} if step in mious else None)
+    ckpt.save(
+      step,
+      model_variables=variables,
+      opt_state=tx.init(variables['params']),
+      meta={'step': step},
+      data_state={'step': step},
+      metrics={'miou': mious[step]} if step in mious else None,
+    )
   ckpt.wait()
   assert sorted(ckpt.manager.all_steps()) == [2, 5, 6]
   assert ckpt.latest_step() == 6
 
   target = {'params': {'w': jnp.zeros((3,))}}
-  model, _, meta, data_state = ckpt.restore(2, model_target=target, opt_target=tx.init(target['params']))
+  model, _, meta, data_state = ckpt.restore(
+    2, model_target=target, opt_target=tx.init(target['params'])
+  )
   np.testing.assert_array_equal(np.asarray(model['params']['w']), [2.0, 2.0, 2.0])
   assert meta == {'step': 2} and data_state == {'step': 2}
   ckpt.close()
@@ -72,18 +82,27 @@ def test_train_checkpoints_keep_the_latest_k_and_the_best_miou(tmp_path):
   resumed = checkpoint.TrainCheckpointer(str(tmp_path), PSPNetConfig(depth=18), keep=2)
   for step, miou in ((7, 0.5), (8, None)):
     variables = {'params': {'w': jnp.full((3,), float(step))}}
-    resumed.save(step, model_variables=variables, opt_state=tx.init(variables['params']),
-                 meta={'step': step}, data_state={'step': step},
-                 metrics=None if miou is None else {'miou': miou})
+    resumed.save(
+      step,
+      model_variables=variables,
+      opt_state=tx.init(variables['params']),
+      meta={'step': step},
+      data_state={'step': step},
+      metrics=None if miou is None else {'miou': miou},
+    )
   resumed.wait()
   assert sorted(resumed.manager.all_steps()) == [2, 7, 8]
   resumed.close()
 
+
 def test_a_model_config_written_before_the_normalisation_fields_loads_with_semseg_s(tmp_path):
   """model_config.json files from before ``mean`` / ``std`` were config fields: ImageNet's."""
   from pspnet_jax.normalize import MEAN, STD
+
   os.makedirs(tmp_path / 'old')
-  (tmp_path / 'old' / 'model_config.json').write_text(json.dumps({'model': {'depth': 18, 'num_classes': 5}}))
+  (tmp_path / 'old' / 'model_config.json').write_text(
+    json.dumps({'model': {'depth': 18, 'num_classes': 5}})
+  )
   config = checkpoint.model_config(tmp_path / 'old')
   assert config == PSPNetConfig(depth=18, num_classes=5)
   np.testing.assert_array_equal(np.float32(config.mean), MEAN)

@@ -10,19 +10,28 @@ import subprocess
 import sys
 
 import pytest
+from cli import ROOT, cli_env
 
 from pspnet_jax import config_file
 from pspnet_jax.errors import UserError
-from cli import ROOT, cli_env
 
-BUNDLED = [os.path.join(ROOT, 'configs', f) for f in sorted(os.listdir(os.path.join(ROOT, 'configs')))
-           if f.endswith('.py') and not f.startswith('_') and not f.endswith('_recipe.py')]
+BUNDLED = [
+  os.path.join(ROOT, 'configs', f)
+  for f in sorted(os.listdir(os.path.join(ROOT, 'configs')))
+  if f.endswith('.py') and not f.startswith('_') and not f.endswith('_recipe.py')
+]
 
 
 def _run(script, *args, cwd, debug=False):
   env = cli_env(**({'PSPNET_DEBUG': '1'} if debug else {}))
-  return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=120)
+  return subprocess.run(
+    [sys.executable, os.path.join(ROOT, script), *args],
+    cwd=cwd,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
 
 
 def _error_line(p):
@@ -38,44 +47,75 @@ def test_the_readme_config_path_works_from_another_folder_and_a_missing_one_is_n
   that exists nowhere is one line naming it and the folders searched. Nothing is written."""
   workdir = tmp_path / 'run'
   for config in ('configs/synthetic.py', 'synthetic'):
-    line = _error_line(_run('train.py', '--config', config, '--workdir', str(workdir),
-                            '--config.augment.crop_size=-5', cwd=tmp_path))
-    assert line == ('error: config key augment.crop_size=-5 is out of range: give a whole number '
-                    'in [1, inf) (--config.augment.crop_size=...)'), line
-  line = _error_line(_run('train.py', '--config', 'configs/x.py', '--workdir', str(workdir), cwd=tmp_path))
-  assert line.startswith('error: no config file configs/x.py (looked for it in '
-                         f'{tmp_path} and {ROOT};'), line
+    line = _error_line(
+      _run(
+        'train.py',
+        '--config',
+        config,
+        '--workdir',
+        str(workdir),
+        '--config.augment.crop_size=-5',
+        cwd=tmp_path,
+      )
+    )
+    assert line == (
+      'error: config key augment.crop_size=-5 is out of range: give a whole number '
+      'in [1, inf) (--config.augment.crop_size=...)'
+    ), line
+  line = _error_line(
+    _run('train.py', '--config', 'configs/x.py', '--workdir', str(workdir), cwd=tmp_path)
+  )
+  assert line.startswith(
+    f'error: no config file configs/x.py (looked for it in {tmp_path} and {ROOT};'
+  ), line
   assert 'synthetic' in line and 'ade20k_pspnet50' in line
   assert os.listdir(tmp_path) == []
 
 
 def test_a_broken_config_file_is_one_line_naming_file_and_line(tmp_path):
   cases = {
-      'syntax.py': ('import ml_collections\ndef get_config(:\n  pass\n', 'error: syntax.py line 2: invalid syntax'),
-      'raises.py': ('def get_config():\n  x = 1\n  raise ValueError("boom")\n',
-                    'error: raises.py: get_config() raised ValueError: boom at line 3'),
-      'import_time.py': ('import ml_collections\nLIMIT = 1 / 0\n',
-                         'error: import_time.py line 2: ZeroDivisionError: division by zero'),
-      'no_function.py': ('CROP = 473\n', 'error: no_function.py: has no get_config() function'),
+    'syntax.py': (
+      'import ml_collections\ndef get_config(:\n  pass\n',
+      'error: syntax.py line 2: invalid syntax',
+    ),
+    'raises.py': (
+      'def get_config():\n  x = 1\n  raise ValueError("boom")\n',
+      'error: raises.py: get_config() raised ValueError: boom at line 3',
+    ),
+    'import_time.py': (
+      'import ml_collections\nLIMIT = 1 / 0\n',
+      'error: import_time.py line 2: ZeroDivisionError: division by zero',
+    ),
+    'no_function.py': ('CROP = 473\n', 'error: no_function.py: has no get_config() function'),
   }
   for name, (text, start) in cases.items():
     (tmp_path / name).write_text(text)
-    line = _error_line(_run('train.py', '--config', name, '--workdir', str(tmp_path / 'w'), cwd=tmp_path))
+    line = _error_line(
+      _run('train.py', '--config', name, '--workdir', str(tmp_path / 'w'), cwd=tmp_path)
+    )
     assert line.startswith(start), (name, line)
-  line = _error_line(_run('eval.py', '--config', 'raises.py', '--workdir', str(tmp_path / 'w'), cwd=tmp_path))
+  line = _error_line(
+    _run('eval.py', '--config', 'raises.py', '--workdir', str(tmp_path / 'w'), cwd=tmp_path)
+  )
   assert line.startswith(cases['raises.py'][1]), line
   assert not (tmp_path / 'w').exists()
-  debug = _run('train.py', '--config', 'raises.py', '--workdir', str(tmp_path / 'w'), cwd=tmp_path, debug=True)
-  assert debug.returncode != 0 and 'Traceback' in debug.stderr and 'ValueError: boom' in debug.stderr
+  debug = _run(
+    'train.py', '--config', 'raises.py', '--workdir', str(tmp_path / 'w'), cwd=tmp_path, debug=True
+  )
+  assert (
+    debug.returncode != 0 and 'Traceback' in debug.stderr and 'ValueError: boom' in debug.stderr
+  )
 
 
 def test_out_of_range_values_are_refused_by_every_config_command(tmp_path):
   workdir = tmp_path / 'never'
-  line = _error_line(_run('train.py', '--workdir', str(workdir), '--config.augment.scale_min=3',
-                          cwd=tmp_path))
+  line = _error_line(
+    _run('train.py', '--workdir', str(workdir), '--config.augment.scale_min=3', cwd=tmp_path)
+  )
   assert 'augment.scale_min=3.0 and augment.scale_max=1.5' in line, line
-  line = _error_line(_run('eval.py', '--workdir', str(workdir), '--config.eval.scales=(0.5,-1.0)',
-                          cwd=tmp_path))
+  line = _error_line(
+    _run('eval.py', '--workdir', str(workdir), '--config.eval.scales=(0.5,-1.0)', cwd=tmp_path)
+  )
   assert 'eval.scales=(0.5, -1.0) is out of range: give each a number in (0, inf)' in line, line
   assert not workdir.exists()
 
@@ -83,9 +123,15 @@ def test_out_of_range_values_are_refused_by_every_config_command(tmp_path):
 @pytest.mark.parametrize('path', BUNDLED, ids=os.path.basename)
 def test_every_numeric_key_of_every_bundled_config_has_a_range_its_default_meets(path):
   config = config_file.load(path)
-  numeric = [k for k, v in config_file.config_keys(config).items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool)
-             or isinstance(v, tuple) and v and all(isinstance(x, (int, float)) for x in v)]
+  numeric = [
+    k
+    for k, v in config_file.config_keys(config).items()
+    if isinstance(v, (int, float))
+    and not isinstance(v, bool)
+    or isinstance(v, tuple)
+    and v
+    and all(isinstance(x, (int, float)) for x in v)
+  ]
   assert numeric and set(numeric) <= set(config_file.RANGES), set(numeric) - set(config_file.RANGES)
   config_file.check_values(config)
 

@@ -7,13 +7,13 @@ import os
 import zipfile
 
 import numpy as np
-from PIL import Image
 import pytest
 import scipy.io
+from cli import cli_env
+from PIL import Image
 
 from pspnet_jax import data
 from pspnet_jax.data.builders import cityscapes_trainid
-from cli import cli_env
 
 
 def _png(array: np.ndarray, palette: bool = False) -> bytes:
@@ -49,8 +49,7 @@ def _labels(src):
 def _assert_nothing_prepared(name, data_dir):
   with pytest.raises(FileNotFoundError, match='not prepared'):
     data.dataset_info(name, data_dir)
-  leftovers = [os.path.join(d, f) for d, _, fs in os.walk(data_dir) for f in fs
-               if name in d]
+  leftovers = [os.path.join(d, f) for d, _, fs in os.walk(data_dir) for f in fs if name in d]
   assert not leftovers, leftovers
 
 
@@ -96,11 +95,14 @@ def test_ade20k(tmp_path, unzipped):
     np.testing.assert_array_equal(label, expected)
 
 
-@pytest.mark.parametrize('bad, message', [
+@pytest.mark.parametrize(
+  'bad, message',
+  [
     ('image', r'ADE_train_00000002\.jpg: cannot decode the image'),
     ('missing', r'ADE_train_00000003\.png: cannot read the label'),
     ('value', r'ADE_valid_00000001\.png: label values \[151\] are not allowed'),
-])
+  ],
+)
 def test_ade20k_bad_examples(tmp_path, bad, message):
   manual, out = tmp_path / 'manual', str(tmp_path / 'out')
   manual.mkdir()
@@ -120,11 +122,14 @@ def test_ade20k_missing_archive_says_what_to_download(tmp_path):
 
 # --- Cityscapes ---------------------------------------------------------------------------
 
+
 def _cityscapes(root, bad=None):
   """leftImg8bit/ and gtFine/ with 2 train images (2 cities) and 1 val image (4x6)."""
   label_ids = np.array([[0, 7, 8, 26, 33, 1]] * 4, np.uint8)
-  for split, names in (('train', ['aachen_000000_000019', 'bochum_000000_000313']),
-                       ('val', ['frankfurt_000000_000294'])):
+  for split, names in (
+    ('train', ['aachen_000000_000019', 'bochum_000000_000313']),
+    ('val', ['frankfurt_000000_000294']),
+  ):
     for name in names:
       city = name.split('_')[0]
       label = label_ids if bad != 'size' else label_ids[:3]
@@ -143,8 +148,9 @@ def test_cityscapes_trainids(tmp_path):
   assert info.palette[13] == (0, 0, 142)
   assert info.metadata['train_id_to_label_id'] == list(cityscapes_trainid.TRAIN_ID_TO_LABEL_ID)
   labels = _labels(data.eval_source('cityscapes_trainid', 'val', out))
-  np.testing.assert_array_equal(labels['frankfurt_000000_000294'],
-                                np.array([[255, 0, 1, 13, 18, 255]] * 4, np.uint8))
+  np.testing.assert_array_equal(
+    labels['frankfurt_000000_000294'], np.array([[255, 0, 1, 13, 18, 255]] * 4, np.uint8)
+  )
 
 
 def test_cityscapes_bad_inputs(tmp_path):
@@ -152,8 +158,11 @@ def test_cityscapes_bad_inputs(tmp_path):
   with pytest.raises(data.ManualDirError, match='gtFine_trainvaltest.zip'):
     data.prepare('cityscapes_trainid', out, str(tmp_path / 'nowhere'))
   _cityscapes(tmp_path / 'a', bad='size')
-  with pytest.raises(data.BadExampleError, match=r'aachen_000000_000019_gtFine_labelIds\.png: '
-                     r'label size 6x3 \(WxH\) differs'):
+  with pytest.raises(
+    data.BadExampleError,
+    match=r'aachen_000000_000019_gtFine_labelIds\.png: '
+    r'label size 6x3 \(WxH\) differs',
+  ):
     data.prepare('cityscapes_trainid', out, str(tmp_path / 'a'))
   _assert_nothing_prepared('cityscapes_trainid', out)
   _cityscapes(tmp_path / 'b', bad='missing_label')
@@ -163,23 +172,36 @@ def test_cityscapes_bad_inputs(tmp_path):
 
 # --- VOC 2012 + SBD -----------------------------------------------------------------------
 
+
 def _voc(root):
   """VOC: train a, b; val c. SBD: train b, d; val c, e. -> train_aug a, b, d, e; val c."""
   voc, sbd = f'{root}/VOCdevkit/VOC2012', f'{root}/benchmark_RELEASE/dataset'
   for i, name in enumerate('abcde'):
     _write(f'{voc}/JPEGImages/{name}.jpg', _jpg(_image(i, 5, 7)))
   for name in 'abc':  # VOC's palette PNGs, with 255 borders
-    _write(f'{voc}/SegmentationClass/{name}.png',
-           _png(np.array([[0, 1, 20, 255, 3, 3, 3]] * 5, np.uint8), palette=True))
+    _write(
+      f'{voc}/SegmentationClass/{name}.png',
+      _png(np.array([[0, 1, 20, 255, 3, 3, 3]] * 5, np.uint8), palette=True),
+    )
   for name in 'bcde':
     os.makedirs(f'{sbd}/cls', exist_ok=True)
     segmentation = np.full((5, 7), 7, np.uint8)
-    scipy.io.savemat(f'{sbd}/cls/{name}.mat', {'GTcls': {
-        'Segmentation': segmentation, 'Boundaries': np.zeros((1, 1), object),
-        'CategoriesPresent': np.array([7], np.uint8)}})
-  for path, names in ((f'{voc}/ImageSets/Segmentation/train.txt', 'ab'),
-                      (f'{voc}/ImageSets/Segmentation/val.txt', 'c'),
-                      (f'{sbd}/train.txt', 'bd'), (f'{sbd}/val.txt', 'ce')):
+    scipy.io.savemat(
+      f'{sbd}/cls/{name}.mat',
+      {
+        'GTcls': {
+          'Segmentation': segmentation,
+          'Boundaries': np.zeros((1, 1), object),
+          'CategoriesPresent': np.array([7], np.uint8),
+        }
+      },
+    )
+  for path, names in (
+    (f'{voc}/ImageSets/Segmentation/train.txt', 'ab'),
+    (f'{voc}/ImageSets/Segmentation/val.txt', 'c'),
+    (f'{sbd}/train.txt', 'bd'),
+    (f'{sbd}/val.txt', 'ce'),
+  ):
     _write(path, ''.join(f'{n}\n' for n in names).encode())
 
 
@@ -206,13 +228,17 @@ def test_voc2012_aug_missing_sbd(tmp_path):
 
 # --- a user's folder ----------------------------------------------------------------------
 
+
 def _folder(root, layout='folders', bad=None):
   """3 classes; train 3 images, val 1; class file as YAML (folders) or JSON (list files)."""
   label = np.array([[0, 1, 2, 255]] * 3, np.uint8)
   pairs = {'train': ['x0', 'x1', 'x2'], 'val': ['y0']}
   if layout == 'folders':
-    _write(f'{root}/classes.yaml', b'classes: [background, field, road]\n'
-           b'palette: [[0, 0, 0], [0, 200, 0], [90, 90, 90]]\nbase_size: 256\n')
+    _write(
+      f'{root}/classes.yaml',
+      b'classes: [background, field, road]\n'
+      b'palette: [[0, 0, 0], [0, 200, 0], [90, 90, 90]]\nbase_size: 256\n',
+    )
   else:
     _write(f'{root}/classes.json', json.dumps(['background', 'field', 'road']).encode())
   for split, names in pairs.items():
@@ -251,13 +277,16 @@ def test_segmentation_folder(tmp_path, layout):
   np.testing.assert_array_equal(ex['image'], _image(0, 3, 4))
 
 
-@pytest.mark.parametrize('bad, message', [
+@pytest.mark.parametrize(
+  'bad, message',
+  [
     ('undecodable', r'images/train/x1\.png: cannot decode the image'),
     ('rgb_label', r'labels/train/x1\.png: the label image has mode RGB'),
     ('value', r'labels/train/x2\.png: label values \[3\] are not allowed \(classes are 0\.\.2'),
     ('size', r'labels/train/x0\.png: label size 4x4 \(WxH\) differs'),
     ('nowhere', r'train\.txt:4: .*gone\.png: cannot read the image'),
-])
+  ],
+)
 def test_segmentation_folder_bad_examples(tmp_path, bad, message):
   root, out = tmp_path / 'mine', str(tmp_path / 'out')
   _folder(root, 'lists', bad=bad)
@@ -278,12 +307,20 @@ def test_segmentation_folder_needs_a_class_file(tmp_path):
 
 # --- the prepare command on bad input ------------------------------------------------------
 
+
 def _prepare_cli(*args):
   import subprocess
   import sys
+
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  return subprocess.run([sys.executable, '-m', 'pspnet_jax.data.prepare', *args], env=cli_env(),
-                        capture_output=True, text=True, timeout=300, cwd=root)
+  return subprocess.run(
+    [sys.executable, '-m', 'pspnet_jax.data.prepare', *args],
+    env=cli_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=root,
+  )
 
 
 def _one_error_line(p):
@@ -299,7 +336,9 @@ def test_prepare_cli_refusals_are_one_line_and_write_nothing(tmp_path):
   data dir as it was."""
   root, out = tmp_path / 'mine', tmp_path / 'out'
   _folder(root, 'lists', bad='value')
-  line = _one_error_line(_prepare_cli('segmentation_folder', '--data-dir', str(out), '--option', f'root={root}'))
+  line = _one_error_line(
+    _prepare_cli('segmentation_folder', '--data-dir', str(out), '--option', f'root={root}')
+  )
   assert 'labels/train/x2.png' in line and 'label values [3] are not allowed' in line, line
   assert '--skip-bad-examples' in line, line
   _assert_nothing_prepared('segmentation_folder', str(out))
@@ -308,13 +347,18 @@ def test_prepare_cli_refusals_are_one_line_and_write_nothing(tmp_path):
   p = _prepare_cli('synthetic_shapes', '--data-dir', str(out), *small)
   assert p.returncode == 0, p.stderr[-3000:]
   before = {f: os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs}
-  line = _one_error_line(_prepare_cli('synthetic_shapes', '--data-dir', str(out), *small[:-2],
-                                      '--option', 'num_val=3'))
+  line = _one_error_line(
+    _prepare_cli('synthetic_shapes', '--data-dir', str(out), *small[:-2], '--option', 'num_val=3')
+  )
   assert 'num_val=1 (prepared) vs 3 (asked)' in line and 'num_train' not in line, line
-  assert {f: os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs} == before
+  assert {
+    f: os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs
+  } == before
 
   a_file = tmp_path / 'not_a_dir'
   a_file.write_text('x')
-  line = _one_error_line(_prepare_cli('synthetic_shapes', '--data-dir', str(a_file / 'data'), *small))
+  line = _one_error_line(
+    _prepare_cli('synthetic_shapes', '--data-dir', str(a_file / 'data'), *small)
+  )
   assert str(a_file) in line and 'is not a folder' in line, line
   assert a_file.read_text() == 'x'

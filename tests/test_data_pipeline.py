@@ -26,13 +26,19 @@ def data_dir(tmp_path_factory):
 
 
 def _loader(data_dir, **kwargs):
-  args = dict(global_batch_size=4, augment=data.AugmentConfig(crop_size=CROP), seed=0,
-              process_index=0, process_count=1)
+  args = dict(
+    global_batch_size=4,
+    augment=data.AugmentConfig(crop_size=CROP),
+    seed=0,
+    process_index=0,
+    process_count=1,
+  )
   args.update(kwargs)
   return data.train_loader('synthetic_shapes', 'train', data_dir, **args)
 
 
 # --- synthetic_shapes and the prepare/read interface ---------------------------------------
+
 
 def test_synthetic_metadata_and_splits(data_dir):
   info = data.dataset_info('synthetic_shapes', data_dir)
@@ -83,8 +89,18 @@ def test_unprepared_dataset_says_how_to_prepare(tmp_path):
 
 
 def test_prepare_command_line(tmp_path, monkeypatch, capsys):
-  argv = ['prepare', 'synthetic_shapes', '--data-dir', str(tmp_path),
-          '--option', 'image_size=32', '--option', 'num_train=3', '--option', 'num_val=2']
+  argv = [
+    'prepare',
+    'synthetic_shapes',
+    '--data-dir',
+    str(tmp_path),
+    '--option',
+    'image_size=32',
+    '--option',
+    'num_train=3',
+    '--option',
+    'num_val=2',
+  ]
   monkeypatch.setattr(sys, 'argv', argv)
   with pytest.raises(SystemExit) as e:
     runpy.run_module('pspnet_jax.data.prepare', run_name='__main__')
@@ -95,8 +111,9 @@ def test_prepare_command_line(tmp_path, monkeypatch, capsys):
 
 # --- augmentation invariants -------------------------------------------------------------
 
-COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 255, 255]],
-                   np.float32)
+COLOURS = np.array(
+  [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 255, 255]], np.float32
+)
 
 
 def _colour_coded(h=160, w=200, block=32):
@@ -114,8 +131,9 @@ def _denormalise(image):
 @pytest.mark.parametrize('seed', range(12))
 def test_augment_keeps_labels_and_alignment(seed):
   image, label = _colour_coded()
-  out_image, out_label = transforms.augment(image, label, transforms.example_rng(seed, 0, 0),
-                                            data.AugmentConfig(crop_size=97))
+  out_image, out_label = transforms.augment(
+    image, label, transforms.example_rng(seed, 0, 0), data.AugmentConfig(crop_size=97)
+  )
   assert out_image.shape == (97, 97, 3) and out_image.dtype == np.float32
   assert out_label.shape == (97, 97) and out_label.dtype == np.int32
   assert set(np.unique(out_label)) <= set(np.unique(label).tolist()) | {255}
@@ -135,8 +153,9 @@ def test_augment_keeps_labels_and_alignment(seed):
 def test_crop_padding_is_mean_and_ignore():
   image = np.full((20, 30, 3), 200, np.uint8)
   label = np.ones((20, 30), np.uint8)
-  config = data.AugmentConfig(crop_size=65, scale_min=1, scale_max=1, rotate_min=0,
-                              rotate_max=0, blur=False)
+  config = data.AugmentConfig(
+    crop_size=65, scale_min=1, scale_max=1, rotate_min=0, rotate_max=0, blur=False
+  )
   out_image, out_label = transforms.augment(image, label, np.random.default_rng(0), config)
   pad = out_label == 255
   assert pad.sum() == 65 * 65 - 20 * 30
@@ -149,14 +168,17 @@ def test_crop_padding_is_mean_and_ignore():
   mean, std = (123.68, 116.779, 103.939), (1.0, 1.0, 1.0)
   out_image, _ = transforms.augment(image, label, np.random.default_rng(0), config, mean, std)
   np.testing.assert_array_equal(out_image[pad], 0)
-  np.testing.assert_allclose(out_image[~pad], np.broadcast_to(200 - np.float32(mean), (600, 3)), atol=1e-4)
+  np.testing.assert_allclose(
+    out_image[~pad], np.broadcast_to(200 - np.float32(mean), (600, 3)), atol=1e-4
+  )
 
 
 def test_rotation_border_is_mean_and_ignore():
   image = np.full((50, 50, 3), 10, np.float32)
   label = np.zeros((50, 50), np.uint8)
-  out_image, out_label = transforms.random_rotate(image, label, np.random.default_rng(0),
-                                                  30, 30, p=1.0)
+  out_image, out_label = transforms.random_rotate(
+    image, label, np.random.default_rng(0), 30, 30, p=1.0
+  )
   assert out_label[0, 0] == 255 and out_label[25, 25] == 0
   np.testing.assert_allclose(out_image[0, 0], MEAN, rtol=1e-6)
 
@@ -180,12 +202,15 @@ def test_small_transforms():
   blurred = transforms.random_gaussian_blur(image, _Always())
   assert blurred.shape == image.shape and not np.array_equal(blurred, image)
   # Probability 0.5 draws are independent per example: about half of 200 blur.
-  blurs = sum(transforms.random_gaussian_blur(image, transforms.example_rng(0, 0, i)) is not image
-              for i in range(200))
+  blurs = sum(
+    transforms.random_gaussian_blur(image, transforms.example_rng(0, 0, i)) is not image
+    for i in range(200)
+  )
   assert 70 < blurs < 130
 
 
 # --- the training pipeline -------------------------------------------------------------------
+
 
 def _take(loader, n):
   return [next(loader) for _ in range(n)]
@@ -231,12 +256,14 @@ def test_worker_processes_give_the_same_batches(data_dir):
 def test_processes_split_each_global_batch(data_dir):
   whole = _take(_loader(data_dir), 2)
   for count in (2, 4):
-    parts = [_take(_loader(data_dir, process_index=i, process_count=count), 2)
-             for i in range(count)]
+    parts = [
+      _take(_loader(data_dir, process_index=i, process_count=count), 2) for i in range(count)
+    ]
     for step in range(2):
       for key in ('image', 'label'):
         np.testing.assert_array_equal(
-            np.concatenate([p[step][key] for p in parts]), whole[step][key])
+          np.concatenate([p[step][key] for p in parts]), whole[step][key]
+        )
   with pytest.raises(ValueError, match='not divisible'):
     _loader(data_dir, process_count=3)
 
@@ -247,8 +274,10 @@ def test_shards_are_disjoint_and_cover_each_epoch(num_examples, count):
   global_batch = 12
   local = global_batch // count
   steps = num_examples // global_batch
-  streams = [input_pipeline._Positions(num_examples, global_batch, local, i, seed=0,
-                                       start_step=0) for i in range(count)]
+  streams = [
+    input_pipeline._Positions(num_examples, global_batch, local, i, seed=0, start_step=0)
+    for i in range(count)
+  ]
   epochs = []
   for epoch in range(2):
     seen = []

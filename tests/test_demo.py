@@ -5,8 +5,8 @@ import re
 import subprocess
 import sys
 
-from torch_reference import TorchPSPNet
 from cli import cli_env
+from torch_reference import TorchPSPNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -14,9 +14,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_demo_runs_a_random_pspnet_and_reports_it():
   """A small size keeps it quick: exit 0, a prediction at the input size, the warning that
   the weights are random, and the parameter count of the same PSPNet built in PyTorch."""
-  p = subprocess.run([sys.executable, '-m', 'pspnet_jax.demo', '--size', '33', '--depth', '18',
-                      '--classes', '5'], env=cli_env(), cwd=ROOT, capture_output=True, text=True,
-                     timeout=300)
+  p = subprocess.run(
+    [sys.executable, '-m', 'pspnet_jax.demo', '--size', '33', '--depth', '18', '--classes', '5'],
+    env=cli_env(),
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert p.returncode == 0, p.stderr[-3000:]
   assert 'RANDOMLY INITIALISED' in p.stdout
   assert re.search(r'prediction\s+\(1, 33, 33\) int32', p.stdout), p.stdout

@@ -20,13 +20,13 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
-
 import cli
+import pytest
 
 ROOT = cli.ROOT
 DOCS = ['README.md', 'CHANGELOG.md', 'benchmarks/README.md'] + sorted(
-    os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'docs', '*.md')))
+  os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'docs', '*.md'))
+)
 
 # Placeholders the docs use on purpose: ``[--config.KEY=VALUE ...]`` (train.py: any key) and
 # ``--config.eval.KEY=VALUE`` (eval.py: any key of config.eval). They name no real key.
@@ -42,6 +42,7 @@ HELP_TIMEOUT_S = 120
 
 
 # ------------------------------------------------------------------ reading the markdown
+
 
 def _read(doc: str) -> str:
   with open(os.path.join(ROOT, doc), encoding='utf-8') as f:
@@ -70,7 +71,7 @@ def _comment_split(line: str):
     elif ch in '\'"':
       quote = ch
     elif ch == '#' and (i == 0 or line[i - 1].isspace()):
-      return line[:i], line[i + 1:]
+      return line[:i], line[i + 1 :]
   return line, ''
 
 
@@ -105,6 +106,7 @@ def snippets(doc: str):
 
 # ------------------------------------------------------------------ finding commands
 
+
 def _tokens(code: str) -> list[str]:
   # `|` inside a word is the docs' alternation (`[--flip|--no-flip]`, `[--mode whole|slide]`);
   # a pipe stands alone between spaces.
@@ -137,7 +139,7 @@ def commands(code: str) -> list[tuple[tuple[str, str], list[str]]]:
   simple.append(current)
   for words in simple:
     for i, word in enumerate(words):
-      rest = words[i + 1:]
+      rest = words[i + 1 :]
       if INTERPRETER.match(word) and rest:
         if rest[0] == '-m' and len(rest) > 1 and rest[1].startswith('pspnet_jax'):
           found.append((('module', rest[1]), rest[2:]))
@@ -170,7 +172,7 @@ def flags_of(args: list[str], extra: str = '') -> list[tuple[str, str | None]]:
   return found
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def all_commands():
   """[(where, (kind, name), flags, args)] over every doc."""
   out = []
@@ -183,10 +185,13 @@ def all_commands():
 
 # ------------------------------------------------------------------ what the code accepts
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def make_targets() -> frozenset:
   with open(os.path.join(ROOT, 'Makefile')) as f:
-    return frozenset(m.group(1) for m in re.finditer(r'^([\w.-]+)\s*:(?!=)', f.read(), re.MULTILINE))
+    return frozenset(
+      m.group(1) for m in re.finditer(r'^([\w.-]+)\s*:(?!=)', f.read(), re.MULTILINE)
+    )
 
 
 def _source(command) -> str | None:
@@ -214,7 +219,9 @@ def _help(command) -> tuple[set, str]:
   argv = [sys.executable] + (['-m', name] if kind == 'module' else [name])
   argv.append('--helpfull' if absl else '--help')
   env = cli.cli_env(JAX_PLATFORMS='cpu')
-  p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HELP_TIMEOUT_S)
+  p = subprocess.run(
+    argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HELP_TIMEOUT_S
+  )
   text = p.stdout + p.stderr
   accepted = set()
   for line in text.splitlines():
@@ -239,11 +246,12 @@ def accepted_flags():
   return {c: a for c, (a, _) in results.items()}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def config_keys(path: str) -> frozenset:
   if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
   from pspnet_jax import config_file
+
   return frozenset(config_file.config_keys(config_file.load(config_file.resolve(path))))
 
 
@@ -258,15 +266,23 @@ def _config_path(args: list[str]) -> str | None:
 
 # ------------------------------------------------------------------ the tests
 
+
 def test_the_docs_show_commands_of_every_kind():
   """The parser finds the commands (so the checks below are not vacuous)."""
   found = all_commands()
   kinds = {c for _, c, _, _ in found}
   assert len(found) > 50, found
-  for expected in [('script', 'train.py'), ('script', 'eval.py'), ('module', 'pspnet_jax.port'),
-                   ('module', 'pspnet_jax.export'), ('module', 'pspnet_jax.predict'),
-                   ('module', 'pspnet_jax.aot'), ('module', 'pspnet_jax.data.prepare'),
-                   ('make', 'run'), ('make', 'test')]:
+  for expected in [
+    ('script', 'train.py'),
+    ('script', 'eval.py'),
+    ('module', 'pspnet_jax.port'),
+    ('module', 'pspnet_jax.export'),
+    ('module', 'pspnet_jax.predict'),
+    ('module', 'pspnet_jax.aot'),
+    ('module', 'pspnet_jax.data.prepare'),
+    ('make', 'run'),
+    ('make', 'test'),
+  ]:
     assert expected in kinds, (expected, sorted(kinds))
   assert any(c[1].startswith('benchmarks/') for c in kinds), sorted(kinds)
   assert any(name.startswith('--config.') for _, _, flags, _ in found for name, _ in flags)
@@ -285,10 +301,10 @@ def test_every_command_exists():
 
 def test_every_flag_is_accepted(accepted_flags):
   wrong = []
-  for where, command, flags, args in all_commands():
+  for where, command, flags, _ in all_commands():
     if command not in accepted_flags:
       continue  # make targets; a missing command fails test_every_command_exists
-    for name, value in flags:
+    for name, _ in flags:
       if name.startswith('--config.'):
         continue  # a config key: test_every_config_key_exists
       if name not in accepted_flags[command]:
@@ -300,8 +316,8 @@ def test_every_config_key_exists():
   """``--config.KEY=...`` (train.py, eval.py, aot) and aot's ``--sweep KEY=...`` name keys of
   the config file the command is given (the default one without ``--config``)."""
   wrong = []
-  for where, command, flags, args in all_commands():
-    keys = [name[len('--config.'):] for name, _ in flags if name.startswith('--config.')]
+  for where, _, flags, args in all_commands():
+    keys = [name[len('--config.') :] for name, _ in flags if name.startswith('--config.')]
     keys = [k for k in keys if k not in PLACEHOLDER_CONFIG_KEYS]
     keys += [value.split('=', 1)[0] for name, value in flags if name == '--sweep' and value]
     keys += [args[i + 1].split('=', 1)[0] for i, a in enumerate(args[:-1]) if a == '--sweep']
@@ -334,7 +350,7 @@ def test_config_flags_in_prose_name_keys():
       if not words or not words[0].startswith('--config.'):
         continue
       for name, _ in flags_of(words):
-        key = name[len('--config.'):]
+        key = name[len('--config.') :]
         seen += 1
         if key not in known and key not in PLACEHOLDER_CONFIG_KEYS:
           wrong.append(f'{where}: no bundled config has the key {key!r}')
@@ -348,7 +364,7 @@ def _slug(heading: str) -> str:
   return text.replace(' ', '-')
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def anchors(path: str) -> frozenset:
   _, prose = _split(open(path, encoding='utf-8').read())
   return frozenset(_slug(m.group(1)) for m in re.finditer(r'^#{1,6}\s+(.*)$', prose, re.MULTILINE))

@@ -14,13 +14,13 @@ import jax
 import numpy as np
 import pytest
 import torch
-
-from pspnet_jax import checkpoint, export
-from pspnet_jax.normalize import normalize
+from cli import cli_env
 from test_model_parity import assert_logits_close, run_torch
 from test_port import run_cli, save_semseg
 from torch_reference import TorchPSPNet, randomize
-from cli import cli_env
+
+from pspnet_jax import checkpoint, export
+from pspnet_jax.normalize import normalize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 420
@@ -41,8 +41,9 @@ def _images(seed=0):
 def exported(tmp_path_factory):
   """(torch reference, ported model dir, export dir, CLI stdout)."""
   root = tmp_path_factory.mktemp('export')
-  ref = randomize(TorchPSPNet(num_classes=5, depth=18, base_width=8, head_channels=16,
-                              aux_channels=8), seed=3)
+  ref = randomize(
+    TorchPSPNet(num_classes=5, depth=18, base_width=8, head_channels=16, aux_channels=8), seed=3
+  )
   ref.eval()
   src = save_semseg(ref, root / 'train_epoch_50.pth')
   model_dir = root / 'ported'
@@ -51,9 +52,23 @@ def exported(tmp_path_factory):
   config, metadata = checkpoint.read_model_config(str(model_dir))
   checkpoint.write_model_config(str(model_dir), config, {**metadata, 'class_names': CLASSES})
   out = root / 'artifact'
-  p = subprocess.run([sys.executable, '-m', 'pspnet_jax.export', str(model_dir), '--out', str(out),
-                      '--format', 'all'], env=_env(), capture_output=True, text=True, timeout=TIMEOUT,
-                     cwd=REPO)
+  p = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'pspnet_jax.export',
+      str(model_dir),
+      '--out',
+      str(out),
+      '--format',
+      'all',
+    ],
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT,
+    cwd=REPO,
+  )
   assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
   return ref, model_dir, out, p.stdout
 
@@ -64,7 +79,7 @@ def _references(ref, model_dir, images):
   return [(run_torch(ref, normalize(x)), np.asarray(model(normalize(x)))) for x in images]
 
 
-_FRESH_PROCESS = '''
+_FRESH_PROCESS = """
 import os, sys
 import numpy as np
 import jax
@@ -81,7 +96,7 @@ assert not any(m == 'flax' or m.startswith(('flax.', 'pspnet_jax', 'torch')) for
     sorted(m for m in sys.modules if m.startswith(('flax', 'pspnet_jax', 'torch')))
 np.savez(outputs, **outs)
 print('platforms', ','.join(exported.platforms))
-'''
+"""
 
 
 def test_both_artifacts_run_in_a_process_without_flax_or_pspnet_jax(exported, tmp_path):
@@ -90,9 +105,21 @@ def test_both_artifacts_run_in_a_process_without_flax_or_pspnet_jax(exported, tm
   images = _images()
   np.savez(tmp_path / 'in.npz', **{f'x{i}': x for i, x in enumerate(images)})
   env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-  p = subprocess.run([sys.executable, '-c', _FRESH_PROCESS, str(out), str(tmp_path / 'in.npz'),
-                      str(tmp_path / 'out.npz')],
-                     env=env, capture_output=True, text=True, timeout=TIMEOUT, cwd=str(tmp_path))
+  p = subprocess.run(
+    [
+      sys.executable,
+      '-c',
+      _FRESH_PROCESS,
+      str(out),
+      str(tmp_path / 'in.npz'),
+      str(tmp_path / 'out.npz'),
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT,
+    cwd=str(tmp_path),
+  )
   assert p.returncode == 0, p.stderr[-3000:]
   assert 'platforms cpu,cuda,tpu' in p.stdout
   got = np.load(tmp_path / 'out.npz')
@@ -105,6 +132,7 @@ def test_both_artifacts_run_in_a_process_without_flax_or_pspnet_jax(exported, tm
 
 def test_onnx_graph_has_dynamic_batch_height_width(exported):
   import onnx
+
   _, _, out, _ = exported
   graph = onnx.load(str(out / export.ONNX_FILE)).graph
   (inp,), (outp,) = graph.input, graph.output
@@ -118,23 +146,34 @@ def test_manifest_describes_the_artifacts(exported):
   manifest = json.load(open(out / export.MANIFEST))
   assert manifest['classes'] == CLASSES and len(manifest['palette']) == 5
   assert manifest['model']['depth'] == 18 and manifest['model']['num_classes'] == 5
-  np.testing.assert_allclose(manifest['normalization']['mean'], [123.675, 116.28, 103.53], rtol=1e-6)
+  np.testing.assert_allclose(
+    manifest['normalization']['mean'], [123.675, 116.28, 103.53], rtol=1e-6
+  )
   np.testing.assert_allclose(manifest['normalization']['std'], [58.395, 57.12, 57.375], rtol=1e-6)
   assert manifest['input']['shape'] == ['batch', 'height', 'width', 3]
-  assert manifest['output'] == {'name': 'logits', 'dtype': 'float32', 'kind': 'logits',
-                                'shape': ['batch', 'height', 'width', 5]}
+  assert manifest['output'] == {
+    'name': 'logits',
+    'dtype': 'float32',
+    'kind': 'logits',
+    'shape': ['batch', 'height', 'width', 5],
+  }
   assert manifest['versions']['jax'] and manifest['versions']['pspnet_jax']
   for art in manifest['artifacts'].values():
     import hashlib
+
     assert hashlib.sha256(open(out / art['file'], 'rb').read()).hexdigest() == art['sha256']
   # The weights' checksum is that of the model directory's variables, recomputed here
   # from the arrays themselves.
   import hashlib
+
   from flax import nnx
+
   model = checkpoint.load_model(str(model_dir))
   digest = hashlib.sha256()
-  flat = {'.'.join(map(str, k)): np.asarray(v[...]) for k, v in
-          nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))}
+  flat = {
+    '.'.join(map(str, k)): np.asarray(v[...])
+    for k, v in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
+  }
   for k in sorted(flat):
     a = np.ascontiguousarray(flat[k])
     digest.update(f'{k}|{a.dtype.str}|{a.shape}|'.encode() + a.tobytes())
@@ -143,9 +182,11 @@ def test_manifest_describes_the_artifacts(exported):
 
 def test_the_serving_function_normalises_with_the_models_own_mean_and_std():
   import dataclasses
+
   import jax.numpy as jnp
   from flax import nnx
   from tiny_models import tiny_model
+
   model = tiny_model(seed=2)
   config = dataclasses.replace(model.config, mean=(123.68, 116.779, 103.939), std=(1.0, 2.0, 4.0))
   caffe_like = nnx.merge(nnx.split(checkpoint.abstract_model(config))[0], nnx.state(model))
@@ -170,22 +211,34 @@ def test_class_ids_and_probabilities_outputs(exported):
   np.testing.assert_array_equal(np.asarray(classes)[clear], want.argmax(-1)[clear])
   np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, atol=1e-5)
   # A softmax moves by at most the largest change of its logits: the logits' tolerance.
-  np.testing.assert_allclose(np.asarray(probs), torch.softmax(torch.from_numpy(want), -1).numpy(),
-                             atol=1e-4 * np.abs(want).max())
+  np.testing.assert_allclose(
+    np.asarray(probs),
+    torch.softmax(torch.from_numpy(want), -1).numpy(),
+    atol=1e-4 * np.abs(want).max(),
+  )
 
 
 def test_bad_model_dir_and_bad_options_are_one_line_and_write_nothing(exported, tmp_path):
   _, model_dir, _, _ = exported
   cases = [
-      ([str(tmp_path / 'nowhere')], 'no such directory'),
-      ([str(tmp_path)], 'not a pspnet_jax model directory'),
-      ([str(model_dir), '--platforms', 'cpu,gpu'], '--platforms gpu: choose from cpu, cuda, rocm, tpu'),
-      ([str(model_dir), '--format', 'onnx', '--dtype', 'bfloat16'], 'the ONNX artifact is float32'),
+    ([str(tmp_path / 'nowhere')], 'no such directory'),
+    ([str(tmp_path)], 'not a pspnet_jax model directory'),
+    (
+      [str(model_dir), '--platforms', 'cpu,gpu'],
+      '--platforms gpu: choose from cpu, cuda, rocm, tpu',
+    ),
+    ([str(model_dir), '--format', 'onnx', '--dtype', 'bfloat16'], 'the ONNX artifact is float32'),
   ]
   for args, needle in cases:
     out = tmp_path / 'out'
-    p = subprocess.run([sys.executable, '-m', 'pspnet_jax.export', *args, '--out', str(out)], env=_env(),
-                       capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO)
+    p = subprocess.run(
+      [sys.executable, '-m', 'pspnet_jax.export', *args, '--out', str(out)],
+      env=_env(),
+      capture_output=True,
+      text=True,
+      timeout=TIMEOUT,
+      cwd=REPO,
+    )
     assert p.returncode == 2, (args, p.stdout[-1000:], p.stderr[-2000:])
     lines = [l for l in p.stderr.splitlines() if l.startswith('error: ')]
     assert len(lines) == 1 and 'Traceback' not in p.stderr and needle in lines[0], p.stderr[-2000:]
@@ -198,9 +251,13 @@ def test_bfloat16_export_computes_in_bfloat16_and_stays_close(exported, tmp_path
   differ from float32's by more than float32 rounding, but by little), its input and
   output stay float32, and the manifest says so."""
   ref, model_dir, _, _ = exported
-  manifest = export.export_model(str(model_dir), tmp_path / 'bf16', platforms=['cpu'], dtype='bfloat16')
+  manifest = export.export_model(
+    str(model_dir), tmp_path / 'bf16', platforms=['cpu'], dtype='bfloat16'
+  )
   assert manifest['model']['dtype'] == 'bfloat16' and list(manifest['artifacts']) == ['stablehlo']
-  program = jax.export.deserialize(bytearray(open(tmp_path / 'bf16' / export.STABLEHLO_FILE, 'rb').read()))
+  program = jax.export.deserialize(
+    bytearray(open(tmp_path / 'bf16' / export.STABLEHLO_FILE, 'rb').read())
+  )
   assert 'bf16' in program.mlir_module()
   x = _images(seed=3)[0]
   got = np.asarray(program.call(x))

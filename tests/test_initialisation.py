@@ -14,11 +14,11 @@ import pytest
 import torch
 from scipy import stats
 from torch import nn
+from torch_reference import TorchPSPNet
 
 from pspnet_jax import checkpoint
 from pspnet_jax.models import PSPNetConfig
 from pspnet_jax.port import export_state_dict
-from torch_reference import TorchPSPNet
 
 pytestmark = pytest.mark.parity
 
@@ -30,8 +30,13 @@ BACKBONE = ('layer0', 'layer1', 'layer2', 'layer3', 'layer4')
 
 def semseg_initialised(config: PSPNetConfig, seed: int = 0) -> dict:
   torch.manual_seed(seed)
-  ref = TorchPSPNet(num_classes=config.num_classes, depth=config.depth, base_width=config.base_width,
-                    head_channels=config.head_channels, aux_channels=config.aux_channels)
+  ref = TorchPSPNet(
+    num_classes=config.num_classes,
+    depth=config.depth,
+    base_width=config.base_width,
+    head_channels=config.head_channels,
+    aux_channels=config.aux_channels,
+  )
   for name in BACKBONE:
     for m in getattr(ref, name).modules():
       if isinstance(m, nn.Conv2d):
@@ -39,8 +44,11 @@ def semseg_initialised(config: PSPNetConfig, seed: int = 0) -> dict:
       elif isinstance(m, nn.BatchNorm2d):
         nn.init.constant_(m.weight, 1)
         nn.init.constant_(m.bias, 0)
-  return {k: v.detach().numpy() for k, v in ref.state_dict().items()
-          if not k.endswith('num_batches_tracked')}
+  return {
+    k: v.detach().numpy()
+    for k, v in ref.state_dict().items()
+    if not k.endswith('num_batches_tracked')
+  }
 
 
 @pytest.fixture(scope='module')

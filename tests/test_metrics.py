@@ -44,17 +44,19 @@ def test_confusion_matches_numpy_with_ignore_pixels():
   pred = rng.integers(0, c, (37, 53))
   label = rng.integers(0, c, (37, 53))
   label[rng.random(label.shape) < 0.2] = 255
-  got = jax.jit(metrics.confusion_matrix, static_argnums=2)(jnp.asarray(pred), jnp.asarray(label), c)
+  got = jax.jit(metrics.confusion_matrix, static_argnums=2)(
+    jnp.asarray(pred), jnp.asarray(label), c
+  )
   assert got.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(got), numpy_confusion(pred, label, c))
 
 
 def test_accumulator_carries_past_32_bits():
   acc = metrics.empty_confusion(2)
-  big = jnp.full((2, 2), 2 ** 31 - 1, jnp.int32)
+  big = jnp.full((2, 2), 2**31 - 1, jnp.int32)
   for _ in range(5):
     acc = metrics.add_confusion(acc, big)
-  np.testing.assert_array_equal(metrics.confusion_to_numpy(acc), np.full((2, 2), 5 * (2 ** 31 - 1)))
+  np.testing.assert_array_equal(metrics.confusion_to_numpy(acc), np.full((2, 2), 5 * (2**31 - 1)))
 
 
 @pytest.mark.parametrize('seed', range(4))
@@ -71,8 +73,9 @@ def test_scores_match_numpy_on_random_confusions(seed, absent):
   names = [f'n{i}' for i in range(c)]
   m = metrics.segmentation_metrics(conf, names, absent=absent)
   miou, macc, allacc, fwiou = numpy_scores(conf, absent)
-  np.testing.assert_allclose([m['miou'], m['macc'], m['allacc'], m['fwiou']],
-                             [miou, macc, allacc, fwiou], rtol=1e-12)
+  np.testing.assert_allclose(
+    [m['miou'], m['macc'], m['allacc'], m['fwiou']], [miou, macc, allacc, fwiou], rtol=1e-12
+  )
   pc = m['per_class']
   assert [p['name'] for p in pc] == names
   assert pc[2] == {'name': 'n2', 'iou': None, 'precision': None, 'recall': None, 'f1': None}
@@ -80,8 +83,10 @@ def test_scores_match_numpy_on_random_confusions(seed, absent):
   assert pc[5]['precision'] is None and pc[5]['recall'] == 0.0
   k = 1
   tp, gt, pr = conf[k, k], conf[k].sum(), conf[:, k].sum()
-  np.testing.assert_allclose([pc[k]['precision'], pc[k]['recall'], pc[k]['f1']],
-                             [tp / pr, tp / gt, 2 * (tp / pr) * (tp / gt) / (tp / pr + tp / gt)])
+  np.testing.assert_allclose(
+    [pc[k]['precision'], pc[k]['recall'], pc[k]['f1']],
+    [tp / pr, tp / gt, 2 * (tp / pr) * (tp / gt) / (tp / pr + tp / gt)],
+  )
 
 
 def test_semseg_rule_counts_absent_classes_as_zero():
@@ -103,7 +108,9 @@ def test_label_maps_end_to_end_and_accumulated_over_images():
     pred = rng.integers(0, c - 1, shape)  # class c-1 never predicted
     label = rng.integers(0, c - 1, shape)  # ... nor true: excluded from the means
     label[0] = 255
-    acc = metrics.add_confusion(acc, metrics.confusion_matrix(jnp.asarray(pred), jnp.asarray(label), c))
+    acc = metrics.add_confusion(
+      acc, metrics.confusion_matrix(jnp.asarray(pred), jnp.asarray(label), c)
+    )
     total += numpy_confusion(pred, label, c)
   np.testing.assert_array_equal(metrics.confusion_to_numpy(acc), total)
   m = metrics.segmentation_metrics(acc)

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-
-from pspnet_jax.models import PSPNet, PSPNetConfig
-from pspnet_jax.port import LAYOUTS, StateDictMismatch, load_state_dict, load_torch
 from test_model_parity import assert_logits_close, assert_train_mode_matches, forward, run_torch
 from test_port import port_twice
 from torch_mobilenet_reference import SETTINGS, TorchMobileNetPSPNet, TorchMobileNetV2
 from torch_reference import randomize, state_dict_numpy
+
+from pspnet_jax.models import PSPNet, PSPNetConfig
+from pspnet_jax.port import LAYOUTS, StateDictMismatch, load_state_dict, load_torch
 
 torch.set_num_threads(2)
 SIZES = ((2, 96, 96), (1, 70, 90))
@@ -40,8 +40,9 @@ def canonical(state_dict):
 
 def build_pair(seed, **kw):
   config = PSPNetConfig(**MMSEG, **kw)
-  ref = randomize(TorchMobileNetPSPNet(num_classes=config.num_classes, dropout=config.dropout),
-                  seed=seed)
+  ref = randomize(
+    TorchMobileNetPSPNet(num_classes=config.num_classes, dropout=config.dropout), seed=seed
+  )
   model = PSPNet(config, rngs=nnx.Rngs(seed))
   load_state_dict(model, canonical(state_dict_numpy(ref)), source='reference state dict')
   return ref, model
@@ -51,8 +52,13 @@ def build_pair(seed, **kw):
 def mmseg_file(tmp_path_factory):
   ref = randomize(TorchMobileNetPSPNet(num_classes=19), seed=21)
   path = tmp_path_factory.mktemp('mnv2') / 'pspnet_m-v2-d8_512x1024_80k_cityscapes.pth'
-  torch.save({'meta': {'mmseg_version': '0.11.0', 'CLASSES': [f'c{i}' for i in range(19)]},
-              'state_dict': ref.state_dict()}, path)
+  torch.save(
+    {
+      'meta': {'mmseg_version': '0.11.0', 'CLASSES': [f'c{i}' for i in range(19)]},
+      'state_dict': ref.state_dict(),
+    },
+    path,
+  )
   return ref, str(path)
 
 
@@ -83,16 +89,23 @@ def test_train_mode_forward_and_bn_update_match_torch():
 
 def test_removed_key_is_refused_by_name(mmseg_file, tmp_path):
   ref, _ = mmseg_file
-  state = {k: v for k, v in ref.state_dict().items() if k != 'backbone.layer4.0.conv.1.bn.running_var'}
+  state = {
+    k: v for k, v in ref.state_dict().items() if k != 'backbone.layer4.0.conv.1.bn.running_var'
+  }
   torch.save({'meta': {}, 'state_dict': state}, tmp_path / 'm.pth')
-  with pytest.raises(StateDictMismatch, match=r'missing keys \(1\):\n'
-                                              r'  layer4\.0\.conv\.1\.bn\.running_var: '
-                                              r'model expects \(192,\)'):
+  with pytest.raises(
+    StateDictMismatch,
+    match=r'missing keys \(1\):\n'
+    r'  layer4\.0\.conv\.1\.bn\.running_var: '
+    r'model expects \(192,\)',
+  ):
     load_torch(tmp_path / 'm.pth')
 
 
 def test_parameter_count_equals_torch():
-  abstract = nnx.eval_shape(lambda: PSPNet(PSPNetConfig(num_classes=150, **MMSEG), rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(
+    lambda: PSPNet(PSPNetConfig(num_classes=150, **MMSEG), rngs=nnx.Rngs(0))
+  )
   n_jax = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
   assert n_jax == sum(p.numel() for p in TorchMobileNetPSPNet(num_classes=150).parameters())
 
@@ -104,10 +117,13 @@ def test_parameter_count_equals_torch():
 def mmcls_names(backbone_state):
   """mmcls's ImageNet file: the backbone under ``backbone.``, plus its classifier."""
   g = torch.Generator().manual_seed(0)
-  return {**{f'backbone.{k}': v for k, v in backbone_state.items()},
-          'backbone.conv2.conv.weight': torch.randn(1280, 320, 1, 1, generator=g),
-          'backbone.conv2.bn.weight': torch.ones(1280), 'head.fc.weight': torch.randn(1000, 1280),
-          'head.fc.bias': torch.zeros(1000)}
+  return {
+    **{f'backbone.{k}': v for k, v in backbone_state.items()},
+    'backbone.conv2.conv.weight': torch.randn(1280, 320, 1, 1, generator=g),
+    'backbone.conv2.bn.weight': torch.ones(1280),
+    'head.fc.weight': torch.randn(1000, 1280),
+    'head.fc.bias': torch.zeros(1000),
+  }
 
 
 def torchvision_names(backbone_state):
@@ -120,14 +136,21 @@ def torchvision_names(backbone_state):
   out = {}
   for key, value in backbone_state.items():
     if key.startswith('conv1.'):
-      out['features.0.' + key[len('conv1.'):].replace('conv.', '0.', 1).replace('bn.', '1.', 1)] = value
+      out[
+        'features.0.' + key[len('conv1.') :].replace('conv.', '0.', 1).replace('bn.', '1.', 1)
+      ] = value
       continue
     block, k, kind, rest = re.match(r'(layer\d\.\d+)\.conv\.(\d)\.(conv|bn)\.(.*)', key).groups()
     last = int(k) == (1 if block == 'layer1.0' else 2)  # the projection: conv.{n}, bn conv.{n+1}
-    sub = (f'{int(k) + (kind == "bn")}' if last else f'{k}.{0 if kind == "conv" else 1}')
+    sub = f'{int(k) + (kind == "bn")}' if last else f'{k}.{0 if kind == "conv" else 1}'
     out[f'features.{index[block]}.conv.{sub}.{rest}'] = value
   out['features.18.0.weight'] = torch.zeros(1280, 320, 1, 1)  # the 320 -> 1280 Conv-BN-ReLU6
-  out.update({f'features.18.1.{k}': torch.ones(1280) for k in ('weight', 'bias', 'running_mean', 'running_var')})
+  out.update(
+    {
+      f'features.18.1.{k}': torch.ones(1280)
+      for k in ('weight', 'bias', 'running_mean', 'running_var')
+    }
+  )
   out['features.18.1.num_batches_tracked'] = torch.tensor(0)
   out['classifier.1.weight'], out['classifier.1.bias'] = torch.zeros(1000, 1280), torch.zeros(1000)
   # torchvision's mobilenet_v2().state_dict() holds 314 entries: 52 convs, 52 BNs of five
@@ -142,8 +165,10 @@ def backbone_outputs(model, x):
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize('names,layout', [(mmcls_names, 'mmcls-mobilenet_v2'),
-                                          (torchvision_names, 'torchvision-mobilenet_v2')])
+@pytest.mark.parametrize(
+  'names,layout',
+  [(mmcls_names, 'mmcls-mobilenet_v2'), (torchvision_names, 'torchvision-mobilenet_v2')],
+)
 def test_imagenet_backbone_ports(names, layout, tmp_path):
   ref = randomize(TorchMobileNetV2(), seed=23)
   torch.save(names(ref.state_dict()), tmp_path / 'mobilenet_v2.pth')
@@ -156,4 +181,3 @@ def test_imagenet_backbone_ports(names, layout, tmp_path):
   for g, w in zip(got, want, strict=True):
     assert_logits_close(g, w)
   assert LAYOUTS[layout].recognise(torch.load(tmp_path / 'mobilenet_v2.pth'))
-

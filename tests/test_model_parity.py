@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from torch_reference import TorchPSPNet, randomize, state_dict_numpy
 
 from pspnet_jax.models import PSPNet, PSPNetConfig
 from pspnet_jax.port import export_state_dict, load_state_dict
-from torch_reference import TorchPSPNet, randomize, state_dict_numpy
 
 torch.set_num_threads(2)
 pytestmark = pytest.mark.parity
@@ -25,8 +25,16 @@ def build_pair(seed=0, **kw):
   cfg = PSPNetConfig(**kw)
   # The reference is semseg's net: the Caffe fields (tested against tests/caffe_reference.py)
   # and the normalisation (outside the network) are not its arguments.
-  caffe = ('stride_in_1x1', 'ceil_mode', 'pyramid_fixed_size', 'mean', 'std', 'dtype',
-           'backbone', 'ppm_channels')  # the last two: ResNet fields only
+  caffe = (
+    'stride_in_1x1',
+    'ceil_mode',
+    'pyramid_fixed_size',
+    'mean',
+    'std',
+    'dtype',
+    'backbone',
+    'ppm_channels',
+  )  # the last two: ResNet fields only
   assert all(getattr(cfg, k) == getattr(PSPNetConfig(), k) for k in caffe[:3])
   ref_kw = {k: v for k, v in cfg.to_dict().items() if k not in caffe}
   ref = randomize(TorchPSPNet(**ref_kw), seed=seed)
@@ -59,12 +67,14 @@ def assert_logits_close(got, want, rel=1e-4):
 
 
 VARIANTS = {
-    'pspnet50_semseg': dict(depth=50, num_classes=21),
-    'pspnet50_mmseg': dict(depth=50, num_classes=19, stem='deep32', contract_dilation=True,
-                           align_corners=False),
-    'resnet18_semseg': dict(depth=18, num_classes=7),
-    'resnet18_torchvision_os16': dict(depth=18, num_classes=5, stem='torchvision',
-                                      contract_dilation=True, output_stride=16),
+  'pspnet50_semseg': dict(depth=50, num_classes=21),
+  'pspnet50_mmseg': dict(
+    depth=50, num_classes=19, stem='deep32', contract_dilation=True, align_corners=False
+  ),
+  'resnet18_semseg': dict(depth=18, num_classes=7),
+  'resnet18_torchvision_os16': dict(
+    depth=18, num_classes=5, stem='torchvision', contract_dilation=True, output_stride=16
+  ),
 }
 
 
@@ -90,6 +100,7 @@ def test_batchnorm_train_step_matches_torch_exactly():
   """Normalisation with the biased batch variance, running variance updated with the
   unbiased one (n / (n - 1)), momentum 0.1: PyTorch's BatchNorm2d, not Flax's."""
   from pspnet_jax.models.layers import BatchNorm
+
   rng = np.random.default_rng(5)
   x = (rng.standard_normal((3, 5, 7, 4)) * 2 + 1).astype(np.float32)
   bn = BatchNorm(4)
@@ -106,8 +117,12 @@ def test_batchnorm_train_step_matches_torch_exactly():
     want = tbn.train()(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
   got = np.asarray(bn(jnp.asarray(x)))
   np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
-  np.testing.assert_allclose(np.asarray(bn.running_mean[...]), tbn.running_mean.numpy(), atol=1e-6, rtol=0)
-  np.testing.assert_allclose(np.asarray(bn.running_var[...]), tbn.running_var.numpy(), atol=1e-6, rtol=0)
+  np.testing.assert_allclose(
+    np.asarray(bn.running_mean[...]), tbn.running_mean.numpy(), atol=1e-6, rtol=0
+  )
+  np.testing.assert_allclose(
+    np.asarray(bn.running_var[...]), tbn.running_var.numpy(), atol=1e-6, rtol=0
+  )
 
 
 def test_train_mode_forward_and_bn_update_match_torch():
@@ -168,8 +183,9 @@ def test_bfloat16_compute_keeps_float32_parameters_and_statistics():
   model = PSPNet(cfg, rngs=nnx.Rngs(0))
   for _, v in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))):
     assert v[...].dtype == jnp.float32
-  logits, aux = nnx.jit(lambda m, x, r: m(x, rngs=r))(model, jnp.ones((2, 33, 33, 3)),
-                                                      nnx.Rngs(dropout=0))
+  logits, aux = nnx.jit(lambda m, x, r: m(x, rngs=r))(
+    model, jnp.ones((2, 33, 33, 3)), nnx.Rngs(dropout=0)
+  )
   assert logits.dtype == jnp.float32 and aux.dtype == jnp.float32
   for _, v in nnx.to_flat_state(nnx.state(model, nnx.BatchStat)):
     assert v[...].dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(v[...])))

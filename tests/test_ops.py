@@ -55,8 +55,9 @@ def test_adaptive_avg_pool_matches_torch_every_height_and_width():
   assert worst <= 1e-6, worst
 
 
-@pytest.mark.parametrize('h,w,b', [(64, 64, 3), (64, 64, 6), (60, 60, 6), (7, 5, 6), (1, 1, 6),
-                                   (97, 129, 6), (13, 13, 2)])
+@pytest.mark.parametrize(
+  'h,w,b', [(64, 64, 3), (64, 64, 6), (60, 60, 6), (7, 5, 6), (1, 1, 6), (97, 129, 6), (13, 13, 2)]
+)
 def test_adaptive_avg_pool_overlapping_bins(h, w, b):
   x = np.random.default_rng(1).standard_normal((1, h, w, 4)).astype(np.float32)
   y = np.asarray(ops.adaptive_avg_pool(jnp.asarray(x), b))
@@ -67,14 +68,26 @@ def test_adaptive_avg_pool_is_not_plain_avg_pool():
   """H=64, b=3: bins overlap (0..22, 21..43, 42..64), unlike avg_pool with window 21."""
   x = jnp.arange(64, dtype=jnp.float32).reshape(1, 64, 1, 1)
   y = np.asarray(ops.adaptive_avg_pool(x, (3, 1)))[0, :, 0, 0]
-  np.testing.assert_allclose(y, [np.mean(np.arange(0, 22)), np.mean(np.arange(21, 43)),
-                                 np.mean(np.arange(42, 64))], rtol=1e-6)
+  np.testing.assert_allclose(
+    y,
+    [np.mean(np.arange(0, 22)), np.mean(np.arange(21, 43)), np.mean(np.arange(42, 64))],
+    rtol=1e-6,
+  )
 
 
 RESIZE_CASES = [
-    ((1, 1), (7, 9)), ((1, 1), (1, 1)), ((6, 6), (60, 60)), ((60, 60), (473, 473)),
-    ((9, 17), (65, 129)), ((65, 129), (9, 17)), ((97, 129), (31, 45)), ((5, 7), (5, 7)),
-    ((7, 5), (3, 11)), ((13, 13), (1, 1)), ((2, 3), (1, 4)), ((33, 47), (100, 20)),
+  ((1, 1), (7, 9)),
+  ((1, 1), (1, 1)),
+  ((6, 6), (60, 60)),
+  ((60, 60), (473, 473)),
+  ((9, 17), (65, 129)),
+  ((65, 129), (9, 17)),
+  ((97, 129), (31, 45)),
+  ((5, 7), (5, 7)),
+  ((7, 5), (3, 11)),
+  ((13, 13), (1, 1)),
+  ((2, 3), (1, 4)),
+  ((33, 47), (100, 20)),
 ]
 
 
@@ -178,27 +191,39 @@ def test_fixed_pyramid_pooling_is_adaptive_pooling_at_its_size(n):
   x = jnp.asarray(np.random.default_rng(3).standard_normal((1, n, n, 8)).astype(np.float32))
   branch = lambda i, p: p
   fixed = ops.pyramid_pool(x, BINS, branch, fixed_size=n)
-  np.testing.assert_allclose(np.asarray(fixed), np.asarray(ops.pyramid_pool(x, BINS, branch)),
-                             rtol=0, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(fixed), np.asarray(ops.pyramid_pool(x, BINS, branch)), rtol=0, atol=1e-6
+  )
 
 
 def test_symbolic_sizes_give_the_static_taps_and_pooling():
   """Exported with symbolic height and width, the resize and pooling matrices computed in
   the program equal the NumPy ones of each concrete size."""
   from jax import export
+
   (n,) = export.symbolic_shape('n')
 
   def matrices(x):  # x: [n] only carries the symbolic size
     size = x.shape[0]
-    return (ops.interpolation_matrix(size, 11, True), ops.interpolation_matrix(size, 11, False),
-            ops.interpolation_matrix(6, size, True), ops.adaptive_pool_matrix(size, 6),
-            ops.ceil_pool_matrix(size, 10))
+    return (
+      ops.interpolation_matrix(size, 11, True),
+      ops.interpolation_matrix(size, 11, False),
+      ops.interpolation_matrix(6, size, True),
+      ops.adaptive_pool_matrix(size, 6),
+      ops.ceil_pool_matrix(size, 10),
+    )
 
-  program = export.export(jax.jit(matrices), platforms=['cpu'])(jax.ShapeDtypeStruct((n,), jnp.float32))
+  program = export.export(jax.jit(matrices), platforms=['cpu'])(
+    jax.ShapeDtypeStruct((n,), jnp.float32)
+  )
   for size in (1, 5, 60, 97):
     got = program.call(np.zeros(size, np.float32))
-    want = (ops.interpolation_matrix(size, 11, True), ops.interpolation_matrix(size, 11, False),
-            ops.interpolation_matrix(6, size, True), ops.adaptive_pool_matrix(size, 6),
-            ops.ceil_pool_matrix(size, 10))
+    want = (
+      ops.interpolation_matrix(size, 11, True),
+      ops.interpolation_matrix(size, 11, False),
+      ops.interpolation_matrix(6, size, True),
+      ops.adaptive_pool_matrix(size, 6),
+      ops.ceil_pool_matrix(size, 10),
+    )
     for g, w in zip(got, want):
       np.testing.assert_allclose(np.asarray(g), w, rtol=0, atol=2e-7)

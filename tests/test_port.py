@@ -19,17 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from cli import cli_env
 from flax import nnx
+from test_model_parity import assert_logits_close, forward, run_torch
+from torch_reference import TorchPSPNet, TorchResNet, randomize
 
 from pspnet_jax import checkpoint
 from pspnet_jax.models import PSPNetConfig
-from pspnet_jax.port import (LAYOUTS, PortError, StateDictMismatch, load_torch,
-                             port_checkpoint)
+from pspnet_jax.port import LAYOUTS, PortError, StateDictMismatch, load_torch, port_checkpoint
 from pspnet_jax.port.architecture import infer_config
 from pspnet_jax.port.reader import read_state_dict
-from test_model_parity import assert_logits_close, forward, run_torch
-from torch_reference import TorchPSPNet, TorchResNet, randomize
-from cli import cli_env
 
 torch.set_num_threads(2)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,14 +36,27 @@ SIZES = ((2, 96, 96), (1, 70, 90))
 CLI_TIMEOUT_S = 300
 
 # The reference's semseg names -> mmseg's real names (mmseg PSPHead / FCNHead / ResNetV1c).
-MMSEG_NAMES = (('layer0.', 'backbone.stem.'), ('layer1.', 'backbone.layer1.'),
-               ('layer2.', 'backbone.layer2.'), ('layer3.', 'backbone.layer3.'),
-               ('layer4.', 'backbone.layer4.'), ('cls.0.', 'decode_head.bottleneck.conv.'),
-               ('cls.1.', 'decode_head.bottleneck.bn.'), ('cls.4.', 'decode_head.conv_seg.'),
-               ('aux.0.', 'auxiliary_head.convs.0.conv.'), ('aux.1.', 'auxiliary_head.convs.0.bn.'),
-               ('aux.4.', 'auxiliary_head.conv_seg.'))
-IMAGENET_NAMES = (('layer0.0.', 'conv1.'), ('layer0.1.', 'bn1.'), ('layer0.3.', 'conv2.'),
-                  ('layer0.4.', 'bn2.'), ('layer0.6.', 'conv3.'), ('layer0.7.', 'bn3.'))
+MMSEG_NAMES = (
+  ('layer0.', 'backbone.stem.'),
+  ('layer1.', 'backbone.layer1.'),
+  ('layer2.', 'backbone.layer2.'),
+  ('layer3.', 'backbone.layer3.'),
+  ('layer4.', 'backbone.layer4.'),
+  ('cls.0.', 'decode_head.bottleneck.conv.'),
+  ('cls.1.', 'decode_head.bottleneck.bn.'),
+  ('cls.4.', 'decode_head.conv_seg.'),
+  ('aux.0.', 'auxiliary_head.convs.0.conv.'),
+  ('aux.1.', 'auxiliary_head.convs.0.bn.'),
+  ('aux.4.', 'auxiliary_head.conv_seg.'),
+)
+IMAGENET_NAMES = (
+  ('layer0.0.', 'conv1.'),
+  ('layer0.1.', 'bn1.'),
+  ('layer0.3.', 'conv2.'),
+  ('layer0.4.', 'bn2.'),
+  ('layer0.6.', 'conv3.'),
+  ('layer0.7.', 'bn3.'),
+)
 TORCHVISION_NAMES = (('layer0.0.', 'conv1.'), ('layer0.1.', 'bn1.'))
 
 
@@ -55,15 +67,18 @@ def rename(state_dict, table):
     if m and table is MMSEG_NAMES:
       key = f'decode_head.psp_modules.{m[1]}.1.{"conv" if m[2] == "1" else "bn"}.{m[3]}'
     else:
-      key = next((new + key[len(old):] for old, new in table if key.startswith(old)), key)
+      key = next((new + key[len(old) :] for old, new in table if key.startswith(old)), key)
     out[key] = value
   return out
 
 
 def with_fc(state_dict, channels, seed=0):
   g = torch.Generator().manual_seed(seed)
-  return {**state_dict, 'fc.weight': torch.randn(1000, channels, generator=g),
-          'fc.bias': torch.randn(1000, generator=g)}
+  return {
+    **state_dict,
+    'fc.weight': torch.randn(1000, channels, generator=g),
+    'fc.bias': torch.randn(1000, generator=g),
+  }
 
 
 def save_semseg(ref, path, legacy=False):
@@ -74,21 +89,38 @@ def save_semseg(ref, path, legacy=False):
   opt = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
   for p in list(ref.parameters())[:3]:
     opt.state[p]['momentum_buffer'] = torch.zeros_like(p)
-  torch.save({'epoch': 50, 'state_dict': {'module.' + k: v for k, v in ref.state_dict().items()},
-              'optimizer': opt.state_dict()}, path, _use_new_zipfile_serialization=not legacy)
+  torch.save(
+    {
+      'epoch': 50,
+      'state_dict': {'module.' + k: v for k, v in ref.state_dict().items()},
+      'optimizer': opt.state_dict(),
+    },
+    path,
+    _use_new_zipfile_serialization=not legacy,
+  )
   return str(path)
 
 
 def save_mmseg(ref, path, num_classes):
-  meta = {'mmseg_version': '0.30.0', 'CLASSES': tuple(f'c{i}' for i in range(num_classes)),
-          'PALETTE': [[i, i, i] for i in range(num_classes)], 'iter': 40000}
+  meta = {
+    'mmseg_version': '0.30.0',
+    'CLASSES': tuple(f'c{i}' for i in range(num_classes)),
+    'PALETTE': [[i, i, i] for i in range(num_classes)],
+    'iter': 40000,
+  }
   torch.save({'meta': meta, 'state_dict': rename(ref.state_dict(), MMSEG_NAMES)}, path)
   return str(path)
 
 
 def run_cli(*args, expect_ok=True):
-  proc = subprocess.run([sys.executable, '-m', 'pspnet_jax.port', *map(str, args)],
-                        capture_output=True, text=True, timeout=CLI_TIMEOUT_S, env=cli_env(), cwd=REPO)
+  proc = subprocess.run(
+    [sys.executable, '-m', 'pspnet_jax.port', *map(str, args)],
+    capture_output=True,
+    text=True,
+    timeout=CLI_TIMEOUT_S,
+    env=cli_env(),
+    cwd=REPO,
+  )
   assert (proc.returncode == 0) == expect_ok, proc.stdout + proc.stderr
   return proc
 
@@ -131,8 +163,10 @@ def assert_layer4_match(models, torch_layer4):
 
 
 def variables(model):
-  return {p: np.asarray(v.get_value())
-          for p, v in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))}
+  return {
+    p: np.asarray(v.get_value())
+    for p, v in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
+  }
 
 
 def assert_same_variables(a, b):
@@ -162,8 +196,16 @@ def test_semseg_pspnet50_real_size(tmp_path):
   assert len(meta['dropped']['BN step counters (num_batches_tracked)']) == n_bn
 
 
-MMSEG_SMALL = dict(num_classes=19, depth=50, base_width=16, stem='deep32', contract_dilation=True,
-                   align_corners=False, head_channels=32, aux_channels=16)
+MMSEG_SMALL = dict(
+  num_classes=19,
+  depth=50,
+  base_width=16,
+  stem='deep32',
+  contract_dilation=True,
+  align_corners=False,
+  head_channels=32,
+  aux_channels=16,
+)
 
 
 @pytest.fixture(scope='module')
@@ -175,24 +217,28 @@ def mmseg_checkpoint(tmp_path_factory):
 @pytest.mark.parity
 def test_mmseg_pspnet(mmseg_checkpoint, tmp_path):
   ref, src = mmseg_checkpoint
-  cli_model, api_model, stdout = port_twice(src, tmp_path / 'out', '--layout', 'mmseg',
-                                            '--num-classes', 19)
+  cli_model, api_model, stdout = port_twice(
+    src, tmp_path / 'out', '--layout', 'mmseg', '--num-classes', 19
+  )
   assert 'layout:  mmseg (as asked)' in stdout
   assert api_model.config == PSPNetConfig(**MMSEG_SMALL)
   assert_logits_match([cli_model, api_model], ref)
 
 
 def backbone_checkpoint(path, depth, stem, names, contract_dilation, seed):
-  ref = randomize(TorchResNet(depth=depth, stem=stem, contract_dilation=contract_dilation,
-                              base_width=8), seed=seed)
+  ref = randomize(
+    TorchResNet(depth=depth, stem=stem, contract_dilation=contract_dilation, base_width=8),
+    seed=seed,
+  )
   torch.save(with_fc(rename(ref.state_dict(), names), ref.channels), path)
   return ref, str(path)
 
 
 @pytest.mark.parity
 def test_semseg_imagenet_backbone(tmp_path):
-  ref, src = backbone_checkpoint(tmp_path / 'resnet50_v2.pth', 50, 'deep', IMAGENET_NAMES,
-                                 False, 13)
+  ref, src = backbone_checkpoint(
+    tmp_path / 'resnet50_v2.pth', 50, 'deep', IMAGENET_NAMES, False, 13
+  )
   cli_model, api_model, stdout = port_twice(src, tmp_path / 'out', '--num-classes', 7)
   assert 'layout:  semseg-imagenet (auto-detected' in stdout
   assert 'freshly initialised' in stdout and 'fc.bias, fc.weight' in stdout
@@ -207,12 +253,14 @@ def test_semseg_imagenet_backbone(tmp_path):
 @pytest.mark.parity
 def test_torchvision_layout_backbone(tmp_path):
   # Basic blocks here (bottlenecks in the other layouts): both block kinds are inferred.
-  ref, src = backbone_checkpoint(tmp_path / 'resnet18.pth', 18, 'torchvision', TORCHVISION_NAMES,
-                                 True, 14)
+  ref, src = backbone_checkpoint(
+    tmp_path / 'resnet18.pth', 18, 'torchvision', TORCHVISION_NAMES, True, 14
+  )
   cli_model, api_model, stdout = port_twice(src, tmp_path / 'out')
   assert 'layout:  torchvision (auto-detected' in stdout
-  assert api_model.config == PSPNetConfig(depth=18, base_width=8, stem='torchvision',
-                                          contract_dilation=True)
+  assert api_model.config == PSPNetConfig(
+    depth=18, base_width=8, stem='torchvision', contract_dilation=True
+  )
   assert_layer4_match([cli_model, api_model], lambda x: ref(x)[1])
 
 
@@ -223,8 +271,9 @@ def test_torchvision_layout_bottleneck_backbone(tmp_path):
   them): the bottleneck depth is inferred and layer4 matches. torchvision itself is not in
   the test environment, so this stands where a test of its own module was skipped on every
   run."""
-  ref, src = backbone_checkpoint(tmp_path / 'resnet50.pth', 50, 'torchvision', TORCHVISION_NAMES,
-                                 True, 15)
+  ref, src = backbone_checkpoint(
+    tmp_path / 'resnet50.pth', 50, 'torchvision', TORCHVISION_NAMES, True, 15
+  )
   model, config = load_torch(src, layout='torchvision')
   assert config == PSPNetConfig(depth=50, base_width=8, stem='torchvision', contract_dilation=True)
   assert_layer4_match([model], lambda x: ref(x)[1])
@@ -233,6 +282,7 @@ def test_torchvision_layout_bottleneck_backbone(tmp_path):
 @pytest.mark.parity
 def test_safetensors_needs_no_torch(mmseg_checkpoint, tmp_path, monkeypatch):
   from safetensors.numpy import save_file
+
   _, src = mmseg_checkpoint
   want = load_torch(src)[0]
   flat = torch.load(src, weights_only=True)['state_dict']
@@ -250,8 +300,11 @@ def test_backbone_only_port_of_a_full_checkpoint(mmseg_checkpoint):
   full = load_torch(src)[0]
   ported = port_checkpoint(src, num_classes=3, backbone_only=True, seed=4)
   assert ported.config.num_classes == 3 and ported.seed == 4
-  heads = [k for k in ref.state_dict() if k.startswith(('ppm.', 'cls.', 'aux.'))
-           and not k.endswith('num_batches_tracked')]
+  heads = [
+    k
+    for k in ref.state_dict()
+    if k.startswith(('ppm.', 'cls.', 'aux.')) and not k.endswith('num_batches_tracked')
+  ]
   assert len(ported.dropped['PSPNet heads (ppm, cls, aux): backbone-only port']) == len(heads)
   assert_same_variables(ported.model.backbone, full.backbone)
 
@@ -265,19 +318,28 @@ def test_legacy_torch_save_format(small_semseg):
   assert_logits_match([model], ref)
 
 
-@pytest.mark.parametrize('depth,stem', [(18, 'deep'), (34, 'torchvision'), (101, 'deep'),
-                                        (152, 'deep32')])
+@pytest.mark.parametrize(
+  'depth,stem', [(18, 'deep'), (34, 'torchvision'), (101, 'deep'), (152, 'deep32')]
+)
 def test_config_is_inferred_from_shapes(depth, stem):
   """Every depth and stem, from key shapes alone: those of the PyTorch reference's state
   dict, built on torch's meta device (no arrays are allocated)."""
-  want = PSPNetConfig(num_classes=11, depth=depth, stem=stem, base_width=32, head_channels=64,
-                      aux_channels=48)
+  want = PSPNetConfig(
+    num_classes=11, depth=depth, stem=stem, base_width=32, head_channels=64, aux_channels=48
+  )
   with torch.device('meta'):
-    ref = TorchPSPNet(num_classes=11, depth=depth, stem=stem, base_width=32, head_channels=64,
-                      aux_channels=48)
-  state = {k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in ref.state_dict().items()
-           if not k.endswith('num_batches_tracked')}
-  assert state['layer1.0.conv1.weight'].shape[0] == 32 and state['cls.4.weight'].shape[:2] == (11, 64)
+    ref = TorchPSPNet(
+      num_classes=11, depth=depth, stem=stem, base_width=32, head_channels=64, aux_channels=48
+    )
+  state = {
+    k: np.broadcast_to(np.float32(0), tuple(v.shape))
+    for k, v in ref.state_dict().items()
+    if not k.endswith('num_batches_tracked')
+  }
+  assert state['layer1.0.conv1.weight'].shape[0] == 32 and state['cls.4.weight'].shape[:2] == (
+    11,
+    64,
+  )
   got = infer_config(state, LAYOUTS['semseg'], with_heads=True, num_classes=None, source='x')
   assert got == want
 
@@ -288,8 +350,9 @@ def test_config_is_inferred_from_shapes(depth, stem):
 
 @pytest.fixture(scope='module')
 def small_semseg(tmp_path_factory):
-  ref = randomize(TorchPSPNet(num_classes=5, depth=18, base_width=8, head_channels=16,
-                              aux_channels=8), seed=16)
+  ref = randomize(
+    TorchPSPNet(num_classes=5, depth=18, base_width=8, head_channels=16, aux_channels=8), seed=16
+  )
   return ref, save_semseg(ref, tmp_path_factory.mktemp('semseg') / 'train_epoch_1.pth', legacy=True)
 
 
@@ -303,16 +366,25 @@ def edited(ref, path, drop=(), replace=None):
 def test_missing_key_is_named_with_its_shape(small_semseg, tmp_path):
   ref, _ = small_semseg
   src = edited(ref, tmp_path / 'm.pth', drop=['layer2.1.bn2.running_var'])
-  with pytest.raises(StateDictMismatch, match=r'missing keys \(1\):\n'
-                                              r'  layer2\.1\.bn2\.running_var: '
-                                              r'model expects \(16,\)'):
+  with pytest.raises(
+    StateDictMismatch,
+    match=r'missing keys \(1\):\n'
+    r'  layer2\.1\.bn2\.running_var: '
+    r'model expects \(16,\)',
+  ):
     load_torch(src)
 
 
 def test_misshaped_and_extra_keys_are_named_with_both_shapes(small_semseg, tmp_path):
   ref, _ = small_semseg
-  src = edited(ref, tmp_path / 'm.pth', replace={'layer3.0.conv2.weight': torch.zeros(32, 32, 1, 1),
-                                                  'layer9.weight': torch.zeros(2, 3)})
+  src = edited(
+    ref,
+    tmp_path / 'm.pth',
+    replace={
+      'layer3.0.conv2.weight': torch.zeros(32, 32, 1, 1),
+      'layer9.weight': torch.zeros(2, 3),
+    },
+  )
   with pytest.raises(StateDictMismatch) as e:
     load_torch(src)
   msg = str(e.value)
@@ -327,8 +399,9 @@ def test_mismatch_names_the_file_key_of_a_renamed_layout(mmseg_checkpoint, tmp_p
   state = rename(ref.state_dict(), MMSEG_NAMES)
   state['auxiliary_head.conv_seg.weight'] = torch.zeros(18, 16, 1, 1)
   torch.save({'meta': {}, 'state_dict': state}, tmp_path / 'm.pth')
-  with pytest.raises(StateDictMismatch, match=re.escape(
-      'aux.4.weight (file key auxiliary_head.conv_seg.weight): ')):
+  with pytest.raises(
+    StateDictMismatch, match=re.escape('aux.4.weight (file key auxiliary_head.conv_seg.weight): ')
+  ):
     load_torch(tmp_path / 'm.pth')
 
 
@@ -350,7 +423,7 @@ def test_wrong_or_unknown_layout(small_semseg, tmp_path):
 def test_corrupt_and_truncated_files_get_one_line(small_semseg, tmp_path):
   _, src = small_semseg
   data = open(src, 'rb').read()
-  (tmp_path / 'truncated.pth').write_bytes(data[:len(data) // 2])
+  (tmp_path / 'truncated.pth').write_bytes(data[: len(data) // 2])
   (tmp_path / 'random.pth').write_bytes(np.random.default_rng(0).bytes(4096))
   (tmp_path / 'text.safetensors').write_text('not tensors')
   for name in ('truncated.pth', 'random.pth', 'text.safetensors', 'absent.pth'):
@@ -364,7 +437,7 @@ def test_corrupt_and_truncated_files_get_one_line(small_semseg, tmp_path):
 def test_cli_error_is_one_line_without_traceback(small_semseg, tmp_path):
   _, src = small_semseg
   data = open(src, 'rb').read()
-  (tmp_path / 'truncated.pth').write_bytes(data[:len(data) // 3])
+  (tmp_path / 'truncated.pth').write_bytes(data[: len(data) // 3])
   proc = run_cli(tmp_path / 'truncated.pth', '--out', tmp_path / 'out', expect_ok=False)
   assert proc.stderr.strip().count('\n') == 0 and 'Traceback' not in proc.stderr
   assert proc.stderr.startswith('error: ') and 'truncated.pth' in proc.stderr

@@ -16,18 +16,18 @@ import os
 import subprocess
 import sys
 
+import caffe_reference as ref
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli import cli_env
 from flax import nnx
 
-import caffe_reference as ref
 from pspnet_jax import checkpoint
 from pspnet_jax.models import PSPNetConfig
 from pspnet_jax.port import PortError, load_caffe, port_checkpoint
 from pspnet_jax.port.caffe import CAFFE_MEAN, CAFFE_STD
-from cli import cli_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 600
@@ -44,9 +44,9 @@ def _images(n, size, seed):
 
 @dataclasses.dataclass
 class Built:
-  deploy: list       # the deploy net's layers (as its prototxt lists them)
-  layers: list       # the file's layers (Splits inserted; a training net's extra layers)
-  path: str          # the .caffemodel
+  deploy: list  # the deploy net's layers (as its prototxt lists them)
+  layers: list  # the file's layers (Splits inserted; a training net's extra layers)
+  path: str  # the .caffemodel
   prototxt: str
 
 
@@ -81,7 +81,9 @@ def forward(model, x):
 
 def ported_logits(model, rgb):
   config = model.config
-  return np.asarray(forward(model, jnp.asarray((rgb - np.float32(config.mean)) / np.float32(config.std))))
+  return np.asarray(
+    forward(model, jnp.asarray((rgb - np.float32(config.mean)) / np.float32(config.std)))
+  )
 
 
 def parity(got, want):
@@ -100,14 +102,24 @@ def ade20k50(tmp_path_factory):
 @pytest.mark.parity
 def test_pspnet50_at_473_matches_caffe(ade20k50):
   model, config = load_caffe(ade20k50.path, ade20k50.prototxt)
-  assert config == PSPNetConfig(num_classes=150, depth=50, base_width=8, head_channels=16,
-                                stride_in_1x1=True, ceil_mode=True, pyramid_fixed_size=60,
-                                mean=CAFFE_MEAN, std=CAFFE_STD)
+  assert config == PSPNetConfig(
+    num_classes=150,
+    depth=50,
+    base_width=8,
+    head_channels=16,
+    stride_in_1x1=True,
+    ceil_mode=True,
+    pyramid_fixed_size=60,
+    mean=CAFFE_MEAN,
+    std=CAFFE_STD,
+  )
   rgb = _images(1, 473, 2)
   want = caffe_logits(ade20k50.layers, rgb)
   parity(ported_logits(model, rgb), want)
   # A control: the same image in Caffe's BGR order is another input to the ported model.
-  assert np.abs(ported_logits(model, rgb[..., ::-1].copy()) - want).max() > 1e-2 * np.abs(want).max()
+  assert (
+    np.abs(ported_logits(model, rgb[..., ::-1].copy()) - want).max() > 1e-2 * np.abs(want).max()
+  )
 
 
 @pytest.mark.parity
@@ -115,11 +127,20 @@ def test_pspnet101_at_713_saved_as_a_training_net_matches_caffe(tmp_path):
   built = build(tmp_path, 101, 19, 713, training=True, seed=3)
   ported = port_checkpoint(built.path)
   assert ported.layout == 'caffe' and ported.recognised_by == 'its .caffemodel name'
-  assert ported.config == PSPNetConfig(num_classes=19, depth=101, base_width=8, head_channels=16,
-                                       stride_in_1x1=True, ceil_mode=True, pyramid_fixed_size=90,
-                                       mean=CAFFE_MEAN, std=CAFFE_STD)
-  assert ported.dropped['training-only layers, off the path to the classifier (not in the deploy '
-                        'net)'] == ['conv_aux', 'label_shrink', 'loss', 'loss_aux']
+  assert ported.config == PSPNetConfig(
+    num_classes=19,
+    depth=101,
+    base_width=8,
+    head_channels=16,
+    stride_in_1x1=True,
+    ceil_mode=True,
+    pyramid_fixed_size=90,
+    mean=CAFFE_MEAN,
+    std=CAFFE_STD,
+  )
+  assert ported.dropped[
+    'training-only layers, off the path to the classifier (not in the deploy net)'
+  ] == ['conv_aux', 'label_shrink', 'loss', 'loss_aux']
   assert ported.dropped['data layers (the model takes the image as its input)'] == ['data']
   rgb = _images(1, 713, 4)
   parity(ported_logits(ported.model, rgb), caffe_logits(built.layers, rgb))
@@ -131,10 +152,14 @@ def test_the_writer_writes_protobuf_and_splits_as_caffe(ade20k50):
   net = ref.PROTO['NetParameter'].FromString(open(ade20k50.path, 'rb').read())
   assert [l.name for l in net.layer] == [l['name'] for l in layers]
   splits = {l.name: list(l.top) for l in net.layer if l.type == 'Split'}
-  assert splits['conv5_3_conv5_3/relu_0_split'] == [f'conv5_3_conv5_3/relu_0_split_{k}' for k in range(5)]
+  assert splits['conv5_3_conv5_3/relu_0_split'] == [
+    f'conv5_3_conv5_3/relu_0_split_{k}' for k in range(5)
+  ]
   conv = next(l for l in net.layer if l.name == 'conv5_4')
-  np.testing.assert_array_equal(np.asarray(conv.blobs[0].data).reshape(tuple(conv.blobs[0].shape.dim)),
-                                next(l for l in layers if l['name'] == 'conv5_4')['blobs'][0])
+  np.testing.assert_array_equal(
+    np.asarray(conv.blobs[0].data).reshape(tuple(conv.blobs[0].shape.dim)),
+    next(l for l in layers if l['name'] == 'conv5_4')['blobs'][0],
+  )
   assert list(net.input) == ['data'] and net.name == 'pspnet'
 
 
@@ -143,6 +168,7 @@ def test_pyramid_pooling_and_interp_match_caffe_at_both_trained_sizes(n, k):
   """Layer level, without a net: the fixed AVE pool and the Interp back to the features,
   at 60 (473) and 90 (713), and at sizes the windows do not divide."""
   from pspnet_jax import ops
+
   x = np.random.default_rng(n + k).standard_normal((1, 4, n, n)).astype(np.float32)
   layer = {'params': {'pooling_param': {'pool': 'AVE', 'kernel_size': k, 'stride': k}}}
   pooled = ref.pooling(layer, x)
@@ -152,7 +178,9 @@ def test_pyramid_pooling_and_interp_match_caffe_at_both_trained_sizes(n, k):
   got = np.asarray(ops.resize_bilinear(jnp.asarray(pooled.transpose(0, 2, 3, 1)), (n, n), True))
   np.testing.assert_allclose(got, back.transpose(0, 2, 3, 1), rtol=0, atol=1e-6)
   zoomed = ref.interp(x, (n - 1) * 8 + 1, (n - 1) * 8 + 1)
-  got = np.asarray(ops.resize_bilinear(jnp.asarray(x.transpose(0, 2, 3, 1)), zoomed.shape[2:], True))
+  got = np.asarray(
+    ops.resize_bilinear(jnp.asarray(x.transpose(0, 2, 3, 1)), zoomed.shape[2:], True)
+  )
   np.testing.assert_allclose(got, zoomed.transpose(0, 2, 3, 1), rtol=0, atol=2e-6)
 
 
@@ -160,6 +188,7 @@ def test_pyramid_pooling_and_interp_match_caffe_at_both_trained_sizes(n, k):
 def test_stem_max_pool_matches_caffe(h):
   """Caffe rounds up: 237 -> 119 at 473, and one more row than PyTorch's floor at 474/512."""
   from pspnet_jax import ops
+
   x = np.random.default_rng(h).standard_normal((1, 2, (h - 1) // 2 + 1, 9)).astype(np.float32)
   layer = {'params': {'pooling_param': {'pool': 'MAX', 'kernel_size': 3, 'stride': 2, 'pad': 1}}}
   want = ref.pooling(layer, x).transpose(0, 2, 3, 1)
@@ -201,8 +230,13 @@ def _expected_variables(layers, config):
     bn(f'ppm.features.{i}.2', conv(f'ppm.features.{i}.1', f'conv5_3_pool{b}_conv'))
   bn('cls.1', conv('cls.0', 'conv5_4'))
   c4, r = 2048, 512  # Caffe: [conv5_3, pool6, pool3, pool2, pool1] -> [conv5_3, 1, 2, 3, 6]
-  blocks = {'x': range(0, c4), 6: range(c4, c4 + r), 3: range(c4 + r, c4 + 2 * r),
-            2: range(c4 + 2 * r, c4 + 3 * r), 1: range(c4 + 3 * r, c4 + 4 * r)}
+  blocks = {
+    'x': range(0, c4),
+    6: range(c4, c4 + r),
+    3: range(c4 + r, c4 + 2 * r),
+    2: range(c4 + 2 * r, c4 + 3 * r),
+    1: range(c4 + 3 * r, c4 + 4 * r),
+  }
   order = np.concatenate([np.asarray(blocks[k]) for k in ('x', 1, 2, 3, 6)])
   out['cls.0.kernel'] = out['cls.0.kernel'][:, :, order]
   conv('cls.4', 'conv6')
@@ -217,19 +251,31 @@ def test_full_size_pspnet101_file(tmp_path):
   # 713 only); the pyramid's and head's BNs keep mean 0, variance 1.
   ref.forward(layers, ref.caffe_input(_images(2, 97, 7)), calibrate=True, until='conv5_3/relu')
   file_layers = ref.insert_splits(layers, inputs=('data',))
-  path = ref.write_caffemodel(tmp_path / 'pspnet101_cityscapes.caffemodel', file_layers, inputs=('data',))
+  path = ref.write_caffemodel(
+    tmp_path / 'pspnet101_cityscapes.caffemodel', file_layers, inputs=('data',)
+  )
   assert os.path.getsize(path) > 250e6
   model, config = load_caffe(path)
-  assert config == PSPNetConfig(num_classes=19, depth=101, stride_in_1x1=True, ceil_mode=True,
-                                pyramid_fixed_size=90, mean=CAFFE_MEAN, std=CAFFE_STD)
+  assert config == PSPNetConfig(
+    num_classes=19,
+    depth=101,
+    stride_in_1x1=True,
+    ceil_mode=True,
+    pyramid_fixed_size=90,
+    mean=CAFFE_MEAN,
+    std=CAFFE_STD,
+  )
   want = _expected_variables(layers, config)
-  got = {'.'.join(map(str, p)): np.asarray(v.get_value())
-         for p, v in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))}
+  got = {
+    '.'.join(map(str, p)): np.asarray(v.get_value())
+    for p, v in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
+  }
   assert sorted(k for k in got if not k.startswith('aux.')) == sorted(want)
   for key, value in want.items():
     np.testing.assert_array_equal(got[key], value, err_msg=key)
-  features = np.asarray(jax.jit(lambda m, x: m.backbone(x)[-1])(
-      model, jnp.asarray(small - np.float32(CAFFE_MEAN))))
+  features = np.asarray(
+    jax.jit(lambda m, x: m.backbone(x)[-1])(model, jnp.asarray(small - np.float32(CAFFE_MEAN)))
+  )
   blob = ref.forward(layers, ref.caffe_input(small), until='conv5_3/relu')['conv5_3']
   err = np.abs(features - blob.transpose(0, 2, 3, 1)).max() / np.abs(blob).max()
   print(f'layer4 features at 97x97: max|error| / max|value| = {err:.2g}')
@@ -244,11 +290,26 @@ def test_cli_port_then_predict_and_eval(tmp_path):
   """port (auto-detected, checked against its prototxt) -> predict -> eval.py, on a net of
   the synthetic dataset's 4 classes."""
   from PIL import Image
+
   built = build(tmp_path, 50, 4, 473, seed=8)
   out = tmp_path / 'ported'
-  proc = subprocess.run([sys.executable, '-m', 'pspnet_jax.port', built.path, '--prototxt', built.prototxt,
-                         '--out', out], capture_output=True, text=True, timeout=TIMEOUT, env=_env(),
-                        cwd=REPO)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'pspnet_jax.port',
+      built.path,
+      '--prototxt',
+      built.prototxt,
+      '--out',
+      out,
+    ],
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT,
+    env=_env(),
+    cwd=REPO,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'layout:  caffe (auto-detected from its .caffemodel name)' in proc.stdout
   assert 'agrees with the file' in proc.stdout and 'aux freshly initialised' in proc.stdout
@@ -260,22 +321,57 @@ def test_cli_port_then_predict_and_eval(tmp_path):
   images = tmp_path / 'images'
   images.mkdir()
   Image.fromarray(_images(1, 96, 9)[0].astype(np.uint8)).save(images / 'a.png')
-  proc = subprocess.run([sys.executable, '-m', 'pspnet_jax.predict', images, '--checkpoint', out,
-                         '--out', tmp_path / 'preds', '--mode', 'whole', '--base-size', '96',
-                         '--no-flip'], capture_output=True, text=True, timeout=TIMEOUT, env=_env(),
-                        cwd=REPO)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'pspnet_jax.predict',
+      images,
+      '--checkpoint',
+      out,
+      '--out',
+      tmp_path / 'preds',
+      '--mode',
+      'whole',
+      '--base-size',
+      '96',
+      '--no-flip',
+    ],
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT,
+    env=_env(),
+    cwd=REPO,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert np.asarray(Image.open(tmp_path / 'preds' / 'a.png')).shape == (96, 96)
 
   from pspnet_jax import data
+
   data_dir = tmp_path / 'data'
   data.prepare('synthetic_shapes', str(data_dir), image_size=32, num_train=8, num_val=2)
   proc = subprocess.run(
-      [sys.executable, os.path.join(REPO, 'eval.py'), '--config', os.path.join(REPO, 'configs', 'synthetic.py'),
-       '--checkpoint', str(out), '--out', str(tmp_path / 'eval'), f'--config.dataset.data_dir={data_dir}',
-       '--config.dataset.builder_kwargs.image_size=32', '--config.eval.mode=whole',
-       '--config.eval.base_size=32', '--config.eval.flip=False'],
-      capture_output=True, text=True, timeout=TIMEOUT, env=_env(), cwd=REPO)
+    [
+      sys.executable,
+      os.path.join(REPO, 'eval.py'),
+      '--config',
+      os.path.join(REPO, 'configs', 'synthetic.py'),
+      '--checkpoint',
+      str(out),
+      '--out',
+      str(tmp_path / 'eval'),
+      f'--config.dataset.data_dir={data_dir}',
+      '--config.dataset.builder_kwargs.image_size=32',
+      '--config.eval.mode=whole',
+      '--config.eval.base_size=32',
+      '--config.eval.flip=False',
+    ],
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT,
+    env=_env(),
+    cwd=REPO,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert os.path.exists(tmp_path / 'eval' / 'metrics.json')
 
@@ -284,6 +380,7 @@ def test_cli_port_then_predict_and_eval(tmp_path):
 def test_export_of_a_caffe_port_normalises_with_its_mean_and_runs_at_any_size(ade20k50, tmp_path):
   """The artifact holds the Caffe mean (std 1) and Caffe's pooling under symbolic sizes."""
   from pspnet_jax import export
+
   model, _ = load_caffe(ade20k50.path)
   checkpoint.save_model(tmp_path / 'model', model)
   manifest = export.export_model(str(tmp_path / 'model'), str(tmp_path / 'out'), platforms=('cpu',))
@@ -320,6 +417,7 @@ def small_layers():
 def test_a_missing_blob_is_named(small_layers, tmp_path):
   def edit(by, _):
     by['conv3_2_3x3/bn']['blobs'].pop()
+
   _refused(_damaged(tmp_path, small_layers, edit), "'conv3_2_3x3/bn'", 'holds 3 blobs')
 
 
@@ -327,43 +425,62 @@ def test_a_blob_of_the_wrong_shape_is_named(small_layers, tmp_path):
   def edit(by, _):
     w = by['conv4_3_1x1_reduce']['blobs'][0]
     by['conv4_3_1x1_reduce']['blobs'][0] = np.zeros((w.shape[0], w.shape[1] // 2, 1, 1), np.float32)
-  _refused(_damaged(tmp_path, small_layers, edit), "'conv4_3_1x1_reduce'", 'blob 0 (weights) has shape')
+
+  _refused(
+    _damaged(tmp_path, small_layers, edit), "'conv4_3_1x1_reduce'", 'blob 0 (weights) has shape'
+  )
 
 
 def test_leftover_blobs_are_named(small_layers, tmp_path):
   def extra_bias(by, _):
     by['conv5_4']['blobs'].append(np.zeros(8, np.float32))
+
   _refused(_damaged(tmp_path, small_layers, extra_bias), "'conv5_4'", 'holds 2 blobs')
 
   def blob_on_relu(by, _):
     by['conv2_2/relu']['blobs'] = [np.zeros((1, 16, 1, 1), np.float32)]
-  _refused(_damaged(tmp_path, small_layers, blob_on_relu), "'conv2_2/relu'", 'a ReLU layer has none')
+
+  _refused(
+    _damaged(tmp_path, small_layers, blob_on_relu), "'conv2_2/relu'", 'a ReLU layer has none'
+  )
 
 
 def test_an_unknown_layer_type_is_named(small_layers, tmp_path):
   def edit(by, _):
     by['conv5_4/dropout']['type'] = 'Scale'
-  _refused(_damaged(tmp_path, small_layers, edit), "'conv5_4/dropout'", "unknown layer type 'Scale'")
+
+  _refused(
+    _damaged(tmp_path, small_layers, edit), "'conv5_4/dropout'", "unknown layer type 'Scale'"
+  )
 
 
 def test_a_missing_layer_or_changed_geometry_is_named(small_layers, tmp_path):
   def no_layer(_, layers):
-    layers[:] = [l for l in layers if l['name'] not in ('conv4_3_3x3', 'conv4_3_3x3/bn', 'conv4_3_3x3/relu')]
+    layers[:] = [
+      l for l in layers if l['name'] not in ('conv4_3_3x3', 'conv4_3_3x3/bn', 'conv4_3_3x3/relu')
+    ]
     by = {l['name']: l for l in layers}
     by['conv4_3_1x1_increase']['bottom'] = ['conv4_3_1x1_reduce']
-  _refused(_damaged(tmp_path, small_layers, no_layer), "'conv4_2'", 'the residual blocks end here',
-           "'conv4_3_1x1_reduce'")
+
+  _refused(
+    _damaged(tmp_path, small_layers, no_layer),
+    "'conv4_2'",
+    'the residual blocks end here',
+    "'conv4_3_1x1_reduce'",
+  )
 
   def no_dilation(by, _):
     by['conv5_2_3x3']['params']['convolution_param'] = dict(
-        by['conv5_2_3x3']['params']['convolution_param'], dilation=[1], pad=[1])
+      by['conv5_2_3x3']['params']['convolution_param'], dilation=[1], pad=[1]
+    )
+
   _refused(_damaged(tmp_path, small_layers, no_dilation), "'conv5_2_3x3'", 'dilation 1 where')
 
 
 def test_truncated_and_foreign_files_get_one_line(small_layers, tmp_path):
   path = ref.write_caffemodel(tmp_path / 'whole.caffemodel', small_layers, inputs=('data',))
   data = open(path, 'rb').read()
-  (tmp_path / 'cut.caffemodel').write_bytes(data[:len(data) // 2])
+  (tmp_path / 'cut.caffemodel').write_bytes(data[: len(data) // 2])
   _refused(tmp_path / 'cut.caffemodel', 'truncated', 'runs past the end of the file')
   (tmp_path / 'text.caffemodel').write_text('layer { name: "x" }')
   _refused(tmp_path / 'text.caffemodel')
@@ -377,21 +494,34 @@ def test_a_prototxt_of_another_net_is_refused(ade20k50, tmp_path):
   path, deploy = ade20k50.path, ade20k50.deploy
   other = [dict(l, params=dict(l['params'])) for l in deploy]
   conv = next(l for l in other if l['name'] == 'conv5_3_pool6')
-  conv['params'] = {'pooling_param': dict(conv['params']['pooling_param'], kernel_size=15, stride=15)}
+  conv['params'] = {
+    'pooling_param': dict(conv['params']['pooling_param'], kernel_size=15, stride=15)
+  }
   bad = ref.write_prototxt(tmp_path / 'other.prototxt', other, 473)
-  with pytest.raises(PortError, match=r"layer 'conv5_3_pool6': pooling_param.kernel_size is 15 here and 10"):
+  with pytest.raises(
+    PortError, match=r"layer 'conv5_3_pool6': pooling_param.kernel_size is 15 here and 10"
+  ):
     load_caffe(path, bad)
   wrong_size = ref.write_prototxt(tmp_path / 'size.prototxt', deploy, 713)
-  with pytest.raises(PortError, match='input 713x713 gives 90x90 features, but the pyramid is sized for 60x60'):
+  with pytest.raises(
+    PortError, match='input 713x713 gives 90x90 features, but the pyramid is sized for 60x60'
+  ):
     load_caffe(path, wrong_size)
 
 
 def test_cli_refusal_is_one_line(small_layers, tmp_path):
   def edit(by, _):
     by['conv3_2_3x3/bn']['blobs'].pop()
+
   path = _damaged(tmp_path, small_layers, edit)
-  proc = subprocess.run([sys.executable, '-m', 'pspnet_jax.port', path, '--out', tmp_path / 'out'],
-                        capture_output=True, text=True, timeout=TIMEOUT, env=_env(), cwd=REPO)
+  proc = subprocess.run(
+    [sys.executable, '-m', 'pspnet_jax.port', path, '--out', tmp_path / 'out'],
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT,
+    env=_env(),
+    cwd=REPO,
+  )
   assert proc.returncode == 2 and proc.stderr.count('\n') == 1 and 'Traceback' not in proc.stderr
   assert proc.stderr.startswith('error: ') and "'conv3_2_3x3/bn'" in proc.stderr
   assert not os.path.exists(tmp_path / 'out')

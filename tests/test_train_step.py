@@ -14,22 +14,32 @@ import numpy as np
 import optax
 import pytest
 import torch
+from cli import cli_env
 from flax import nnx
+from tiny_models import TINY, tiny_pair
 
 from pspnet_jax import checkpoint
 from pspnet_jax import mesh as mesh_lib
-from pspnet_jax.train import (OptimizerConfig, cross_entropy, make_optimizer, make_train_step,
-                              param_groups, poly_schedule)
-from tiny_models import TINY, tiny_pair
-from cli import cli_env
+from pspnet_jax.train import (
+  OptimizerConfig,
+  cross_entropy,
+  make_optimizer,
+  make_train_step,
+  param_groups,
+  poly_schedule,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run_step(tmp_path, devices):
   out = tmp_path / f'step_{devices}.npz'
-  subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'scripts', 'one_train_step.py'), str(out)],
-                 env=cli_env(devices), check=True, timeout=300)
+  subprocess.run(
+    [sys.executable, os.path.join(ROOT, 'tests', 'scripts', 'one_train_step.py'), str(out)],
+    env=cli_env(devices),
+    check=True,
+    timeout=300,
+  )
   return dict(np.load(out))
 
 
@@ -57,10 +67,18 @@ def test_poly_schedule_formula():
 
 
 def test_head_layers_get_ten_times_the_backbone_learning_rate():
-  params = {'backbone': {'layer1': jnp.ones(3)}, 'ppm': {'w': jnp.ones(2)},
-            'cls': {'w': jnp.ones(2)}, 'aux': {'w': jnp.ones(2)}}
-  assert param_groups(params) == {'backbone': {'layer1': 'backbone'}, 'ppm': {'w': 'head'},
-                                  'cls': {'w': 'head'}, 'aux': {'w': 'head'}}
+  params = {
+    'backbone': {'layer1': jnp.ones(3)},
+    'ppm': {'w': jnp.ones(2)},
+    'cls': {'w': jnp.ones(2)},
+    'aux': {'w': jnp.ones(2)},
+  }
+  assert param_groups(params) == {
+    'backbone': {'layer1': 'backbone'},
+    'ppm': {'w': 'head'},
+    'cls': {'w': 'head'},
+    'aux': {'w': 'head'},
+  }
   total = 100
   tx = make_optimizer(OptimizerConfig(learning_rate=0.01, momentum=0.0, weight_decay=0.0), total)
   state = tx.init(params)
@@ -75,8 +93,10 @@ def test_head_layers_get_ten_times_the_backbone_learning_rate():
 
 def _groups(rng, scale=1.0):
   """A backbone tensor and a head tensor (10x learning rate), float32."""
-  return {'backbone': (scale * rng.standard_normal(6)).astype(np.float32),
-          'cls': (scale * rng.standard_normal(4)).astype(np.float32)}
+  return {
+    'backbone': (scale * rng.standard_normal(6)).astype(np.float32),
+    'cls': (scale * rng.standard_normal(4)).astype(np.float32),
+  }
 
 
 def _optax_trajectory(config, total, p0, grads):
@@ -113,7 +133,9 @@ def _assert_trajectories_equal(got, want):
   assert len(got) == len(want)
   for k, (g, w) in enumerate(zip(got, want)):
     for name in w:
-      np.testing.assert_allclose(g[name], w[name], rtol=1e-5, atol=1e-6, err_msg=f'step {k}: {name}')
+      np.testing.assert_allclose(
+        g[name], w[name], rtol=1e-5, atol=1e-6, err_msg=f'step {k}: {name}'
+      )
 
 
 def test_sgd_matches_torch_coupled_weight_decay_and_momentum():
@@ -122,8 +144,13 @@ def test_sgd_matches_torch_coupled_weight_decay_and_momentum():
   rng = np.random.default_rng(0)
   p0, grads = _groups(rng), [_groups(rng) for _ in range(5)]
   got = _optax_trajectory(OptimizerConfig(learning_rate=0.1), 10, p0, grads)
-  want = _torch_trajectory(lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9, weight_decay=1e-4),
-                           p0, grads, lr=0.1, total=10)
+  want = _torch_trajectory(
+    lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9, weight_decay=1e-4),
+    p0,
+    grads,
+    lr=0.1,
+    total=10,
+  )
   _assert_trajectories_equal(got, want)
 
 
@@ -135,9 +162,13 @@ def test_adamw_matches_torch_adamw():
   p0, grads = _groups(rng), [_groups(rng) for _ in range(6)]
   config = OptimizerConfig(name='adamw', learning_rate=0.1, weight_decay=0.05, b1=0.8, b2=0.99)
   got = _optax_trajectory(config, 10, p0, grads)
-  want = _torch_trajectory(lambda g: torch.optim.AdamW(g, lr=0.1, betas=(0.8, 0.99), eps=1e-8,
-                                                       weight_decay=0.05),
-                           p0, grads, lr=0.1, total=10)
+  want = _torch_trajectory(
+    lambda g: torch.optim.AdamW(g, lr=0.1, betas=(0.8, 0.99), eps=1e-8, weight_decay=0.05),
+    p0,
+    grads,
+    lr=0.1,
+    total=10,
+  )
   _assert_trajectories_equal(got, want)
 
 
@@ -148,12 +179,18 @@ def test_clip_grad_norm_matches_torch_clip_grad_norm():
   rng = np.random.default_rng(2)
   p0 = _groups(rng)
   grads = [_groups(rng, scale) for scale in (3.0, 0.1, 2.0, 0.2, 5.0)]
-  norms = [np.sqrt(sum(np.sum(v ** 2) for v in g.values())) for g in grads]
+  norms = [np.sqrt(sum(np.sum(v**2) for v in g.values())) for g in grads]
   assert min(norms) < 1.0 < max(norms)
   config = OptimizerConfig(learning_rate=0.1, clip_grad_norm=1.0)
   got = _optax_trajectory(config, 10, p0, grads)
-  want = _torch_trajectory(lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9, weight_decay=1e-4),
-                           p0, grads, lr=0.1, total=10, clip=1.0)
+  want = _torch_trajectory(
+    lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9, weight_decay=1e-4),
+    p0,
+    grads,
+    lr=0.1,
+    total=10,
+    clip=1.0,
+  )
   _assert_trajectories_equal(got, want)
   unclipped = _optax_trajectory(OptimizerConfig(learning_rate=0.1), 10, p0, grads)
   assert not np.allclose(unclipped[-1]['cls'], got[-1]['cls'], rtol=1e-3)
@@ -164,6 +201,7 @@ def test_warmup_learning_rate_at_every_step():
   (unit gradients, no momentum or decay, so each update is -lr), the one the step logs, and
   10x on the head: a linear ramp from 0 to the poly value at step 4, then the poly decay."""
   from pspnet_jax.train import schedules
+
   base, total, warm = 0.01, 12, 4
   end_of_warmup = base * (1 - warm / total) ** 0.9
   want = [end_of_warmup * k / warm for k in range(warm)]
@@ -187,45 +225,71 @@ def test_cross_entropy_ignores_255_like_torch():
   labels = rng.integers(0, 4, (2, 5, 6))
   labels[0, :2] = 255
   got = float(cross_entropy(jnp.asarray(logits), jnp.asarray(labels)))
-  want = torch.nn.functional.cross_entropy(torch.from_numpy(logits.transpose(0, 3, 1, 2)),
-                                           torch.from_numpy(labels), ignore_index=255).item()
+  want = torch.nn.functional.cross_entropy(
+    torch.from_numpy(logits.transpose(0, 3, 1, 2)), torch.from_numpy(labels), ignore_index=255
+  ).item()
   assert got == pytest.approx(want, rel=1e-6)
 
 
 def test_batch_size_must_divide_devices():
-  code = ('from pspnet_jax import mesh\n'
-          'try:\n  mesh.check_batch_size(6)\nexcept ValueError as e:\n  print(e)\n'
-          'mesh.check_batch_size(8)\n')
-  out = subprocess.run([sys.executable, '-c', code], env=cli_env(4), capture_output=True, text=True,
-                       timeout=120, check=True).stdout
+  code = (
+    'from pspnet_jax import mesh\n'
+    'try:\n  mesh.check_batch_size(6)\nexcept ValueError as e:\n  print(e)\n'
+    'mesh.check_batch_size(8)\n'
+  )
+  out = subprocess.run(
+    [sys.executable, '-c', code],
+    env=cli_env(4),
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=True,
+  ).stdout
   assert 'global_batch_size=6 does not divide over 4 devices' in out
   with pytest.raises(ValueError, match='micro-batches'):
     mesh_lib.check_batch_size(3, grad_accum_steps=2)
 
 
 @pytest.mark.parametrize('strategy', ['xla', 'taps', 'shifted'])
-@pytest.mark.parametrize('k,ci,co,stride,dilation,size', [
-    (1, 32, 16, 1, 1, 9), (1, 16, 32, 2, 1, 11), (3, 8, 12, 1, 2, 13), (3, 8, 8, 1, 4, 17),
-    (3, 6, 10, 2, 1, 10), (3, 20, 6, 1, 1, 8), (7, 3, 8, 2, 1, 15)])
+@pytest.mark.parametrize(
+  'k,ci,co,stride,dilation,size',
+  [
+    (1, 32, 16, 1, 1, 9),
+    (1, 16, 32, 2, 1, 11),
+    (3, 8, 12, 1, 2, 13),
+    (3, 8, 8, 1, 4, 17),
+    (3, 6, 10, 2, 1, 10),
+    (3, 20, 6, 1, 1, 8),
+    (7, 3, 8, 2, 1, 15),
+  ],
+)
 def test_cpu_conv_equals_xla_convolution(k, ci, co, stride, dilation, size, strategy, monkeypatch):
   """`cpu_conv` (1x1 as matmul, wide inputs split, each weight-gradient strategy) has XLA's
   convolution's output and both gradients, on odd sizes, strides and dilations."""
   from jax import lax
+
   from pspnet_jax import ops
   from pspnet_jax.ops import cpu_conv
+
   monkeypatch.setenv('PSPNET_CONV_WGRAD', strategy)
   monkeypatch.setattr(cpu_conv, 'CIN_CHUNK', 8)  # ci=20 splits into 8 + 8 + 4
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((2, size, size + 3, ci)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((k, k, ci, co)), jnp.float32)
   pad = ops.conv_padding(k, dilation)
-  ref = lambda x, w: lax.conv_general_dilated(x, w, (stride, stride), pad, rhs_dilation=(dilation, dilation),
-                                              dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  ref = lambda x, w: lax.conv_general_dilated(
+    x,
+    w,
+    (stride, stride),
+    pad,
+    rhs_dilation=(dilation, dilation),
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+  )
   mine = lambda x, w: cpu_conv.cpu_conv(x, w, (stride, stride), pad, (dilation, dilation))
   y, r = np.asarray(jax.jit(mine)(x, w)), np.asarray(ref(x, w))
   assert y.shape == r.shape
   np.testing.assert_allclose(y, r, rtol=1e-5, atol=1e-5 * float(np.abs(r).max()))
-  loss = lambda f: (lambda x, w: jnp.sum(jnp.sin(f(x, w))))
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
   gx, gw = jax.jit(jax.grad(loss(mine), argnums=(0, 1)))(x, w)
   rx, rw = jax.grad(loss(ref), argnums=(0, 1))(x, w)
   np.testing.assert_allclose(gx, rx, rtol=1e-5, atol=1e-5 * float(jnp.abs(rx).max()))
@@ -238,8 +302,13 @@ DEPTHWISE_CASES = [(1, 1, 9), (2, 1, 10), (2, 1, 11), (1, 2, 13), (1, 4, 17), (2
 def _torch_depthwise(x, w, stride, dilation):
   """PyTorch's depthwise conv on NHWC / HWIO numpy arrays; returns (y, y -> grads)."""
   import torch.nn.functional as F
-  tx = torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 3, 1, 2))).requires_grad_()
-  tw = torch.from_numpy(np.ascontiguousarray(np.asarray(w, np.float32).transpose(3, 2, 0, 1))).requires_grad_()
+
+  tx = torch.from_numpy(
+    np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 3, 1, 2))
+  ).requires_grad_()
+  tw = torch.from_numpy(
+    np.ascontiguousarray(np.asarray(w, np.float32).transpose(3, 2, 0, 1))
+  ).requires_grad_()
   y = F.conv2d(tx, tw, stride=stride, padding=dilation, dilation=dilation, groups=tw.shape[0])
   return tx, tw, y
 
@@ -250,18 +319,29 @@ def test_depthwise_conv_matches_torch(stride, dilation, size):
   """ops.conv(groups=C) (on this CPU: the tap kernel) has PyTorch's depthwise conv's output
   and both gradients, on odd sizes, strides and dilations."""
   from pspnet_jax import ops
+
   rng = np.random.default_rng(size)
   c = 6
   x = rng.standard_normal((2, size, size + 3, c)).astype(np.float32)
   w = rng.standard_normal((3, 3, 1, c)).astype(np.float32)
-  mine = lambda x, w: ops.conv(x, w, (stride, stride), ops.conv_padding(3, dilation), (dilation, dilation), groups=c)
-  y, grads = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(mine(x, w))), argnums=(0, 1)))(x, w)
+  mine = lambda x, w: ops.conv(
+    x, w, (stride, stride), ops.conv_padding(3, dilation), (dilation, dilation), groups=c
+  )
+  y, grads = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(mine(x, w))), argnums=(0, 1)))(
+    x, w
+  )
   tx, tw, ty = _torch_depthwise(x, w, stride, dilation)
   loss = torch.sin(ty).sum()
   loss.backward()
-  np.testing.assert_allclose(np.asarray(jax.jit(mine)(x, w)), ty.detach().numpy().transpose(0, 2, 3, 1),
-                             rtol=1e-5, atol=1e-5 * float(ty.detach().abs().max()))
-  for got, want in zip(grads, (tx.grad.numpy().transpose(0, 2, 3, 1), tw.grad.numpy().transpose(2, 3, 1, 0))):
+  np.testing.assert_allclose(
+    np.asarray(jax.jit(mine)(x, w)),
+    ty.detach().numpy().transpose(0, 2, 3, 1),
+    rtol=1e-5,
+    atol=1e-5 * float(ty.detach().abs().max()),
+  )
+  for got, want in zip(
+    grads, (tx.grad.numpy().transpose(0, 2, 3, 1), tw.grad.numpy().transpose(2, 3, 1, 0))
+  ):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
 
 
@@ -273,21 +353,27 @@ def test_bfloat16_depthwise_weight_gradient_is_float32(stride, dilation, size, k
   equals PyTorch's float32 gradient on the same bfloat16-rounded inputs to float32
   precision, from the CPU's tap sums and from XLA's grouped convolution (GPU/TPU) alike."""
   from pspnet_jax import ops
+
   if kernel == 'xla':
     monkeypatch.setenv('PSPNET_CONV', 'xla')
   rng = np.random.default_rng(size)
   c = 8
   x = jnp.asarray(rng.standard_normal((2, size, size + 1, c)), jnp.bfloat16)
   w = jnp.asarray(rng.standard_normal((3, 3, 1, c)), jnp.float32)
-  mine = lambda x, w: ops.conv(x, w, (stride, stride), ops.conv_padding(3, dilation), (dilation, dilation), groups=c)
+  mine = lambda x, w: ops.conv(
+    x, w, (stride, stride), ops.conv_padding(3, dilation), (dilation, dilation), groups=c
+  )
   y, vjp = jax.vjp(mine, x, w)
   assert y.dtype == jnp.bfloat16
   dy = jnp.asarray(rng.standard_normal(y.shape), jnp.bfloat16)
   _, dw = jax.jit(vjp)(dy)
   assert dw.dtype == jnp.float32
-  tx, tw, ty = _torch_depthwise(np.asarray(x, np.float32), np.asarray(w.astype(jnp.bfloat16), np.float32),
-                                stride, dilation)
-  ty.backward(torch.from_numpy(np.ascontiguousarray(np.asarray(dy, np.float32).transpose(0, 3, 1, 2))))
+  tx, tw, ty = _torch_depthwise(
+    np.asarray(x, np.float32), np.asarray(w.astype(jnp.bfloat16), np.float32), stride, dilation
+  )
+  ty.backward(
+    torch.from_numpy(np.ascontiguousarray(np.asarray(dy, np.float32).transpose(0, 3, 1, 2)))
+  )
   want = tw.grad.numpy().transpose(2, 3, 1, 0)
   np.testing.assert_allclose(dw, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
 
@@ -297,9 +383,14 @@ def test_depthwise_kernel_follows_the_lowering_platform(monkeypatch):
   taps); lowered for a GPU or a TPU it holds XLA's grouped convolutions only, in float32
   and in mixed precision."""
   from pspnet_jax import ops
+
   x, w = jnp.ones((2, 9, 9, 8)), jnp.ones((3, 3, 1, 8))
-  grads = lambda x, w: jax.grad(lambda x, w: jnp.sum(ops.conv(x, w, padding=ops.conv_padding(3, 2), dilation=(2, 2),
-                                                              groups=8) ** 2), argnums=(0, 1))(x, w)
+  grads = lambda x, w: jax.grad(
+    lambda x, w: jnp.sum(
+      ops.conv(x, w, padding=ops.conv_padding(3, 2), dilation=(2, 2), groups=8) ** 2
+    ),
+    argnums=(0, 1),
+  )(x, w)
   assert _lowered_ops(grads, x, w, platforms=['cpu'])[0] == 0
   for platform in ('cuda', 'tpu'):
     assert _lowered_ops(grads, x, w, platforms=[platform])[0] == 3, platform  # forward, dx, dw
@@ -318,13 +409,16 @@ def test_cpu_kernels_follow_the_lowering_platform_not_the_host(monkeypatch):
   convolutions only; PSPNET_CONV=xla selects XLA's on the CPU too."""
   from pspnet_jax import ops
   from pspnet_jax.models import layers
+
   assert jax.default_backend() == 'cpu'
   conv1 = layers.conv2d(8, 8, 1, rngs=nnx.Rngs(0))
   x, w1, w3 = jnp.ones((2, 9, 9, 8)), jnp.ones((1, 1, 8, 8)), jnp.ones((3, 3, 8, 8))
   fwd = lambda x: conv1(x)  # the model's layer, as built on this host
 
   def grads(x, w1, w3):  # PSPNET_CONV* are read at trace time: a new function per setting
-    net = lambda x, w1, w3: ops.conv(ops.conv(x, w1), w3, padding=ops.conv_padding(3, 2), dilation=(2, 2))
+    net = lambda x, w1, w3: ops.conv(
+      ops.conv(x, w1), w3, padding=ops.conv_padding(3, 2), dilation=(2, 2)
+    )
     return jax.grad(lambda *a: jnp.sum(net(*a) ** 2), argnums=(0, 1, 2))(x, w1, w3)
 
   assert _lowered_ops(fwd, x, platforms=['cpu']) == (0, 1)
@@ -340,20 +434,30 @@ def test_cpu_kernels_follow_the_lowering_platform_not_the_host(monkeypatch):
   assert _lowered_ops(lambda x: conv1(x), x, platforms=['cpu']) == (1, 0)
 
 
-@pytest.mark.parametrize('k,stride,dilation,size', [(1, 1, 1, 9), (1, 2, 1, 10), (3, 1, 2, 13),
-                                                     (3, 2, 1, 11), (3, 2, 1, 10), (7, 2, 1, 15)])
+@pytest.mark.parametrize(
+  'k,stride,dilation,size',
+  [(1, 1, 1, 9), (1, 2, 1, 10), (3, 1, 2, 13), (3, 2, 1, 11), (3, 2, 1, 10), (7, 2, 1, 15)],
+)
 def test_float32_weight_gradient_convolution_equals_autodiff(k, stride, dilation, size):
   """ops.convolution.weight_gradient (the mixed-precision weight gradient, one convolution
   accumulating in float32) equals autodiff of XLA's convolution in float32."""
   from jax import lax
+
   from pspnet_jax import ops
   from pspnet_jax.ops.convolution import weight_gradient
+
   rng = np.random.default_rng(k * 100 + size)
   x = jnp.asarray(rng.standard_normal((2, size, size + 1, 5)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((k, k, 5, 6)), jnp.float32)
   pad = ops.conv_padding(k, dilation)
-  conv = lambda w: lax.conv_general_dilated(x, w, (stride, stride), pad, rhs_dilation=(dilation, dilation),
-                                            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  conv = lambda w: lax.conv_general_dilated(
+    x,
+    w,
+    (stride, stride),
+    pad,
+    rhs_dilation=(dilation, dilation),
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+  )
   y, vjp = jax.vjp(conv, w)
   dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
   got = weight_gradient(x, dy, (k, k), (stride, stride), pad, (dilation, dilation))
@@ -369,6 +473,7 @@ def test_bfloat16_layers_return_float32_accumulated_weight_gradients(k, stride, 
   autodiff through a cast kernel) is off by bfloat16's rounding, ~4e-3."""
   from pspnet_jax import ops
   from pspnet_jax.models.layers import BatchNorm
+
   bf16, f32 = jnp.bfloat16, jnp.float32
   rng = np.random.default_rng(k + stride)
   x = jnp.asarray(rng.standard_normal((2, 11, 12, 6)), bf16)
@@ -406,11 +511,19 @@ def _torch_train(ref, batches, *, dtype, accum=1, lr, total, autocast=False):
   (images, labels) of `batches`; returns (state dict, each step's loss). `autocast`: the
   forward under CPU bfloat16 autocast (PyTorch's mixed precision), losses in float32."""
   import copy
+
   threads = torch.get_num_threads()
   torch.set_num_threads(1)  # tiny tensors: a second thread only adds overhead (4-6x slower)
   try:
-    return _torch_steps(copy.deepcopy(ref).to(dtype).train(), batches, dtype=dtype,
-                        accum=accum, lr=lr, total=total, autocast=autocast)
+    return _torch_steps(
+      copy.deepcopy(ref).to(dtype).train(),
+      batches,
+      dtype=dtype,
+      accum=accum,
+      lr=lr,
+      total=total,
+      autocast=autocast,
+    )
   finally:
     torch.set_num_threads(threads)
 
@@ -418,9 +531,12 @@ def _torch_train(ref, batches, *, dtype, accum=1, lr, total, autocast=False):
 def _torch_steps(m, batches, *, dtype, accum, lr, total, autocast):
   import torch.nn.functional as F
   from torch_reference import state_dict_numpy
+
   head = [p for n, p in m.named_parameters() if n.split('.')[0] in ('ppm', 'cls', 'aux')]
   back = [p for n, p in m.named_parameters() if n.split('.')[0] not in ('ppm', 'cls', 'aux')]
-  opt = torch.optim.SGD([{'params': back}, {'params': head}], lr=lr, momentum=0.9, weight_decay=1e-4)
+  opt = torch.optim.SGD(
+    [{'params': back}, {'params': head}], lr=lr, momentum=0.9, weight_decay=1e-4
+  )
   losses = []
   for k, (images, labels) in enumerate(batches):
     x = torch.from_numpy(images.transpose(0, 3, 1, 2)).to(dtype)
@@ -434,7 +550,9 @@ def _torch_steps(m, batches, *, dtype, accum, lr, total, autocast):
         out, aux = m(xi)
       if autocast:
         out, aux = out.float(), aux.float()
-      loss = F.cross_entropy(out, yi, ignore_index=255) + 0.4 * F.cross_entropy(aux, yi, ignore_index=255)
+      loss = F.cross_entropy(out, yi, ignore_index=255) + 0.4 * F.cross_entropy(
+        aux, yi, ignore_index=255
+      )
       share = loss * (yi != 255).sum() / labelled
       share.backward()
       step_loss += share.item()
@@ -445,8 +563,9 @@ def _torch_steps(m, batches, *, dtype, accum, lr, total, autocast):
 
 def _recipe_step(graphdef, *, lr, total, accum=1):
   tx = make_optimizer(OptimizerConfig(learning_rate=lr), total)
-  return tx, jax.jit(make_train_step(graphdef, tx, aux_weight=0.4, ignore_label=255,
-                                     grad_accum_steps=accum))
+  return tx, jax.jit(
+    make_train_step(graphdef, tx, aux_weight=0.4, ignore_label=255, grad_accum_steps=accum)
+  )
 
 
 def _jax_train(model, batches, *, lr, total, accum=1):
@@ -454,8 +573,15 @@ def _jax_train(model, batches, *, lr, total, accum=1):
   loss, the train states before each step and after the last)."""
   graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   tx, step = _recipe_step(graphdef, lr=lr, total=total, accum=accum)
-  states = [{'params': params, 'batch_stats': batch_stats, 'opt_state': tx.init(params),
-             'step': jnp.zeros((), jnp.int32), 'rng': jax.random.key_data(jax.random.key(0))}]
+  states = [
+    {
+      'params': params,
+      'batch_stats': batch_stats,
+      'opt_state': tx.init(params),
+      'step': jnp.zeros((), jnp.int32),
+      'rng': jax.random.key_data(jax.random.key(0)),
+    }
+  ]
   losses = []
   for batch in batches:
     state, metrics = step(states[-1], _as_batch(batch))
@@ -485,6 +611,7 @@ def test_train_steps_match_torch_semseg_step(accum):
   initial weights. A wrong lr group, loss weight, accumulation or BN update is off by far
   more than 1e-3 of the update."""
   from pspnet_jax.port import export_state_dict
+
   ref, model = tiny_pair(dataclasses.replace(TINY, dropout=0.0), seed=1)
   rng = np.random.default_rng(3)
   images = rng.standard_normal((4, 33, 33, 3)).astype(np.float32)
@@ -521,6 +648,7 @@ def _recipe_batches(steps, seed=0):
   """``steps`` batches of 4 images 33x33 whose labels a network can learn (5 bands of a
   smoothed channel), each image with its own ignored rectangle."""
   from scipy import ndimage
+
   rng = np.random.default_rng(seed)
   batches = []
   for _ in range(steps):
@@ -529,7 +657,7 @@ def _recipe_batches(steps, seed=0):
     labels = np.digitize(smooth, np.quantile(smooth, [0.2, 0.4, 0.6, 0.8])).astype(np.int32)
     for i in range(4):
       top, left, h, w = rng.integers(0, 20, 2).tolist() + rng.integers(2, 14, 2).tolist()
-      labels[i, top:top + h, left:left + w] = 255
+      labels[i, top : top + h, left : left + w] = 255
     batches.append((images, labels))
   return batches
 
@@ -548,8 +676,14 @@ def recipe_run():
   ref, model = tiny_pair(config, seed=2)
   batches = _recipe_batches(RECIPE_STEPS)
   _, losses, states = _jax_train(model, batches, lr=RECIPE_LR, total=RECIPE_STEPS)
-  return {'config': config, 'ref': ref, 'model': model, 'batches': batches, 'losses': losses,
-          'states': states}
+  return {
+    'config': config,
+    'ref': ref,
+    'model': model,
+    'batches': batches,
+    'losses': losses,
+    'states': states,
+  }
 
 
 @pytest.mark.parity
@@ -578,8 +712,10 @@ def test_twenty_steps_follow_the_torch_semseg_loss_curve(recipe_run):
   assert want[-5:].mean() < 0.9 * want[:5].mean()  # a curve that moves (measured: -17%)
   print('step  loss (torch f64)  rel. error JAX f32  rel. error torch f32')
   for k in range(RECIPE_STEPS):
-    print(f'{k:4d}  {want[k]:.6f}  {abs(got[k] - want[k]) / want[k]:.2e}  '
-          f'{abs(torch32[k] - want[k]) / want[k]:.2e}')
+    print(
+      f'{k:4d}  {want[k]:.6f}  {abs(got[k] - want[k]) / want[k]:.2e}  '
+      f'{abs(torch32[k] - want[k]) / want[k]:.2e}'
+    )
   for name, curve in (('pspnet_jax float32', got), ('PyTorch float32', torch32)):
     err = np.abs(curve - want) / want
     assert err[0] <= 1e-5 and err.max() <= 2e-2 and err.mean() <= 5e-3, (name, err)
@@ -598,8 +734,15 @@ def test_bfloat16_train_step_tracks_float32(recipe_run):
   config = dataclasses.replace(recipe_run['config'], dtype='bfloat16')
   graphdef = nnx.split(checkpoint.abstract_model(config), nnx.Param, nnx.BatchStat)[0]
   _, step = _recipe_step(graphdef, lr=RECIPE_LR, total=RECIPE_STEPS)
-  states, batches, f32_losses, steps = recipe_run['states'], recipe_run['batches'], recipe_run['losses'], 8
-  flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)]).astype(np.float64)
+  states, batches, f32_losses, steps = (
+    recipe_run['states'],
+    recipe_run['batches'],
+    recipe_run['losses'],
+    8,
+  )
+  flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)]).astype(
+    np.float64
+  )
   loss_err, update_err = [], []
   for k in range(steps):
     new, metrics = step(states[k], _as_batch(batches[k]))
@@ -607,15 +750,22 @@ def test_bfloat16_train_step_tracks_float32(recipe_run):
     before, want = flat(states[k]['params']), flat(states[k + 1]['params'])
     update_err.append(np.linalg.norm(flat(new['params']) - want) / np.linalg.norm(want - before))
   kw = {'dtype': torch.float32, 'lr': RECIPE_LR, 'total': RECIPE_STEPS}
-  params_of = lambda sd: np.concatenate([sd[k].ravel() for k in sorted(sd) if 'running' not in k]).astype(np.float64)
+  params_of = lambda sd: np.concatenate(
+    [sd[k].ravel() for k in sorted(sd) if 'running' not in k]
+  ).astype(np.float64)
   from torch_reference import state_dict_numpy
+
   t0 = params_of(state_dict_numpy(recipe_run['ref']))
   t32 = params_of(_torch_train(recipe_run['ref'], batches[:1], **kw)[0])
   t16 = params_of(_torch_train(recipe_run['ref'], batches[:1], autocast=True, **kw)[0])
   torch_update_err = np.linalg.norm(t16 - t32) / np.linalg.norm(t32 - t0)
-  print('bfloat16 step vs float32 step: loss', np.array2string(np.asarray(loss_err), precision=4),
-        'update', np.array2string(np.asarray(update_err), precision=3),
-        f'(PyTorch autocast, first step: {torch_update_err:.3f})')
+  print(
+    'bfloat16 step vs float32 step: loss',
+    np.array2string(np.asarray(loss_err), precision=4),
+    'update',
+    np.array2string(np.asarray(update_err), precision=3),
+    f'(PyTorch autocast, first step: {torch_update_err:.3f})',
+  )
   assert 0 < max(loss_err) <= 0.015, loss_err
   assert update_err[0] <= 1.5 * torch_update_err, (update_err[0], torch_update_err)
 
@@ -624,5 +774,7 @@ def test_bfloat16_train_step_tracks_float32(recipe_run):
     state, metrics = step(state, _as_batch(batches[k]))
     assert np.isfinite(float(metrics['loss'])) and np.isfinite(float(metrics['grad_norm'])), k
   for name in ('params', 'batch_stats', 'opt_state'):
-    dtypes = {str(x.dtype) for x in jax.tree.leaves(state[name]) if jnp.issubdtype(x.dtype, jnp.floating)}
+    dtypes = {
+      str(x.dtype) for x in jax.tree.leaves(state[name]) if jnp.issubdtype(x.dtype, jnp.floating)
+    }
     assert dtypes == {'float32'}, (name, dtypes)

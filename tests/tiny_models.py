@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from torch_reference import TorchPSPNet, randomize, state_dict_numpy
 
 from pspnet_jax import checkpoint
 from pspnet_jax.models import PSPNet, PSPNetConfig
 from pspnet_jax.port import load_state_dict
-from torch_reference import TorchPSPNet, randomize, state_dict_numpy
 
 TINY = PSPNetConfig(depth=18, base_width=8, num_classes=5, head_channels=16, aux_channels=8)
 
@@ -22,9 +22,16 @@ TINY = PSPNetConfig(depth=18, base_width=8, num_classes=5, head_channels=16, aux
 def tiny_pair(config: PSPNetConfig = TINY, seed: int = 0):
   """(PyTorch reference, PSPNet) holding the same random weights."""
   model = _filled(config, lambda a: np.zeros(a.shape, a.dtype))
-  ref = TorchPSPNet(num_classes=config.num_classes, depth=config.depth, base_width=config.base_width,
-                    head_channels=config.head_channels, aux_channels=config.aux_channels,
-                    align_corners=config.align_corners, bins=config.bins, dropout=config.dropout)
+  ref = TorchPSPNet(
+    num_classes=config.num_classes,
+    depth=config.depth,
+    base_width=config.base_width,
+    head_channels=config.head_channels,
+    aux_channels=config.aux_channels,
+    align_corners=config.align_corners,
+    bins=config.bins,
+    dropout=config.dropout,
+  )
   load_state_dict(model, state_dict_numpy(randomize(ref, seed=seed)))
   graphdef, state = nnx.split(model)
   return ref, nnx.merge(graphdef, jax.tree.map(jnp.asarray, state))
@@ -39,8 +46,12 @@ def random_model(config: PSPNetConfig, seed: int = 0) -> PSPNet:
   among them, in 0.5 + |N(0, 1)|), for tests that move weights around rather than compute
   with them."""
   rng = np.random.default_rng(seed)
-  return _filled(config, lambda a: (np.abs(rng.standard_normal(a.shape)) + 0.5 if a.ndim == 1
-                                    else rng.standard_normal(a.shape)).astype(a.dtype))
+  return _filled(
+    config,
+    lambda a: (
+      np.abs(rng.standard_normal(a.shape)) + 0.5 if a.ndim == 1 else rng.standard_normal(a.shape)
+    ).astype(a.dtype),
+  )
 
 
 def _filled(config: PSPNetConfig, fill) -> PSPNet:

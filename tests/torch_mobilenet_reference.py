@@ -43,8 +43,10 @@ class Block(nn.Module):
     hid = int(round(cin * expand))
     self.residual = stride == 1 and cin == cout
     mods = [ConvBN(cin, hid, 1, act=nn.ReLU6())] if expand != 1 else []
-    mods += [ConvBN(hid, hid, 3, stride, dilation, groups=hid, act=nn.ReLU6()),
-             ConvBN(hid, cout, 1)]
+    mods += [
+      ConvBN(hid, hid, 3, stride, dilation, groups=hid, act=nn.ReLU6()),
+      ConvBN(hid, cout, 1),
+    ]
     self.conv = nn.Sequential(*mods)
 
   def forward(self, x):
@@ -80,17 +82,22 @@ class PSPHead(nn.Module):
   def __init__(self, cin, channels, num_classes, scales, dropout, align_corners):
     super().__init__()
     self.align_corners = align_corners
-    self.psp_modules = nn.ModuleList([
+    self.psp_modules = nn.ModuleList(
+      [
         nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvBN(cin, channels, 1, act=nn.ReLU()))
-        for s in scales])
+        for s in scales
+      ]
+    )
     self.bottleneck = ConvBN(cin + len(scales) * channels, channels, 3, act=nn.ReLU())
     self.dropout = nn.Dropout2d(dropout)
     self.conv_seg = nn.Conv2d(channels, num_classes, 1)
 
   def forward(self, x):
     size = x.shape[2:]
-    pyramid = [F.interpolate(m(x), size, mode='bilinear', align_corners=self.align_corners)
-               for m in self.psp_modules]
+    pyramid = [
+      F.interpolate(m(x), size, mode='bilinear', align_corners=self.align_corners)
+      for m in self.psp_modules
+    ]
     return self.conv_seg(self.dropout(self.bottleneck(torch.cat([x] + pyramid, 1))))
 
 
@@ -110,8 +117,15 @@ class FCNHead(nn.Module):
 class TorchMobileNetPSPNet(nn.Module):
   """mmseg EncoderDecoder with mobilenet-v2-d8 + PSPHead (channels 512) + FCNHead (256)."""
 
-  def __init__(self, num_classes=150, channels=512, aux_channels=256, scales=(1, 2, 3, 6),
-               dropout=0.1, align_corners=False):
+  def __init__(
+    self,
+    num_classes=150,
+    channels=512,
+    aux_channels=256,
+    scales=(1, 2, 3, 6),
+    dropout=0.1,
+    align_corners=False,
+  ):
     super().__init__()
     self.align_corners = align_corners
     self.backbone = TorchMobileNetV2()
@@ -121,10 +135,12 @@ class TorchMobileNetPSPNet(nn.Module):
   def forward(self, x):
     size = x.shape[2:]
     feats = self.backbone(x)
-    out = F.interpolate(self.decode_head(feats[3]), size, mode='bilinear',
-                        align_corners=self.align_corners)
+    out = F.interpolate(
+      self.decode_head(feats[3]), size, mode='bilinear', align_corners=self.align_corners
+    )
     if not self.training:
       return out
-    aux = F.interpolate(self.auxiliary_head(feats[2]), size, mode='bilinear',
-                        align_corners=self.align_corners)
+    aux = F.interpolate(
+      self.auxiliary_head(feats[2]), size, mode='bilinear', align_corners=self.align_corners
+    )
     return out, aux

@@ -13,7 +13,16 @@ from pspnet_jax.data.input_pipeline import TrainLoader, steps_per_epoch, train_l
 from pspnet_jax.data.transforms import AugmentConfig, augment
 
 __all__ = [
-    'AugmentConfig', 'BUILDERS', 'BadExampleError', 'DatasetInfo', 'ManualDirError',
-    'TrainLoader', 'augment', 'dataset_info', 'eval_source', 'prepare', 'steps_per_epoch',
-    'train_loader',
+  'AugmentConfig',
+  'BUILDERS',
+  'BadExampleError',
+  'DatasetInfo',
+  'ManualDirError',
+  'TrainLoader',
+  'augment',
+  'dataset_info',
+  'eval_source',
+  'prepare',
+  'steps_per_epoch',
+  'train_loader',
 ]

@@ -26,12 +26,13 @@ class NotPreparedError(UserError, FileNotFoundError):
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
   """What training and evaluation need to know about a prepared dataset."""
+
   name: str
   num_classes: int
   class_names: tuple[str, ...]
   palette: tuple[tuple[int, int, int], ...]
   ignore_label: int  # 255
-  base_size: int     # evaluation long side (ADE/VOC 512, Cityscapes 2048)
+  base_size: int  # evaluation long side (ADE/VOC 512, Cityscapes 2048)
   splits: dict[str, int]  # split name -> number of examples
   metadata: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
@@ -52,8 +53,14 @@ def _prepare_command(name: str, data_dir: str) -> str:
   return f'python -m pspnet_jax.data.prepare {name} --data-dir {data_dir}'
 
 
-def prepare(name: str, data_dir: str, manual_dir: str | None = None, *,
-            skip_bad_examples: bool = False, **builder_kwargs) -> DatasetInfo:
+def prepare(
+  name: str,
+  data_dir: str,
+  manual_dir: str | None = None,
+  *,
+  skip_bad_examples: bool = False,
+  **builder_kwargs,
+) -> DatasetInfo:
   """Prepares dataset `name` under data_dir/name/1.0.0 (array_record); idempotent.
 
   manual_dir holds raw files a builder cannot download (docs/datasets.md). builder_kwargs go to
@@ -70,33 +77,48 @@ def prepare(name: str, data_dir: str, manual_dir: str | None = None, *,
     if recorded is not None and builder_kwargs:
       wanted = cls(data_dir=data_dir, **builder_kwargs).extra_metadata().get('builder_kwargs')
       if wanted != recorded:
-        differ = ', '.join(f'{k}={recorded.get(k)!r} (prepared) vs {wanted.get(k)!r} (asked)'
-                           for k in sorted(set(recorded) | set(wanted)) if recorded.get(k) != wanted.get(k))
+        differ = ', '.join(
+          f'{k}={recorded.get(k)!r} (prepared) vs {wanted.get(k)!r} (asked)'
+          for k in sorted(set(recorded) | set(wanted))
+          if recorded.get(k) != wanted.get(k)
+        )
         raise UserError(
-            f'{name} in {data_dir} was prepared with other options: {differ} (use another '
-            f'--data-dir, or delete {_prepared_dir(name, data_dir)} to prepare it again)')
+          f'{name} in {data_dir} was prepared with other options: {differ} (use another '
+          f'--data-dir, or delete {_prepared_dir(name, data_dir)} to prepare it again)'
+        )
     return info
   tfds.disable_progress_bar()
   output_dir.check_writable(os.path.abspath(data_dir), '--data-dir')
-  builder = cls(data_dir=os.fspath(data_dir), file_format='array_record',
-                skip_bad_examples=skip_bad_examples, manual_dir=manual_dir, **builder_kwargs)
+  builder = cls(
+    data_dir=os.fspath(data_dir),
+    file_format='array_record',
+    skip_bad_examples=skip_bad_examples,
+    manual_dir=manual_dir,
+    **builder_kwargs,
+  )
   try:
     builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+    )
   except OSError as e:
     # Several processes (hosts on a shared file system) may prepare at once: each writes
     # its own temporary directory and the renames after the first one fail.
     if _prepared_dir(name, data_dir):
       logging.info('%s: another process finished preparing it first', name)
-    elif type(e).__module__.split('.')[0] in ('requests', 'urllib3') or isinstance(e, ConnectionError):
-      raise UserError(f'{name}: downloading its raw files failed ({type(e).__name__}: '
-                      f'{" ".join(str(e).split())[:200]}); download them where you can and give '
-                      'their folder as --manual-dir / dataset.manual_dir (docs/datasets.md)') from e
+    elif type(e).__module__.split('.')[0] in ('requests', 'urllib3') or isinstance(
+      e, ConnectionError
+    ):
+      raise UserError(
+        f'{name}: downloading its raw files failed ({type(e).__name__}: '
+        f'{" ".join(str(e).split())[:200]}); download them where you can and give '
+        'their folder as --manual-dir / dataset.manual_dir (docs/datasets.md)'
+      ) from e
     else:
       raise
   if builder.skipped:
-    logging.warning('%s: skipped %d bad example(s), first: %s', name, len(builder.skipped),
-                    builder.skipped[0])
+    logging.warning(
+      '%s: skipped %d bad example(s), first: %s', name, len(builder.skipped), builder.skipped[0]
+    )
   return dataset_info(name, data_dir)
 
 
@@ -104,9 +126,10 @@ def _read_builder(name: str, data_dir: str):
   path = _prepared_dir(name, data_dir)
   if path is None:
     raise NotPreparedError(
-        f'dataset {name!r} is not prepared in {data_dir} (no {name}/'
-        f'{builders_lib.base.VERSION}/dataset_info.json there). Prepare it with: '
-        f'{_prepare_command(name, data_dir)} [--manual-dir DIR]  (see docs/datasets.md)')
+      f'dataset {name!r} is not prepared in {data_dir} (no {name}/'
+      f'{builders_lib.base.VERSION}/dataset_info.json there). Prepare it with: '
+      f'{_prepare_command(name, data_dir)} [--manual-dir DIR]  (see docs/datasets.md)'
+    )
   return tfds.builder_from_directory(path)
 
 
@@ -115,11 +138,15 @@ def dataset_info(name: str, data_dir: str) -> DatasetInfo:
   info = _read_builder(name, data_dir).info
   meta = dict(info.metadata)
   return DatasetInfo(
-      name=name, num_classes=len(meta['class_names']),
-      class_names=tuple(meta['class_names']),
-      palette=tuple(tuple(int(v) for v in c) for c in meta['palette']),
-      ignore_label=int(meta['ignore_label']), base_size=int(meta['base_size']),
-      splits={k: int(v.num_examples) for k, v in info.splits.items()}, metadata=meta)
+    name=name,
+    num_classes=len(meta['class_names']),
+    class_names=tuple(meta['class_names']),
+    palette=tuple(tuple(int(v) for v in c) for c in meta['palette']),
+    ignore_label=int(meta['ignore_label']),
+    base_size=int(meta['base_size']),
+    splits={k: int(v.num_examples) for k, v in info.splits.items()},
+    metadata=meta,
+  )
 
 
 class RecordSource:
@@ -148,8 +175,9 @@ class RecordSource:
     """(H, W) of image ``i``, read from its encoded header without decoding it."""
     if self._encoded is None:
       self._encoded = _read_builder(self.name, self.data_dir).as_data_source(
-          split=self.split, decoders={'image': tfds.decode.SkipDecoding(),
-                                      'label': tfds.decode.SkipDecoding()})
+        split=self.split,
+        decoders={'image': tfds.decode.SkipDecoding(), 'label': tfds.decode.SkipDecoding()},
+      )
     with PILImage.open(io.BytesIO(self._encoded[int(i)]['image'])) as im:
       w, h = im.size
     return h, w
@@ -159,8 +187,11 @@ class RecordSource:
       raise IndexError(f'index {i} out of range for {self.name}/{self.split} ({self._len})')
     ex = self._open()[int(i)]
     ident = ex['id']
-    return {'image': ex['image'], 'label': np.asarray(ex['label'])[..., 0],
-            'id': ident.decode() if isinstance(ident, bytes) else str(ident)}
+    return {
+      'image': ex['image'],
+      'label': np.asarray(ex['label'])[..., 0],
+      'id': ident.decode() if isinstance(ident, bytes) else str(ident),
+    }
 
   def __getstate__(self):
     return {**self.__dict__, '_source': None, '_encoded': None}

@@ -30,8 +30,9 @@ def steps_per_epoch(name: str, split: str, data_dir: str, global_batch_size: int
   """Full global batches per epoch (the remainder is dropped each epoch)."""
   n = _split_size(name, split, data_dir)
   if not 0 < global_batch_size <= n:
-    raise UserError(f'global_batch_size {global_batch_size} must be in 1..{n} '
-                     f'(the size of {name}/{split})')
+    raise UserError(
+      f'global_batch_size {global_batch_size} must be in 1..{n} (the size of {name}/{split})'
+    )
   return n // global_batch_size
 
 
@@ -82,14 +83,21 @@ class _LoadAndAugment:
   def __call__(self, item):
     epoch, position, record = item
     ex = self.source[record]
-    image, label = augment(ex['image'], ex['label'], example_rng(self.seed, epoch, position),
-                           self.config, self.mean, self.std)
+    image, label = augment(
+      ex['image'],
+      ex['label'],
+      example_rng(self.seed, epoch, position),
+      self.config,
+      self.mean,
+      self.std,
+    )
     return {'image': image, 'label': label}
 
 
 def _worker_init(worker_index: int, worker_count: int):
   del worker_index, worker_count
   import cv2  # pylint: disable=g-import-not-at-top
+
   cv2.setNumThreads(1)  # the workers are the parallelism; OpenCV threads would oversubscribe
 
 
@@ -100,22 +108,41 @@ class TrainLoader:
   L = global_batch_size // process_count.
   """
 
-  def __init__(self, name, split, data_dir, *, global_batch_size, augment_config, seed,
-               process_index, process_count, worker_count, mean=MEAN, std=STD):
+  def __init__(
+    self,
+    name,
+    split,
+    data_dir,
+    *,
+    global_batch_size,
+    augment_config,
+    seed,
+    process_index,
+    process_count,
+    worker_count,
+    mean=MEAN,
+    std=STD,
+  ):
     if not isinstance(seed, (int, np.integer)) or seed < 0:
       raise UserError(f'seed must be a non-negative integer, got {seed!r}')
     if not 0 <= process_index < process_count:
       raise UserError(f'process_index {process_index} not in 0..{process_count - 1}')
     if global_batch_size % process_count:
       raise UserError(
-          f'global_batch_size {global_batch_size} is not divisible by the number of '
-          f'processes {process_count}; every process must load the same number of examples. '
-          f'Use a multiple of {process_count}.')
+        f'global_batch_size {global_batch_size} is not divisible by the number of '
+        f'processes {process_count}; every process must load the same number of examples. '
+        f'Use a multiple of {process_count}.'
+      )
     self.steps_per_epoch = steps_per_epoch(name, split, data_dir, global_batch_size)
     self._source = datasets.RecordSource(name, split, data_dir)
-    self._identity = {'dataset': name, 'split': split, 'num_examples': len(self._source),
-                      'global_batch_size': int(global_batch_size), 'seed': int(seed),
-                      'augment': repr(augment_config)}
+    self._identity = {
+      'dataset': name,
+      'split': split,
+      'num_examples': len(self._source),
+      'global_batch_size': int(global_batch_size),
+      'seed': int(seed),
+      'augment': repr(augment_config),
+    }
     self._config, self._seed = augment_config, int(seed)
     # The model's normalisation; a workdir's model config (hence these) cannot change on
     # resume (checkpoint.check_workdir), so they are not part of the state's identity.
@@ -127,18 +154,27 @@ class TrainLoader:
     self._it = None
 
   def _build(self):
-    positions = _Positions(len(self._source), self._global_batch, self._local_batch,
-                           self._process_index, self._seed, self._step)
-    ds = (grain.MapDataset.source(positions)
-          .map(_LoadAndAugment(self._source, self._config, self._seed, self._mean, self._std))
-          .batch(self._local_batch, drop_remainder=True)
-          # One background thread a process (grain's default is 16 threads and 500 queued
-          # elements: here an element is a whole batch, gigabytes at crop 473).
-          .to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
+    positions = _Positions(
+      len(self._source),
+      self._global_batch,
+      self._local_batch,
+      self._process_index,
+      self._seed,
+      self._step,
+    )
+    ds = (
+      grain.MapDataset.source(positions)
+      .map(_LoadAndAugment(self._source, self._config, self._seed, self._mean, self._std))
+      .batch(self._local_batch, drop_remainder=True)
+      # One background thread a process (grain's default is 16 threads and 500 queued
+      # elements: here an element is a whole batch, gigabytes at crop 473).
+      .to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+    )
     if self._worker_count > 0:
       _compat.grain_flags_usable()
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._worker_count),
-                          worker_init_fn=_worker_init)
+      ds = ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=self._worker_count), worker_init_fn=_worker_init
+      )
     return iter(ds)
 
   def __iter__(self):
@@ -164,8 +200,10 @@ class TrainLoader:
     """Continues after the batches counted in `state` (from get_state of a like loader)."""
     mismatched = {k: (state.get(k), v) for k, v in self._identity.items() if state.get(k) != v}
     if mismatched:
-      raise UserError(f'the iterator state belongs to another input pipeline; '
-                       f'(state, this loader) differ in {mismatched}')
+      raise UserError(
+        f'the iterator state belongs to another input pipeline; '
+        f'(state, this loader) differ in {mismatched}'
+      )
     self.close()
     self._step = int(state['step'])
 
@@ -187,10 +225,11 @@ class TrainLoader:
     if mode == 'exact' or (mode == 'auto' and not mismatched):
       if mismatched:
         raise UserError(
-            f'the checkpoint was trained with another input pipeline: {_changes(mismatched)}; resume '
-            'with the same values, or set --config.dataset.resume_data=restart to keep the model '
-            "and optimizer state and continue this pipeline's data order from the checkpoint's "
-            'epoch position')
+          f'the checkpoint was trained with another input pipeline: {_changes(mismatched)}; resume '
+          'with the same values, or set --config.dataset.resume_data=restart to keep the model '
+          "and optimizer state and continue this pipeline's data order from the checkpoint's "
+          'epoch position'
+        )
       self.set_state(state)
       return None
     old_steps = max(int(state['num_examples']) // int(state['global_batch_size']), 1)
@@ -199,10 +238,12 @@ class TrainLoader:
     batch = min(-(-position // self._global_batch), self.steps_per_epoch)
     self.close()
     self._step = epoch * self.steps_per_epoch + batch
-    return (f'{_changes(mismatched) or "nothing"} changed since the checkpoint: the model and '
-            f'optimizer state resume; the data order starts afresh at epoch {epoch}, example '
-            f'{batch * self._global_batch} (the checkpoint was at example {position}; '
-            'dataset.resume_data=restart)')
+    return (
+      f'{_changes(mismatched) or "nothing"} changed since the checkpoint: the model and '
+      f'optimizer state resume; the data order starts afresh at epoch {epoch}, example '
+      f'{batch * self._global_batch} (the checkpoint was at example {position}; '
+      'dataset.resume_data=restart)'
+    )
 
   def close(self) -> None:
     """Stops worker processes (if any); the loader can still be iterated afterwards."""
@@ -211,10 +252,20 @@ class TrainLoader:
     self._it = None
 
 
-def train_loader(name: str, split: str, data_dir: str, *, global_batch_size: int,
-                 augment: AugmentConfig, seed: int, process_index: int | None = None,
-                 process_count: int | None = None, worker_count: int = 0,
-                 mean=MEAN, std=STD) -> TrainLoader:
+def train_loader(
+  name: str,
+  split: str,
+  data_dir: str,
+  *,
+  global_batch_size: int,
+  augment: AugmentConfig,
+  seed: int,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  worker_count: int = 0,
+  mean=MEAN,
+  std=STD,
+) -> TrainLoader:
   """The training batches of a prepared split for this process (see the module doc).
 
   mean/std: the model's normalisation (``PSPNetConfig.mean`` / ``.std``), RGB 0-255.
@@ -224,11 +275,22 @@ def train_loader(name: str, split: str, data_dir: str, *, global_batch_size: int
   """
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
+
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-  return TrainLoader(name, split, data_dir, global_batch_size=global_batch_size,
-                     augment_config=augment, seed=seed, process_index=process_index,
-                     process_count=process_count, worker_count=worker_count, mean=mean, std=std)
+  return TrainLoader(
+    name,
+    split,
+    data_dir,
+    global_batch_size=global_batch_size,
+    augment_config=augment,
+    seed=seed,
+    process_index=process_index,
+    process_count=process_count,
+    worker_count=worker_count,
+    mean=mean,
+    std=std,
+  )
 
 
 def _changes(mismatched: dict) -> str:

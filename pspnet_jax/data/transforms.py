@@ -24,6 +24,7 @@ from pspnet_jax.normalize import MEAN, STD, normalize
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
   """Training augmentation; the defaults are semseg's (ADE20K / VOC crop 473)."""
+
   crop_size: int = 473
   scale_min: float = 0.5
   scale_max: float = 2.0
@@ -51,8 +52,16 @@ def random_scale(image, label, rng, scale_min: float, scale_max: float):
   return image, label
 
 
-def random_rotate(image, label, rng, angle_min: float, angle_max: float,
-                  ignore_label: int = 255, p: float = 0.5, mean=MEAN):
+def random_rotate(
+  image,
+  label,
+  rng,
+  angle_min: float,
+  angle_max: float,
+  ignore_label: int = 255,
+  p: float = 0.5,
+  mean=MEAN,
+):
   """With probability p rotates about the centre, keeping the size; uncovered corners are
   the mean in the image and ignore_label in the label."""
   if rng.random() >= p:
@@ -60,10 +69,22 @@ def random_rotate(image, label, rng, angle_min: float, angle_max: float,
   angle = angle_min + (angle_max - angle_min) * rng.random()
   h, w = label.shape
   matrix = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1)
-  image = cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR,
-                         borderMode=cv2.BORDER_CONSTANT, borderValue=_rgb(mean))
-  label = cv2.warpAffine(label, matrix, (w, h), flags=cv2.INTER_NEAREST,
-                         borderMode=cv2.BORDER_CONSTANT, borderValue=ignore_label)
+  image = cv2.warpAffine(
+    image,
+    matrix,
+    (w, h),
+    flags=cv2.INTER_LINEAR,
+    borderMode=cv2.BORDER_CONSTANT,
+    borderValue=_rgb(mean),
+  )
+  label = cv2.warpAffine(
+    label,
+    matrix,
+    (w, h),
+    flags=cv2.INTER_NEAREST,
+    borderMode=cv2.BORDER_CONSTANT,
+    borderValue=ignore_label,
+  )
   return image, label
 
 
@@ -93,7 +114,7 @@ def random_crop(image, label, rng, crop_size: int, ignore_label: int = 255, mean
     h, w = label.shape
   y = int(rng.integers(0, h - crop_size + 1))
   x = int(rng.integers(0, w - crop_size + 1))
-  return image[y:y + crop_size, x:x + crop_size], label[y:y + crop_size, x:x + crop_size]
+  return image[y : y + crop_size, x : x + crop_size], label[y : y + crop_size, x : x + crop_size]
 
 
 def augment(image, label, rng: np.random.Generator, config: AugmentConfig, mean=MEAN, std=STD):
@@ -102,8 +123,9 @@ def augment(image, label, rng: np.random.Generator, config: AugmentConfig, mean=
   image = np.asarray(image, np.float32)
   label = np.ascontiguousarray(label, np.uint8)
   image, label = random_scale(image, label, rng, config.scale_min, config.scale_max)
-  image, label = random_rotate(image, label, rng, config.rotate_min, config.rotate_max,
-                               config.ignore_label, mean=mean)
+  image, label = random_rotate(
+    image, label, rng, config.rotate_min, config.rotate_max, config.ignore_label, mean=mean
+  )
   if config.blur:
     image = random_gaussian_blur(image, rng)
   if config.flip:

@@ -12,12 +12,28 @@ from pspnet_jax.evaluation.dataset import evaluate, image_cost, process_shares
 from pspnet_jax.evaluation.job import evaluate_checkpoint
 from pspnet_jax.evaluation.metrics import confusion_matrix, segmentation_metrics
 from pspnet_jax.evaluation.outputs import write_eval_outputs, write_prediction
-from pspnet_jax.evaluation.protocol import (MULTI_SCALES, SINGLE_SCALE, EvalConfig, Evaluator,
-                                            resized_size, window_starts)
+from pspnet_jax.evaluation.protocol import (
+  MULTI_SCALES,
+  SINGLE_SCALE,
+  EvalConfig,
+  Evaluator,
+  resized_size,
+  window_starts,
+)
 
 __all__ = [
-    'EvalConfig', 'Evaluator', 'MULTI_SCALES', 'SINGLE_SCALE', 'confusion_matrix', 'evaluate',
-    'evaluate_checkpoint', 'image_cost', 'process_shares', 'resized_size', 'segmentation_metrics',
-    'window_starts',
-    'write_eval_outputs', 'write_prediction',
+  'EvalConfig',
+  'Evaluator',
+  'MULTI_SCALES',
+  'SINGLE_SCALE',
+  'confusion_matrix',
+  'evaluate',
+  'evaluate_checkpoint',
+  'image_cost',
+  'process_shares',
+  'resized_size',
+  'segmentation_metrics',
+  'window_starts',
+  'write_eval_outputs',
+  'write_prediction',
 ]

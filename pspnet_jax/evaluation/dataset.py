@@ -6,7 +6,7 @@ processes, so the metrics equal those of one process on the whole split."""
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -28,8 +28,9 @@ def image_cost(h: int, w: int, config: EvalConfig) -> int:
     nh, nw = resized_size(h, w, config.long_side(scale))
     if config.mode == 'slide':
       crop = config.crop_size
-      windows = (len(window_starts(max(nh, crop), crop, config.stride))
-                 * len(window_starts(max(nw, crop), crop, config.stride)))
+      windows = len(window_starts(max(nh, crop), crop, config.stride)) * len(
+        window_starts(max(nw, crop), crop, config.stride)
+      )
       total += windows * crop * crop
     else:
       total += nh * nw
@@ -55,11 +56,20 @@ def _image_size(source, i: int) -> tuple[int, int]:
   return tuple(np.asarray(source[i]['image']).shape[:2])
 
 
-def evaluate(model: PSPNet, examples: Sequence[dict], num_classes: int | None = None,
-             eval_config: EvalConfig = EvalConfig(mode='whole'),
-             class_names: Sequence[str] | None = None, mesh: Mesh | None = None, *,
-             num_examples: int = 0,
-             on_prediction: Callable[[int, np.ndarray], None] | None = None) -> dict:
+WHOLE_IMAGE = EvalConfig(mode='whole')  # frozen: one shared default is safe
+
+
+def evaluate(
+  model: PSPNet,
+  examples: Sequence[dict],
+  num_classes: int | None = None,
+  eval_config: EvalConfig = WHOLE_IMAGE,
+  class_names: Sequence[str] | None = None,
+  mesh: Mesh | None = None,
+  *,
+  num_examples: int = 0,
+  on_prediction: Callable[[int, np.ndarray], None] | None = None,
+) -> dict:
   """Scores ``model`` on the first ``num_examples`` (0: all) of ``examples`` with the
   protocol of ``eval_config``, over every process of the run (each evaluates its share on
   ``mesh``, default its local devices). Every process must call it; all get the metrics.
@@ -82,8 +92,9 @@ def evaluate(model: PSPNet, examples: Sequence[dict], num_classes: int | None = 
     examples = list(examples)
   n = min(num_examples, len(examples)) if num_examples else len(examples)
   start = time.perf_counter()
-  shares = process_shares([image_cost(*_image_size(examples, i), eval_config) for i in range(n)],
-                          jax.process_count())
+  shares = process_shares(
+    [image_cost(*_image_size(examples, i), eval_config) for i in range(n)], jax.process_count()
+  )
   mine = shares[jax.process_index()]
   evaluator = _evaluator(model, eval_config, mesh)
   callback = None if on_prediction is None else (lambda k, pred: on_prediction(mine[k], pred))
@@ -93,11 +104,19 @@ def evaluate(model: PSPNet, examples: Sequence[dict], num_classes: int | None = 
   combined = confusion[0] if eval_config.per_scale else confusion
   result = metrics.segmentation_metrics(combined, class_names)
   if eval_config.per_scale:
-    result['per_scale'] = {f'{s:g}': metrics.segmentation_metrics(c, class_names)
-                           for s, c in zip(eval_config.scales, confusion[1:])}
-  result.update(images=n, seconds=seconds, images_per_second=n / seconds if seconds > 0 else 0.0,
-                processes=jax.process_count(), devices=jax.device_count(),
-                per_process_images=[len(s) for s in shares], compilations=evaluator.compilations)
+    result['per_scale'] = {
+      f'{s:g}': metrics.segmentation_metrics(c, class_names)
+      for s, c in zip(eval_config.scales, confusion[1:])
+    }
+  result.update(
+    images=n,
+    seconds=seconds,
+    images_per_second=n / seconds if seconds > 0 else 0.0,
+    processes=jax.process_count(),
+    devices=jax.device_count(),
+    per_process_images=[len(s) for s in shares],
+    compilations=evaluator.compilations,
+  )
   return result
 
 

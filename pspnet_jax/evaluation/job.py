@@ -14,13 +14,24 @@ from pspnet_jax import config_file, output_dir
 from pspnet_jax import data as data_lib
 from pspnet_jax.errors import UserError
 from pspnet_jax.evaluation.dataset import evaluate
-from pspnet_jax.evaluation.outputs import METRICS_FILE, format_table, write_eval_outputs, write_prediction
+from pspnet_jax.evaluation.outputs import (
+  METRICS_FILE,
+  format_table,
+  write_eval_outputs,
+  write_prediction,
+)
 from pspnet_jax.evaluation.protocol import EvalConfig
 from pspnet_jax.palette import as_palette
 
 
-def evaluate_checkpoint(config, checkpoint_path: str, out_dir: str, *,
-                        save_predictions: bool = False, max_examples: int = 0) -> dict:
+def evaluate_checkpoint(
+  config,
+  checkpoint_path: str,
+  out_dir: str,
+  *,
+  save_predictions: bool = False,
+  max_examples: int = 0,
+) -> dict:
   """Evaluates ``checkpoint_path`` (model directory, training workdir or step directory)
   on ``config.dataset.eval_split`` with ``config.eval``; returns the metrics dict."""
   config_file.check_values(config)
@@ -30,8 +41,10 @@ def evaluate_checkpoint(config, checkpoint_path: str, out_dir: str, *,
   info = data_lib.dataset_info(ds.name, data_dir)
   model = ckpt_lib.load_model(checkpoint_path)
   if model.config.num_classes != info.num_classes:
-    raise UserError(f'{checkpoint_path} predicts {model.config.num_classes} classes but '
-                     f'{ds.name} has {info.num_classes}')
+    raise UserError(
+      f'{checkpoint_path} predicts {model.config.num_classes} classes but '
+      f'{ds.name} has {info.num_classes}'
+    )
   eval_config = EvalConfig.from_config(config.eval, info.ignore_label)
   source = data_lib.eval_source(ds.name, ds.eval_split, data_dir)
   palette = as_palette(info.palette, info.num_classes)
@@ -40,19 +53,40 @@ def evaluate_checkpoint(config, checkpoint_path: str, out_dir: str, *,
 
   def on_prediction(i, pred):
     ex = source[i]
-    write_prediction(pred_dir, str(ex['id']).replace('/', '_'), pred, palette=palette,
-                     image=ex['image'], id_map=id_map)
+    write_prediction(
+      pred_dir,
+      str(ex['id']).replace('/', '_'),
+      pred,
+      palette=palette,
+      image=ex['image'],
+      id_map=id_map,
+    )
 
-  result = evaluate(model, source, eval_config=eval_config, class_names=info.class_names,
-                    num_examples=max_examples,
-                    on_prediction=on_prediction if save_predictions else None)
+  result = evaluate(
+    model,
+    source,
+    eval_config=eval_config,
+    class_names=info.class_names,
+    num_examples=max_examples,
+    on_prediction=on_prediction if save_predictions else None,
+  )
   if jax.process_index() == 0:
     print(format_table(result), flush=True)  # first: shown even if writing them fails
     try:
-      write_eval_outputs(out_dir, result, eval_config=eval_config, print_table=False,
-                         extra={'checkpoint': os.path.abspath(checkpoint_path),
-                                'dataset': ds.name, 'split': ds.eval_split})
+      write_eval_outputs(
+        out_dir,
+        result,
+        eval_config=eval_config,
+        print_table=False,
+        extra={
+          'checkpoint': os.path.abspath(checkpoint_path),
+          'dataset': ds.name,
+          'split': ds.eval_split,
+        },
+      )
     except OSError as e:
-      raise UserError(f'--out {out_dir}: writing the outputs failed ({e.strerror}: {e.filename}); '
-                      'the metrics above are complete (free space or choose another --out)') from e
+      raise UserError(
+        f'--out {out_dir}: writing the outputs failed ({e.strerror}: {e.filename}); '
+        'the metrics above are complete (free space or choose another --out)'
+      ) from e
   return result

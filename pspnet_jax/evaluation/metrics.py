@@ -26,7 +26,7 @@ semseg's numbers exactly.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +35,9 @@ import numpy as np
 IGNORE_LABEL = 255
 
 
-def confusion_matrix(pred: jax.Array, label: jax.Array, num_classes: int,
-                     ignore_label: int = IGNORE_LABEL) -> jax.Array:
+def confusion_matrix(
+  pred: jax.Array, label: jax.Array, num_classes: int, ignore_label: int = IGNORE_LABEL
+) -> jax.Array:
   """Counts of (truth, prediction) pairs; jit-able, runs on device.
 
   pred: [...] integer class ids in ``[0, num_classes)``; label: [...] same shape, integer
@@ -47,7 +48,7 @@ def confusion_matrix(pred: jax.Array, label: jax.Array, num_classes: int,
   """
   if pred.shape != label.shape:
     raise ValueError(f'prediction shape {pred.shape} != label shape {label.shape}')
-  if pred.size >= 2 ** 31:
+  if pred.size >= 2**31:
     raise ValueError(f'{pred.size} pixels in one call could overflow int32 counts; split it')
   label = label.astype(jnp.int32).reshape(-1)
   pred = pred.astype(jnp.int32).reshape(-1)
@@ -90,8 +91,9 @@ def _mean(values: np.ndarray, absent: str) -> float:
   return float(defined.mean()) if defined.size else float('nan')
 
 
-def segmentation_metrics(confusion, class_names: Sequence[str] | None = None,
-                         absent: str = 'exclude') -> dict:
+def segmentation_metrics(
+  confusion, class_names: Sequence[str] | None = None, absent: str = 'exclude'
+) -> dict:
   """Scores from a confusion matrix (rows truth, columns prediction; any integer dtype,
   or a ``[2, C, C]`` accumulator).
 
@@ -127,12 +129,18 @@ def segmentation_metrics(confusion, class_names: Sequence[str] | None = None,
     return None if np.isnan(x) else float(x)
 
   return {
-      'miou': _mean(iou, absent),
-      'macc': _mean(recall, absent),
-      'allacc': float(tp.sum() / total) if total > 0 else float('nan'),
-      'fwiou': fwiou,
-      'per_class': [
-          {'name': str(n), 'iou': value(iou[i]), 'precision': value(precision[i]),
-           'recall': value(recall[i]), 'f1': value(f1[i])}
-          for i, n in enumerate(class_names)],
+    'miou': _mean(iou, absent),
+    'macc': _mean(recall, absent),
+    'allacc': float(tp.sum() / total) if total > 0 else float('nan'),
+    'fwiou': fwiou,
+    'per_class': [
+      {
+        'name': str(n),
+        'iou': value(iou[i]),
+        'precision': value(precision[i]),
+        'recall': value(recall[i]),
+        'f1': value(f1[i]),
+      }
+      for i, n in enumerate(class_names)
+    ],
   }

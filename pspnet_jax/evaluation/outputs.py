@@ -19,7 +19,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -43,19 +43,29 @@ def format_table(metrics: dict) -> str:
   head = f'{"id":>4}  {"class":<{width}}  {"IoU":>6}  {"prec":>6}  {"recall":>6}  {"F1":>6}'
   lines = [head, '-' * len(head)]
   for i, r in enumerate(rows):
-    lines.append(f'{i:>4}  {r["name"]:<{width}}  {_pct(r["iou"])}  {_pct(r["precision"])}  '
-                 f'{_pct(r["recall"])}  {_pct(r["f1"])}')
+    lines.append(
+      f'{i:>4}  {r["name"]:<{width}}  {_pct(r["iou"])}  {_pct(r["precision"])}  '
+      f'{_pct(r["recall"])}  {_pct(r["f1"])}'
+    )
   lines.append('-' * len(head))
-  lines.append(f'mIoU {_pct(metrics["miou"])}  mAcc {_pct(metrics["macc"])}  '
-               f'allAcc {_pct(metrics["allacc"])}  fwIoU {_pct(metrics["fwiou"])}')
+  lines.append(
+    f'mIoU {_pct(metrics["miou"])}  mAcc {_pct(metrics["macc"])}  '
+    f'allAcc {_pct(metrics["allacc"])}  fwIoU {_pct(metrics["fwiou"])}'
+  )
   for scale, m in (metrics.get('per_scale') or {}).items():
-    lines.append(f'scale {scale}: mIoU {_pct(m["miou"])}  mAcc {_pct(m["macc"])}  '
-                 f'allAcc {_pct(m["allacc"])}')
+    lines.append(
+      f'scale {scale}: mIoU {_pct(m["miou"])}  mAcc {_pct(m["macc"])}  allAcc {_pct(m["allacc"])}'
+    )
   if 'images' in metrics:
-    where = (f' on {metrics["processes"]} process(es), {metrics["devices"]} device(s)'
-             if 'devices' in metrics else '')
-    lines.append(f'{metrics["images"]} images in {metrics.get("seconds", 0.0):.1f} s '
-                 f'({metrics.get("images_per_second", 0.0):.3f} images/s){where}')
+    where = (
+      f' on {metrics["processes"]} process(es), {metrics["devices"]} device(s)'
+      if 'devices' in metrics
+      else ''
+    )
+    lines.append(
+      f'{metrics["images"]} images in {metrics.get("seconds", 0.0):.1f} s '
+      f'({metrics.get("images_per_second", 0.0):.3f} images/s){where}'
+    )
   return '\n'.join(lines)
 
 
@@ -83,7 +93,9 @@ def iou_bar_chart(metrics: dict, title: str = 'per-class IoU') -> Image.Image:
       draw.text((x0 + 2, y), '-', fill='grey', font=font)
       continue
     draw.rectangle([x0, y + 2, x0 + round(bar_w * r['iou']), y + row_h - 3], fill=(70, 110, 180))
-    draw.text((x0 + round(bar_w * r['iou']) + 4, y), _pct(r['iou']).strip(), fill='black', font=font)
+    draw.text(
+      (x0 + round(bar_w * r['iou']) + 4, y), _pct(r['iou']).strip(), fill='black', font=font
+    )
   return img
 
 
@@ -97,8 +109,14 @@ def _json_safe(x):
   return x
 
 
-def write_eval_outputs(out_dir: str, metrics: dict, *, eval_config=None, extra: dict | None = None,
-                       print_table: bool = True) -> dict[str, str]:
+def write_eval_outputs(
+  out_dir: str,
+  metrics: dict,
+  *,
+  eval_config=None,
+  extra: dict | None = None,
+  print_table: bool = True,
+) -> dict[str, str]:
   """Writes ``metrics.json``, ``table.txt`` and ``per_class_iou.png`` under ``out_dir``.
 
   ``eval_config`` (an ``EvalConfig``) and ``extra`` (e.g. checkpoint path) are recorded in
@@ -111,8 +129,11 @@ def write_eval_outputs(out_dir: str, metrics: dict, *, eval_config=None, extra: 
   if eval_config is not None:
     payload['eval_config'] = dataclasses.asdict(eval_config)
   payload.update(extra or {})
-  paths = {'metrics': os.path.join(out_dir, METRICS_FILE), 'table': os.path.join(out_dir, TABLE_FILE),
-           'chart': os.path.join(out_dir, CHART_FILE)}
+  paths = {
+    'metrics': os.path.join(out_dir, METRICS_FILE),
+    'table': os.path.join(out_dir, TABLE_FILE),
+    'chart': os.path.join(out_dir, CHART_FILE),
+  }
   table = format_table(metrics)
   if print_table:
     print(table)
@@ -127,15 +148,19 @@ def write_eval_outputs(out_dir: str, metrics: dict, *, eval_config=None, extra: 
 
 # --- Predictions as pictures ---------------------------------------------------------
 
+
 def colorize(pred: np.ndarray, palette: np.ndarray) -> np.ndarray:
   """pred: [H, W] class ids -> [H, W, 3] uint8 RGB."""
   return palette[np.asarray(pred)]
 
 
-def overlay(image: np.ndarray, pred: np.ndarray, palette: np.ndarray,
-            alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+def overlay(
+  image: np.ndarray, pred: np.ndarray, palette: np.ndarray, alpha: float = OVERLAY_ALPHA
+) -> np.ndarray:
   """image: [H, W, 3] uint8, pred: [H, W] -> [H, W, 3] uint8 blend of image and colours."""
-  blend = (1 - alpha) * np.asarray(image, np.float32) + alpha * colorize(pred, palette).astype(np.float32)
+  blend = (1 - alpha) * np.asarray(image, np.float32) + alpha * colorize(pred, palette).astype(
+    np.float32
+  )
   return np.clip(np.round(blend), 0, 255).astype(np.uint8)
 
 
@@ -147,7 +172,9 @@ def map_ids(pred: np.ndarray, id_map: Sequence[int] | None) -> np.ndarray:
   if table.min() < 0 or table.max() > 255:
     raise ValueError('id_map values must fit a uint8 PNG (0..255)')
   if np.asarray(pred).max(initial=0) >= len(table):
-    raise ValueError(f'prediction holds class {int(np.max(pred))} but id_map has {len(table)} entries')
+    raise ValueError(
+      f'prediction holds class {int(np.max(pred))} but id_map has {len(table)} entries'
+    )
   return table[np.asarray(pred)].astype(np.uint8)
 
 
@@ -155,9 +182,16 @@ def map_ids(pred: np.ndarray, id_map: Sequence[int] | None) -> np.ndarray:
 PREDICTION_SUFFIXES = ('.png', '_color.png', '_overlay.jpg')
 
 
-def write_prediction(out_dir: str, stem: str, pred: np.ndarray, *, palette: np.ndarray,
-                     image: np.ndarray | None = None, id_map: Sequence[int] | None = None,
-                     color: bool = True) -> list[str]:
+def write_prediction(
+  out_dir: str,
+  stem: str,
+  pred: np.ndarray,
+  *,
+  palette: np.ndarray,
+  image: np.ndarray | None = None,
+  id_map: Sequence[int] | None = None,
+  color: bool = True,
+) -> list[str]:
   """Writes ``<stem>.png`` (ids, uint8), ``<stem>_color.png`` and, given the image,
   ``<stem>_overlay.jpg``. Returns the paths written."""
   os.makedirs(out_dir, exist_ok=True)

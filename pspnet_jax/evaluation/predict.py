@@ -35,8 +35,9 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 
 def list_images(path: str) -> list[str]:
   if os.path.isdir(path):
-    files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    files = sorted(
+      os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS)
+    )
     if not files:
       raise UserError(f'{path}: no images ({", ".join(IMAGE_EXTENSIONS)}) in this folder')
     return files
@@ -54,8 +55,10 @@ def read_rgb(path: str) -> np.ndarray:
       if im.mode.startswith('I;16') or im.mode == 'I':
         a = np.asarray(im, dtype=np.float64)
         if a.min() < 0 or a.max() > 65535:
-          raise UserError(f'{path}: a {im.mode} image with values in [{a.min():g}, {a.max():g}]; '
-                          'only 8- and 16-bit images are read: save it as 8- or 16-bit PNG')
+          raise UserError(
+            f'{path}: a {im.mode} image with values in [{a.min():g}, {a.max():g}]; '
+            'only 8- and 16-bit images are read: save it as 8- or 16-bit PNG'
+          )
         gray = np.round(a / 257.0).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=-1)
       return np.asarray(im.convert('RGB'))
@@ -78,7 +81,9 @@ def parse_scales(text: str) -> tuple[float, ...]:
   try:
     scales = tuple(float(s) for s in text.split(',') if s.strip())
   except ValueError:
-    raise argparse.ArgumentTypeError(f'--scales wants numbers separated by commas, got {text!r}') from None
+    raise argparse.ArgumentTypeError(
+      f'--scales wants numbers separated by commas, got {text!r}'
+    ) from None
   if not scales:
     raise argparse.ArgumentTypeError('--scales is empty')
   if min(scales) <= 0:
@@ -87,19 +92,45 @@ def parse_scales(text: str) -> tuple[float, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  ap = argparse.ArgumentParser(prog='python -m pspnet_jax.predict', description=__doc__.split('\n\n')[0])
+  ap = argparse.ArgumentParser(
+    prog='python -m pspnet_jax.predict', description=__doc__.split('\n\n')[0]
+  )
   ap.add_argument('input', help='an image file or a folder of images')
-  ap.add_argument('--checkpoint', required=True, help='model directory (port CLI output or a training step)')
+  ap.add_argument(
+    '--checkpoint', required=True, help='model directory (port CLI output or a training step)'
+  )
   ap.add_argument('--out', required=True, help='output folder')
   ap.add_argument('--mode', choices=('whole', 'slide'), default='slide')
-  ap.add_argument('--scales', type=parse_scales, default=(1.0,),
-                  help='comma-separated, e.g. 0.5,0.75,1.0,1.25,1.5,1.75 (default 1.0)')
-  ap.add_argument('--flip', action=argparse.BooleanOptionalAction, default=True,
-                  help='average with the horizontally flipped image (default on, as semseg)')
-  ap.add_argument('--base-size', type=errors.int_at_least(1), default=512, help='long side at scale 1.0 (Cityscapes: 2048)')
-  ap.add_argument('--crop-size', type=errors.int_at_least(1), default=473, help='sliding window side (Cityscapes: 713)')
-  ap.add_argument('--window-batch', type=errors.int_at_least(0), default=0,
-                  help='windows per network call (default 0: one per local device)')
+  ap.add_argument(
+    '--scales',
+    type=parse_scales,
+    default=(1.0,),
+    help='comma-separated, e.g. 0.5,0.75,1.0,1.25,1.5,1.75 (default 1.0)',
+  )
+  ap.add_argument(
+    '--flip',
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help='average with the horizontally flipped image (default on, as semseg)',
+  )
+  ap.add_argument(
+    '--base-size',
+    type=errors.int_at_least(1),
+    default=512,
+    help='long side at scale 1.0 (Cityscapes: 2048)',
+  )
+  ap.add_argument(
+    '--crop-size',
+    type=errors.int_at_least(1),
+    default=473,
+    help='sliding window side (Cityscapes: 713)',
+  )
+  ap.add_argument(
+    '--window-batch',
+    type=errors.int_at_least(0),
+    default=0,
+    help='windows per network call (default 0: one per local device)',
+  )
   return ap
 
 
@@ -108,14 +139,27 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   files = list_images(args.input)
   stems = output_stems(files)
-  output_dir.claim(args.out, writes=[s + suffix for s in stems.values() for suffix in PREDICTION_SUFFIXES],
-                   protect=files)
+  output_dir.claim(
+    args.out,
+    writes=[s + suffix for s in stems.values() for suffix in PREDICTION_SUFFIXES],
+    protect=files,
+  )
   renamed = sorted(f for f in files if stems[f] == os.path.basename(f))
   if renamed:
-    print(f'note: {len(renamed)} images share a name with another but for the extension; their '
-          f'outputs keep the extension ({stems[renamed[0]]}.png, ...)', file=sys.stderr, flush=True)
-  config = EvalConfig(mode=args.mode, scales=args.scales, flip=args.flip, base_size=args.base_size,
-                      crop_size=args.crop_size, window_batch=args.window_batch)
+    print(
+      f'note: {len(renamed)} images share a name with another but for the extension; their '
+      f'outputs keep the extension ({stems[renamed[0]]}.png, ...)',
+      file=sys.stderr,
+      flush=True,
+    )
+  config = EvalConfig(
+    mode=args.mode,
+    scales=args.scales,
+    flip=args.flip,
+    base_size=args.base_size,
+    crop_size=args.crop_size,
+    window_batch=args.window_batch,
+  )
   model = checkpoint.load_model(args.checkpoint)
   metadata = checkpoint.model_metadata(args.checkpoint)
   num_classes = model.config.num_classes
@@ -137,13 +181,20 @@ def main(argv=None) -> int:
     pred = evaluator.predict(image)
     stem = stems[path]
     write_prediction(args.out, stem, pred, palette=palette, image=image)
-    print(f'{path}: {image.shape[1]}x{image.shape[0]} -> {os.path.join(args.out, stem)}.png '
-          f'({time.perf_counter() - t:.2f} s)', flush=True)
+    print(
+      f'{path}: {image.shape[1]}x{image.shape[0]} -> {os.path.join(args.out, stem)}.png '
+      f'({time.perf_counter() - t:.2f} s)',
+      flush=True,
+    )
   total = time.perf_counter() - start
-  print(f'{len(files) - len(failed)} images in {total:.1f} s ({evaluator.compilations} compilations)')
+  print(
+    f'{len(files) - len(failed)} images in {total:.1f} s ({evaluator.compilations} compilations)'
+  )
   if failed:
-    raise UserError(f'{len(failed)} of {len(files)} files could not be read: {", ".join(failed)} '
-                    '(the others were predicted; replace or remove those files)')
+    raise UserError(
+      f'{len(failed)} of {len(files)} files could not be read: {", ".join(failed)} '
+      '(the others were predicted; replace or remove those files)'
+    )
   return 0
 
 

@@ -45,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -66,17 +66,18 @@ MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # semseg's multi-scale test
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
   """The test protocol. Defaults: semseg's ADE20K/VOC single-scale test (+flip)."""
-  mode: str = 'slide'                 # 'slide' (semseg) | 'whole'
+
+  mode: str = 'slide'  # 'slide' (semseg) | 'whole'
   scales: tuple[float, ...] = SINGLE_SCALE
-  flip: bool = True                   # semseg's default: single-scale numbers include flip
-  crop_size: int = 473                # window side ('slide'); Cityscapes: 713
+  flip: bool = True  # semseg's default: single-scale numbers include flip
+  crop_size: int = 473  # window side ('slide'); Cityscapes: 713
   stride_rate: float = 2 / 3
-  base_size: int = 512                # long side at scale 1.0; Cityscapes: 2048
-  window_batch: int = 0               # windows per network call (x2 with flip); 0: one per
-                                      # local device. Rounded up to a multiple of the devices
-  bucket_multiple: int = 128          # image sides padded up to this (compilation buckets)
-  whole_multiple: int = 64            # 'whole': short side of the canvas padded up to this
-  per_scale: bool = False             # also score each scale alone (in the same pass)
+  base_size: int = 512  # long side at scale 1.0; Cityscapes: 2048
+  window_batch: int = 0  # windows per network call (x2 with flip); 0: one per
+  # local device. Rounded up to a multiple of the devices
+  bucket_multiple: int = 128  # image sides padded up to this (compilation buckets)
+  whole_multiple: int = 64  # 'whole': short side of the canvas padded up to this
+  per_scale: bool = False  # also score each scale alone (in the same pass)
   ignore_label: int = metrics.IGNORE_LABEL
 
   def __post_init__(self):
@@ -89,12 +90,14 @@ class EvalConfig:
       if int(getattr(self, name)) < 1:
         raise UserError(f'EvalConfig.{name} must be >= 1, got {getattr(self, name)}')
     if int(self.window_batch) < 0:
-      raise UserError(f'EvalConfig.window_batch must be >= 0 (0: one per device), got {self.window_batch}')
+      raise UserError(
+        f'EvalConfig.window_batch must be >= 0 (0: one per device), got {self.window_batch}'
+      )
     if not 0 < self.stride_rate <= 1:
       raise UserError(f'EvalConfig.stride_rate must be in (0, 1], got {self.stride_rate}')
 
   @classmethod
-  def from_config(cls, fields, ignore_label: int) -> 'EvalConfig':
+  def from_config(cls, fields, ignore_label: int) -> EvalConfig:
     """``config.eval`` (every field is a key) for a dataset that ignores ``ignore_label``."""
     fields = dict(fields)
     known = [f.name for f in dataclasses.fields(cls)]
@@ -102,8 +105,10 @@ class EvalConfig:
     if unknown:
       raise UserError(f'config.eval has unknown keys {unknown}; the keys are {known}')
     if fields.setdefault('ignore_label', ignore_label) != ignore_label:
-      raise UserError(f'config.eval.ignore_label={fields["ignore_label"]} but the dataset ignores '
-                       f'{ignore_label}: set it to {ignore_label}')
+      raise UserError(
+        f'config.eval.ignore_label={fields["ignore_label"]} but the dataset ignores '
+        f'{ignore_label}: set it to {ignore_label}'
+      )
     return cls(**fields)
 
   @property
@@ -149,7 +154,9 @@ def _apply_taps(a: jax.Array, taps, axis: int) -> jax.Array:
   (i0, i1), (w0, w1) = taps
   bshape = [1] * a.ndim
   bshape[axis] = -1
-  return jnp.take(a, i0, axis=axis) * w0.reshape(bshape) + jnp.take(a, i1, axis=axis) * w1.reshape(bshape)
+  return jnp.take(a, i0, axis=axis) * w0.reshape(bshape) + jnp.take(a, i1, axis=axis) * w1.reshape(
+    bshape
+  )
 
 
 def _canvas(x: jax.Array, plan: dict) -> jax.Array:
@@ -160,10 +167,11 @@ def _canvas(x: jax.Array, plan: dict) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class _ScaleShape:
   """Static shapes of one scale in one bucket."""
+
   canvas: tuple[int, int]
   window: tuple[int, int]
-  batch: int                  # windows per network call
-  max_windows: int            # a multiple of ``batch``
+  batch: int  # windows per network call
+  max_windows: int  # a multiple of ``batch``
 
 
 class Evaluator:
@@ -211,15 +219,19 @@ class Evaluator:
   def bucket(self, h: int, w: int) -> tuple:
     """The compilation key of an ``h x w`` image: padded size and per-scale shapes."""
     m = self.config.bucket_multiple
-    return (_round_up(h, m), _round_up(w, m)) + tuple(self._scale_shape(h, w, s) for s in self.config.scales)
+    return (_round_up(h, m), _round_up(w, m)) + tuple(
+      self._scale_shape(h, w, s) for s in self.config.scales
+    )
 
   def _scale_shape(self, h: int, w: int, scale: float) -> _ScaleShape:
     cfg = self.config
     long_side = cfg.long_side(scale)
     if cfg.mode == 'whole':
       nh, nw = resized_size(h, w, long_side)
-      canvas = (min(_round_up(nh, cfg.whole_multiple), max(nh, long_side)),
-                min(_round_up(nw, cfg.whole_multiple), max(nw, long_side)))
+      canvas = (
+        min(_round_up(nh, cfg.whole_multiple), max(nh, long_side)),
+        min(_round_up(nw, cfg.whole_multiple), max(nw, long_side)),
+      )
       # One window per image and scale; a batch of mesh.size keeps every device busy
       # (the copies are masked out) with one program for any device count.
       batch = self.mesh.size
@@ -239,21 +251,28 @@ class Evaluator:
       ch, cw = shape.window
       ph, pw = max(nh, ch), max(nw, cw)  # padded resized image
       top, left = (ph - nh) // 2, (pw - nw) // 2
-      starts = [(y, x) for y in window_starts(ph, ch, cfg.stride if cfg.mode == 'slide' else ch)
-                for x in window_starts(pw, cw, cfg.stride if cfg.mode == 'slide' else cw)]
+      starts = [
+        (y, x)
+        for y in window_starts(ph, ch, cfg.stride if cfg.mode == 'slide' else ch)
+        for x in window_starts(pw, cw, cfg.stride if cfg.mode == 'slide' else cw)
+      ]
       n = len(starts)
       offsets = np.zeros((shape.max_windows, 2), np.int32)
       offsets[:n] = starts
       valid = np.zeros(shape.max_windows, np.float32)
       valid[:n] = 1
-      plans.append({
+      plans.append(
+        {
           'in_rows': _taps(h, nh, shape.canvas[0], top, 0),
           'in_cols': _taps(w, nw, shape.canvas[1], left, 0),
           'out_rows': _taps(nh, h, hb, 0, top),
           'out_cols': _taps(nw, w, wb, 0, left),
-          'offsets': offsets, 'valid': valid, 'windows': np.int32(n),
+          'offsets': offsets,
+          'valid': valid,
+          'windows': np.int32(n),
           'batches': np.int32(-(-n // shape.batch)),
-      })
+        }
+      )
     return plans
 
   def _inputs(self, image: np.ndarray):
@@ -289,14 +308,20 @@ class Evaluator:
 
     def body(i, carry):
       acc, count = carry
-      windows = jax.vmap(lambda o: jax.lax.dynamic_slice(canvas, (o[0], o[1], 0), (wh, ww, 3)))(offsets[i])
+      windows = jax.vmap(lambda o: jax.lax.dynamic_slice(canvas, (o[0], o[1], 0), (wh, ww, 3)))(
+        offsets[i]
+      )
       probs = self._window_probs(state, windows)
       for k in range(per):  # windows overlap: add them one after another
         y, xx = offsets[i, k, 0], offsets[i, k, 1]
         acc = jax.lax.dynamic_update_slice(
-            acc, jax.lax.dynamic_slice(acc, (y, xx, 0), (wh, ww, c)) + probs[k] * valid[i, k], (y, xx, 0))
+          acc,
+          jax.lax.dynamic_slice(acc, (y, xx, 0), (wh, ww, c)) + probs[k] * valid[i, k],
+          (y, xx, 0),
+        )
         count = jax.lax.dynamic_update_slice(
-            count, jax.lax.dynamic_slice(count, (y, xx), (wh, ww)) + valid[i, k], (y, xx))
+          count, jax.lax.dynamic_slice(count, (y, xx), (wh, ww)) + valid[i, k], (y, xx)
+        )
       return acc, count
 
     acc = jnp.zeros(shape.canvas + (c,), jnp.float32)
@@ -339,8 +364,12 @@ class Evaluator:
 
     spread, whole = PartitionSpec(None, axes), PartitionSpec()
     return jax.shard_map(
-        local, mesh=self.mesh, in_specs=(whole, whole, spread, spread, whole), out_specs=whole,
-        check_vma=False)(state, canvas, offsets, valid, plan['batches'])
+      local,
+      mesh=self.mesh,
+      in_specs=(whole, whole, spread, spread, whole),
+      out_specs=whole,
+      check_vma=False,
+    )(state, canvas, offsets, valid, plan['batches'])
 
   def _normalise(self, image: jax.Array) -> jax.Array:
     """[Hb, Wb, 3] uint8 -> float32 with the model's own mean and std."""
@@ -359,8 +388,16 @@ class Evaluator:
     out = []
     for plan, shape in zip(plans, key[2:]):
       trips = (plan['windows'] + per - 1) // per
-      out.append(self._accumulate(state, _canvas(x, plan), plan['offsets'].reshape(-1, per, 2),
-                                  plan['valid'].reshape(-1, per), trips, shape))
+      out.append(
+        self._accumulate(
+          state,
+          _canvas(x, plan),
+          plan['offsets'].reshape(-1, per, 2),
+          plan['valid'].reshape(-1, per),
+          trips,
+          shape,
+        )
+      )
     return out
 
   def _labels(self, canvases: list, plans: Sequence[dict], key: tuple) -> list:
@@ -375,7 +412,9 @@ class Evaluator:
 
     def body(t, out):
       start = t * band
-      maps = [self._finish(acc, count, plan, start, band) for (acc, count), plan in zip(canvases, plans)]
+      maps = [
+        self._finish(acc, count, plan, start, band) for (acc, count), plan in zip(canvases, plans)
+      ]
       maps = [sum(maps) / len(maps)] + (maps if self.config.per_scale else [])
       labels = jnp.stack([jnp.argmax(m, axis=-1).astype(dtype) for m in maps])
       return jax.lax.dynamic_update_slice(out, labels, (0, start, 0))
@@ -385,8 +424,9 @@ class Evaluator:
 
   def _counts(self, preds: list, label: jax.Array) -> list:
     """Confusion counts [C, C] of each prediction against ``label``."""
-    return [metrics.confusion_matrix(p, label, self.num_classes, self.config.ignore_label)
-            for p in preds]
+    return [
+      metrics.confusion_matrix(p, label, self.num_classes, self.config.ignore_label) for p in preds
+    ]
 
   def _group_program(self, state, images, labels, plans, acc, key):
     """``images`` [D, Hb, Wb, 3] uint8 and ``labels`` [D, Hb, Wb], one image per device of
@@ -403,14 +443,21 @@ class Evaluator:
       return jnp.stack([metrics.add_confusion(a, n) for a, n in zip(acc, counts)]), preds[0][None]
 
     spread, whole = PartitionSpec(axes), PartitionSpec()
-    return jax.shard_map(local, mesh=self.mesh, in_specs=(whole, spread, spread, spread, whole),
-                         out_specs=(whole, spread), check_vma=False)(state, images, labels, plans, acc)
+    return jax.shard_map(
+      local,
+      mesh=self.mesh,
+      in_specs=(whole, spread, spread, spread, whole),
+      out_specs=(whole, spread),
+      check_vma=False,
+    )(state, images, labels, plans, acc)
 
   def _probs_program(self, state, image, plans, key):
     """image: [Hb, Wb, 3] uint8 -> probabilities [Hb, Wb, C] averaged over scales."""
     self.compilations += 1  # runs once per trace, i.e. per compilation
-    maps = [self._finish(acc, count, plan)
-            for (acc, count), plan in zip(self._canvases(state, image, plans, key), plans)]
+    maps = [
+      self._finish(acc, count, plan)
+      for (acc, count), plan in zip(self._canvases(state, image, plans, key), plans)
+    ]
     return sum(maps) / len(maps)
 
   def _labels_program(self, state, image, plans, key):
@@ -449,7 +496,9 @@ class Evaluator:
     acc = jax.eval_shape(self._empty_accumulator)
     replicated = NamedSharding(self.mesh, PartitionSpec())
     acc = jax.ShapeDtypeStruct(acc.shape, acc.dtype, sharding=replicated)
-    spec = lambda a, sharding: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=sharding)
+    spec = lambda a, sharding: jax.ShapeDtypeStruct(
+      np.shape(a), np.asarray(a).dtype, sharding=sharding
+    )
     if one_image_per_device:
       images = [np.zeros((h, w, 3), np.uint8)] * self.mesh.size
       key, *args = self._group_arrays(images, [np.zeros((h, w), np.uint8)] * self.mesh.size)
@@ -479,8 +528,9 @@ class Evaluator:
     h, w = np.asarray(image).shape[:2]
     return np.asarray(self._predict(self.state, padded, plans, key=key)[:h, :w])
 
-  def evaluate_dataset(self, examples: Iterable[dict],
-                       on_prediction: Callable[[int, np.ndarray], None] | None = None):
+  def evaluate_dataset(
+    self, examples: Iterable[dict], on_prediction: Callable[[int, np.ndarray], None] | None = None
+  ):
     """Confusion matrix of the set, accumulated on device and read back once.
 
     examples: iterable of ``{'image': [H, W, 3] uint8, 'label': [H, W] uint8}`` (class ids,
@@ -510,7 +560,7 @@ class Evaluator:
         padded_label = self._pad_label(label, padded.shape[:2])
         acc, pred = self._confusion(self.state, padded, padded_label, plans, acc, key=key)
         if on_prediction is not None:
-          on_prediction(n - 1, np.asarray(pred[:label.shape[0], :label.shape[1]]))
+          on_prediction(n - 1, np.asarray(pred[: label.shape[0], : label.shape[1]]))
         continue
       shapes = self.bucket(*image.shape[:2])[2:]  # images alike in these share a program
       pending.setdefault(shapes, []).append((n - 1, image, label))
@@ -530,13 +580,15 @@ class Evaluator:
       raise UserError(f'example {index}: label shape {label.shape} != image size {image.shape[:2]}')
     bad = (label != self.config.ignore_label) & (label >= self.num_classes)
     if bad.any():
-      raise UserError(f'example {index}: label values {np.unique(label[bad])[:5].tolist()} are '
-                       f'neither class ids < {self.num_classes} nor {self.config.ignore_label}')
+      raise UserError(
+        f'example {index}: label values {np.unique(label[bad])[:5].tolist()} are '
+        f'neither class ids < {self.num_classes} nor {self.config.ignore_label}'
+      )
     return image, label
 
   def _pad_label(self, label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     padded = np.full(size, self.config.ignore_label, np.uint8)
-    padded[:label.shape[0], :label.shape[1]] = label
+    padded[: label.shape[0], : label.shape[1]] = label
     return padded
 
   def _group_arrays(self, images: list[np.ndarray], labels: list[np.ndarray]):
@@ -566,5 +618,5 @@ class Evaluator:
     if on_prediction is not None:
       preds = np.asarray(preds)
       for i, (index, image) in enumerate(zip(indices, images)):
-        on_prediction(index, preds[i, :image.shape[0], :image.shape[1]])
+        on_prediction(index, preds[i, : image.shape[0], : image.shape[1]])
     return acc

@@ -34,7 +34,7 @@ pytorch_default_kernel = nnx.initializers.variance_scaling(1 / 3, 'fan_in', 'uni
 
 def pytorch_default_bias(fan_in: int):
   """nn.Conv2d's default bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = C_in * k * k."""
-  bound = fan_in ** -0.5
+  bound = fan_in**-0.5
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
@@ -45,8 +45,14 @@ class BatchNorm(nnx.Module):
   the input's dtype.
   """
 
-  def __init__(self, num_features: int, *, momentum: float = 0.9, epsilon: float = 1e-5,
-               use_running_average: bool = False):
+  def __init__(
+    self,
+    num_features: int,
+    *,
+    momentum: float = 0.9,
+    epsilon: float = 1e-5,
+    use_running_average: bool = False,
+  ):
     self.num_features = num_features
     self.momentum = momentum
     self.epsilon = epsilon
@@ -109,9 +115,19 @@ def _compute_dtype_input(args, /, *, dtype=None, inexact=True):
   return (inputs if dtype is None else jnp.asarray(inputs, dtype)), kernel, bias
 
 
-def conv2d(in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1, dilation: int = 1,
-           groups: int = 1, bias: bool = False, init: str = 'resnet', dtype=jnp.float32,
-           rngs: nnx.Rngs) -> nnx.Conv:
+def conv2d(
+  in_ch: int,
+  out_ch: int,
+  kernel_size: int,
+  *,
+  stride: int = 1,
+  dilation: int = 1,
+  groups: int = 1,
+  bias: bool = False,
+  init: str = 'resnet',
+  dtype=jnp.float32,
+  rngs: nnx.Rngs,
+) -> nnx.Conv:
   """``nn.Conv2d`` with PyTorch's explicit symmetric padding ``dilation * (k - 1) // 2``.
 
   ``init``: ``'resnet'`` (He normal, fan out: the backbone) or ``'pytorch_default'``
@@ -129,9 +145,19 @@ def conv2d(in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1, dilati
   kernel_init = he_normal_fan_out if init == 'resnet' else pytorch_default_kernel
   bias_init = pytorch_default_bias(fan_in) if init == 'pytorch_default' else nnx.initializers.zeros
   return nnx.Conv(
-      in_ch, out_ch, (kernel_size, kernel_size), strides=stride,
-      padding=ops.conv_padding(kernel_size, dilation), kernel_dilation=dilation,
-      feature_group_count=groups, use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=kernel_init, bias_init=bias_init,
-      conv_general_dilated=convolution.conv_general_dilated,
-      promote_dtype=_compute_dtype_input, rngs=rngs)
+    in_ch,
+    out_ch,
+    (kernel_size, kernel_size),
+    strides=stride,
+    padding=ops.conv_padding(kernel_size, dilation),
+    kernel_dilation=dilation,
+    feature_group_count=groups,
+    use_bias=bias,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=kernel_init,
+    bias_init=bias_init,
+    conv_general_dilated=convolution.conv_general_dilated,
+    promote_dtype=_compute_dtype_input,
+    rngs=rngs,
+  )

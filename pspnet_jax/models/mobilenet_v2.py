@@ -41,8 +41,16 @@ class ConvModule(nnx.Module):
   """mmcv's ConvModule with a norm: ``conv`` (no bias) then ``bn``; the caller activates."""
 
   def __init__(self, in_ch, out_ch, kernel_size, *, stride=1, dilation=1, groups=1, dtype, rngs):
-    self.conv = conv2d(in_ch, out_ch, kernel_size, stride=stride, dilation=dilation,
-                       groups=groups, dtype=dtype, rngs=rngs)
+    self.conv = conv2d(
+      in_ch,
+      out_ch,
+      kernel_size,
+      stride=stride,
+      dilation=dilation,
+      groups=groups,
+      dtype=dtype,
+      rngs=rngs,
+    )
     self.bn = BatchNorm(out_ch)
 
   def __call__(self, x):
@@ -56,8 +64,11 @@ class InvertedResidual(nnx.Module):
     layers = []
     if expand_ratio != 1:
       layers.append(ConvModule(in_ch, hidden, 1, dtype=dtype, rngs=rngs))
-    layers.append(ConvModule(hidden, hidden, 3, stride=stride, dilation=dilation, groups=hidden,
-                             dtype=dtype, rngs=rngs))
+    layers.append(
+      ConvModule(
+        hidden, hidden, 3, stride=stride, dilation=dilation, groups=hidden, dtype=dtype, rngs=rngs
+      )
+    )
     layers.append(ConvModule(hidden, out_ch, 1, dtype=dtype, rngs=rngs))
     self.conv = nnx.List(layers)
 
@@ -78,17 +89,30 @@ class MobileNetV2(nnx.Module):
 
   def __init__(self, *, output_stride: int = 8, dtype=jnp.float32, rngs: nnx.Rngs):
     if output_stride not in GEOMETRY:
-      raise UserError(f'MobileNetV2 is built at output stride {sorted(GEOMETRY)} (mmseg '
-                      f'mobilenet-v2-d8), got output_stride={output_stride}')
+      raise UserError(
+        f'MobileNetV2 is built at output stride {sorted(GEOMETRY)} (mmseg '
+        f'mobilenet-v2-d8), got output_stride={output_stride}'
+      )
     strides, dilations = GEOMETRY[output_stride]
     self.dtype = dtype
     self.conv1 = ConvModule(3, STEM_CHANNELS, 3, stride=2, dtype=dtype, rngs=rngs)
     in_ch = STEM_CHANNELS
-    for k, ((expand, channels, blocks), stride, dilation) in enumerate(zip(ARCH, strides, dilations)):
+    for k, ((expand, channels, blocks), stride, dilation) in enumerate(
+      zip(ARCH, strides, dilations)
+    ):
       layer = []
       for i in range(blocks):
-        layer.append(InvertedResidual(in_ch, channels, stride if i == 0 else 1, expand,
-                                      dilation if i == 0 else 1, dtype=dtype, rngs=rngs))
+        layer.append(
+          InvertedResidual(
+            in_ch,
+            channels,
+            stride if i == 0 else 1,
+            expand,
+            dilation if i == 0 else 1,
+            dtype=dtype,
+            rngs=rngs,
+          )
+        )
         in_ch = channels
       setattr(self, f'layer{k + 1}', nnx.List(layer))
     self.out_channels = tuple(ARCH[i][1] for i in OUT_INDICES)

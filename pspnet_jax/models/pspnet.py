@@ -40,26 +40,27 @@ BACKBONES = ('resnet', 'mobilenet_v2')
 @dataclasses.dataclass(frozen=True)
 class PSPNetConfig:
   """Everything that determines the architecture. Plain data: save it as JSON."""
+
   num_classes: int = 150
   depth: int = 50
-  stem: str = 'deep'                 # 'deep' (semseg) | 'deep32' (mmseg V1c) | 'torchvision'
+  stem: str = 'deep'  # 'deep' (semseg) | 'deep32' (mmseg V1c) | 'torchvision'
   output_stride: int = 8
-  contract_dilation: bool = False    # semseg: False; mmseg, torchvision: True
-  align_corners: bool = True         # semseg: True; mmseg: False
+  contract_dilation: bool = False  # semseg: False; mmseg, torchvision: True
+  align_corners: bool = True  # semseg: True; mmseg: False
   bins: tuple[int, ...] = (1, 2, 3, 6)
   # Where the authors' Caffe nets (hszhao/PSPNet) differ from semseg; a Caffe port sets them.
-  stride_in_1x1: bool = False        # a bottleneck's stride on its first 1x1 conv (Caffe)
-  ceil_mode: bool = False            # the stem max pool rounds its output size up (Caffe)
-  pyramid_fixed_size: int = 0        # 0: adaptive pooling (semseg); N: Caffe's fixed AVE
-                                     # windows of N // bin, sized for N x N features
-  base_width: int = 64               # ResNet width; smaller only for tiny test models
+  stride_in_1x1: bool = False  # a bottleneck's stride on its first 1x1 conv (Caffe)
+  ceil_mode: bool = False  # the stem max pool rounds its output size up (Caffe)
+  pyramid_fixed_size: int = 0  # 0: adaptive pooling (semseg); N: Caffe's fixed AVE
+  # windows of N // bin, sized for N x N features
+  base_width: int = 64  # ResNet width; smaller only for tiny test models
   head_channels: int = 512
   aux_channels: int = 256
   dropout: float = 0.1
-  dtype: str = 'float32'             # compute dtype; parameters and BN stats stay float32
+  dtype: str = 'float32'  # compute dtype; parameters and BN stats stay float32
   # 'resnet' (depth, stem, base_width, contract_dilation apply) | 'mobilenet_v2' (mmseg's)
   backbone: str = 'resnet'
-  ppm_channels: int = 0              # pyramid branch width; 0: C / len(bins) (semseg); mmseg: 512
+  ppm_channels: int = 0  # pyramid branch width; 0: C / len(bins) (semseg); mmseg: 512
   # The input normalisation the weights were trained with: the network sees
   # (rgb - mean) / std, RGB on the 0-255 scale. semseg's ImageNet values by default.
   mean: tuple[float, float, float] = tuple(float(v) for v in normalize.MEAN)
@@ -71,13 +72,17 @@ class PSPNetConfig:
       raise UserError(f'unknown backbone {self.backbone!r}; expected one of {BACKBONES}')
     n = int(self.pyramid_fixed_size)
     if n < 0 or any(n % b for b in self.bins):
-      raise UserError(f'PSPNetConfig.pyramid_fixed_size must be 0 (adaptive pooling) or a '
-                      f'multiple of every bin {self.bins}, got {self.pyramid_fixed_size}')
+      raise UserError(
+        f'PSPNetConfig.pyramid_fixed_size must be 0 (adaptive pooling) or a '
+        f'multiple of every bin {self.bins}, got {self.pyramid_fixed_size}'
+      )
     for name in ('mean', 'std'):
       value = tuple(float(v) for v in getattr(self, name))
       if len(value) != 3 or (name == 'std' and min(value) <= 0):
-        raise UserError(f'PSPNetConfig.{name} must be 3 numbers (RGB, 0-255 scale)'
-                        f'{", all positive" if name == "std" else ""}; got {value}')
+        raise UserError(
+          f'PSPNetConfig.{name} must be 3 numbers (RGB, 0-255 scale)'
+          f'{", all positive" if name == "std" else ""}; got {value}'
+        )
       object.__setattr__(self, name, value)
     jnp.dtype(self.dtype)  # fails early on a typo
 
@@ -85,7 +90,7 @@ class PSPNetConfig:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_dict(cls, d: dict) -> 'PSPNetConfig':
+  def from_dict(cls, d: dict) -> PSPNetConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
@@ -100,11 +105,13 @@ NEW_LAYER_INIT = 'pytorch_default'
 
 def _head(in_ch, mid_ch, num_classes, dtype, rngs) -> nnx.Dict:
   """semseg's ``cls`` / ``aux`` Sequential: 0 conv3x3, 1 BN, (2 ReLU, 3 Dropout2d), 4 conv1x1."""
-  return nnx.Dict({
+  return nnx.Dict(
+    {
       '0': conv2d(in_ch, mid_ch, 3, init=NEW_LAYER_INIT, dtype=dtype, rngs=rngs),
       '1': BatchNorm(mid_ch),
       '4': conv2d(mid_ch, num_classes, 1, bias=True, init=NEW_LAYER_INIT, dtype=dtype, rngs=rngs),
-  })
+    }
+  )
 
 
 class PSPNet(nnx.Module):
@@ -114,16 +121,34 @@ class PSPNet(nnx.Module):
     if config.backbone == 'mobilenet_v2':
       self.backbone = MobileNetV2(output_stride=config.output_stride, dtype=dtype, rngs=rngs)
     else:
-      self.backbone = ResNet(config.depth, stem=config.stem, output_stride=config.output_stride,
-                             contract_dilation=config.contract_dilation,
-                             base_width=config.base_width, stride_in_1x1=config.stride_in_1x1,
-                             ceil_mode=config.ceil_mode, dtype=dtype, rngs=rngs)
+      self.backbone = ResNet(
+        config.depth,
+        stem=config.stem,
+        output_stride=config.output_stride,
+        contract_dilation=config.contract_dilation,
+        base_width=config.base_width,
+        stride_in_1x1=config.stride_in_1x1,
+        ceil_mode=config.ceil_mode,
+        dtype=dtype,
+        rngs=rngs,
+      )
     c3, c4 = self.backbone.out_channels[2:]
     reduction = config.ppm_channels or c4 // len(config.bins)
-    self.ppm = nnx.Dict({'features': nnx.List([
-        nnx.Dict({'1': conv2d(c4, reduction, 1, init=NEW_LAYER_INIT, dtype=dtype, rngs=rngs),
-                  '2': BatchNorm(reduction)})
-        for _ in config.bins])})
+    self.ppm = nnx.Dict(
+      {
+        'features': nnx.List(
+          [
+            nnx.Dict(
+              {
+                '1': conv2d(c4, reduction, 1, init=NEW_LAYER_INIT, dtype=dtype, rngs=rngs),
+                '2': BatchNorm(reduction),
+              }
+            )
+            for _ in config.bins
+          ]
+        )
+      }
+    )
     fea = c4 + reduction * len(config.bins)
     self.cls = _head(fea, config.head_channels, config.num_classes, dtype, rngs)
     self.aux = _head(c3, config.aux_channels, config.num_classes, dtype, rngs)
@@ -155,8 +180,13 @@ class PSPNet(nnx.Module):
     ac = self.config.align_corners
     resize = (lambda z: ops.resize_bilinear(z, (h, w), ac)) if upsample else (lambda z: z)
     _, _, c3, c4 = self.backbone(x)
-    y = ops.pyramid_pool(c4, self.config.bins, self._ppm_branch, align_corners=ac,
-                         fixed_size=self.config.pyramid_fixed_size)
+    y = ops.pyramid_pool(
+      c4,
+      self.config.bins,
+      self._ppm_branch,
+      align_corners=ac,
+      fixed_size=self.config.pyramid_fixed_size,
+    )
     logits = resize(self._apply_head(self.cls, y, rngs).astype(jnp.float32))
     if self.deterministic:
       return logits

@@ -29,9 +29,13 @@ from pspnet_jax import ops
 from pspnet_jax.errors import UserError
 from pspnet_jax.models.layers import BatchNorm, conv2d
 
-BLOCKS = {18: ('basic', (2, 2, 2, 2)), 34: ('basic', (3, 4, 6, 3)),
-          50: ('bottleneck', (3, 4, 6, 3)), 101: ('bottleneck', (3, 4, 23, 3)),
-          152: ('bottleneck', (3, 8, 36, 3))}
+BLOCKS = {
+  18: ('basic', (2, 2, 2, 2)),
+  34: ('basic', (3, 4, 6, 3)),
+  50: ('bottleneck', (3, 4, 6, 3)),
+  101: ('bottleneck', (3, 4, 23, 3)),
+  152: ('bottleneck', (3, 8, 36, 3)),
+}
 STEMS = ('deep', 'deep32', 'torchvision')
 
 
@@ -80,6 +84,7 @@ class Bottleneck(nnx.Module):
   """ResNet bottleneck. v1.5 by default, the stride on the 3x3 conv (torchvision, semseg);
   ``stride_in_1x1`` puts it on the first 1x1 conv, as the original ResNet and the authors'
   Caffe PSPNet do."""
+
   expansion = 4
 
   def __init__(self, in_ch, planes, stride, dilation, *, dtype, rngs, stride_in_1x1=False):
@@ -102,8 +107,9 @@ class Bottleneck(nnx.Module):
 def _downsample(in_ch, out_ch, stride, dtype, rngs):
   if stride == 1 and in_ch == out_ch:
     return None
-  return nnx.List([conv2d(in_ch, out_ch, 1, stride=stride, dtype=dtype, rngs=rngs),
-                   BatchNorm(out_ch)])
+  return nnx.List(
+    [conv2d(in_ch, out_ch, 1, stride=stride, dtype=dtype, rngs=rngs), BatchNorm(out_ch)]
+  )
 
 
 def _shortcut(downsample, x):
@@ -120,23 +126,36 @@ class ResNet(nnx.Module):
   64/128/256/512 for ResNet-18/34, times ``base_width / 64``).
   """
 
-  def __init__(self, depth: int = 50, *, stem: str = 'deep', output_stride: int = 8,
-               contract_dilation: bool = False, base_width: int = 64,
-               stride_in_1x1: bool = False, ceil_mode: bool = False,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    depth: int = 50,
+    *,
+    stem: str = 'deep',
+    output_stride: int = 8,
+    contract_dilation: bool = False,
+    base_width: int = 64,
+    stride_in_1x1: bool = False,
+    ceil_mode: bool = False,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     if depth not in BLOCKS:
       raise UserError(f'unsupported ResNet depth {depth}; expected one of {sorted(BLOCKS)}')
     kind, counts = BLOCKS[depth]
     if stride_in_1x1 and kind != 'bottleneck':
-      raise UserError(f'stride_in_1x1 places a bottleneck\'s stride; ResNet-{depth} has basic blocks')
+      raise UserError(
+        f"stride_in_1x1 places a bottleneck's stride; ResNet-{depth} has basic blocks"
+      )
     block = Bottleneck if kind == 'bottleneck' else BasicBlock
     options = {'stride_in_1x1': True} if stride_in_1x1 else {}
     self.dtype = dtype
     self.ceil_mode = ceil_mode
     widths = stem_widths(stem, base_width)
     if stem == 'torchvision':
-      layers = {'0': conv2d(3, widths[0], 7, stride=2, dtype=dtype, rngs=rngs),
-                '1': BatchNorm(widths[0])}
+      layers = {
+        '0': conv2d(3, widths[0], 7, stride=2, dtype=dtype, rngs=rngs),
+        '1': BatchNorm(widths[0]),
+      }
     else:
       layers, in_ch = {}, 3
       for i, w in enumerate(widths):
@@ -148,16 +167,24 @@ class ResNet(nnx.Module):
     geometry = stage_geometry(output_stride, contract_dilation)
     stages = []
     for k, (n, (stride, first_dilation, dilation)) in enumerate(zip(counts, geometry)):
-      planes = base_width * 2 ** k
+      planes = base_width * 2**k
       blocks = []
       for i in range(n):
-        blocks.append(block(in_ch, planes, stride if i == 0 else 1,
-                            first_dilation if i == 0 else dilation, dtype=dtype, rngs=rngs,
-                            **options))
+        blocks.append(
+          block(
+            in_ch,
+            planes,
+            stride if i == 0 else 1,
+            first_dilation if i == 0 else dilation,
+            dtype=dtype,
+            rngs=rngs,
+            **options,
+          )
+        )
         in_ch = planes * block.expansion
       stages.append(nnx.List(blocks))
     self.layer1, self.layer2, self.layer3, self.layer4 = stages
-    self.out_channels = tuple(base_width * 2 ** k * block.expansion for k in range(4))
+    self.out_channels = tuple(base_width * 2**k * block.expansion for k in range(4))
 
   def stem(self, x):
     n = len(self.layer0) // 2

@@ -7,12 +7,26 @@ the convolution the models use (XLA's, or CPU kernels when lowered for the CPU).
 """
 
 from pspnet_jax.ops.convolution import conv, conv_padding
-from pspnet_jax.ops.pooling import (adaptive_avg_pool, adaptive_pool_matrix, avg_pool_ceil,
-                                    ceil_pool_matrix, max_pool_3x3_s2, pyramid_pool)
+from pspnet_jax.ops.pooling import (
+  adaptive_avg_pool,
+  adaptive_pool_matrix,
+  avg_pool_ceil,
+  ceil_pool_matrix,
+  max_pool_3x3_s2,
+  pyramid_pool,
+)
 from pspnet_jax.ops.resize import interpolation_matrix, linear_taps, resize_bilinear
 
 __all__ = [
-    'adaptive_avg_pool', 'adaptive_pool_matrix', 'avg_pool_ceil', 'ceil_pool_matrix', 'conv',
-    'conv_padding', 'interpolation_matrix', 'linear_taps', 'max_pool_3x3_s2', 'pyramid_pool',
-    'resize_bilinear',
+  'adaptive_avg_pool',
+  'adaptive_pool_matrix',
+  'avg_pool_ceil',
+  'ceil_pool_matrix',
+  'conv',
+  'conv_padding',
+  'interpolation_matrix',
+  'linear_taps',
+  'max_pool_3x3_s2',
+  'pyramid_pool',
+  'resize_bilinear',
 ]

@@ -37,8 +37,14 @@ def conv_padding(kernel_size: int, dilation: int = 1) -> Padding:
   return (p, p), (p, p)
 
 
-def conv(x: jax.Array, w: jax.Array, strides=(1, 1), padding: Padding = ((0, 0), (0, 0)),
-         dilation=(1, 1), groups: int = 1) -> jax.Array:
+def conv(
+  x: jax.Array,
+  w: jax.Array,
+  strides=(1, 1),
+  padding: Padding = ((0, 0), (0, 0)),
+  dilation=(1, 1),
+  groups: int = 1,
+) -> jax.Array:
   """x: [B, H, W, Cin], w: [kh, kw, Cin / groups, Cout] -> [B, H', W', Cout]; differentiable.
 
   XLA's convolution on GPU/TPU; when lowered for the CPU (unless ``PSPNET_CONV=xla``)
@@ -91,8 +97,9 @@ def _mixed_precision_fwd(x, w, strides, padding, dilation, groups):
 
 def _mixed_precision_bwd(strides, padding, dilation, groups, residuals, dy):
   x, w = residuals
-  _, input_vjp = jax.vjp(lambda x_: _same_dtype_conv(x_, w.astype(x.dtype), strides, padding,
-                                                     dilation, groups), x)
+  _, input_vjp = jax.vjp(
+    lambda x_: _same_dtype_conv(x_, w.astype(x.dtype), strides, padding, dilation, groups), x
+  )
   (dx,) = input_vjp(dy)
   dw = weight_gradient(x, dy, w.shape[:2], strides, padding, dilation, groups)
   return dx, dw.astype(w.dtype)
@@ -101,8 +108,9 @@ def _mixed_precision_bwd(strides, padding, dilation, groups, residuals, dy):
 _mixed_precision_conv.defvjp(_mixed_precision_fwd, _mixed_precision_bwd)
 
 
-def weight_gradient(x: jax.Array, dy: jax.Array, kernel_size, strides, padding,
-                    dilation, groups: int = 1) -> jax.Array:
+def weight_gradient(
+  x: jax.Array, dy: jax.Array, kernel_size, strides, padding, dilation, groups: int = 1
+) -> jax.Array:
   """dL/dW [kh, kw, Cin / groups, Cout] float32 of the NHWC x HWIO convolution
   ``y = conv(x, w)``, given ``dy = dL/dy``: one convolution that slides ``dy`` over ``x``
   (the batch is its contracted feature axis, ``Cin`` its batch axis, split into ``groups``
@@ -122,9 +130,15 @@ def weight_gradient(x: jax.Array, dy: jax.Array, kernel_size, strides, padding,
 
   def plain(x, dy):
     return lax.conv_general_dilated(
-        x, dy, window_strides=(dh, dw), padding=((top, bottom), (left, right)),
-        rhs_dilation=(sh, sw), dimension_numbers=('CHWN', 'IHWO', 'HWNC'),
-        batch_group_count=groups, preferred_element_type=jnp.float32)
+      x,
+      dy,
+      window_strides=(dh, dw),
+      padding=((top, bottom), (left, right)),
+      rhs_dilation=(sh, sw),
+      dimension_numbers=('CHWN', 'IHWO', 'HWNC'),
+      batch_group_count=groups,
+      preferred_element_type=jnp.float32,
+    )
 
   w_shape = (kh, kw, cin // groups, cout)
   if _xla_only() or not _depthwise(w_shape, groups):
@@ -136,21 +150,50 @@ def weight_gradient(x: jax.Array, dy: jax.Array, kernel_size, strides, padding,
   return lax.platform_dependent(x, dy, cpu=fast, default=plain)
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, batch_group_count=1,
-                         precision=None, preferred_element_type=None, out_sharding=None):
+def conv_general_dilated(
+  lhs,
+  rhs,
+  window_strides,
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count=1,
+  batch_group_count=1,
+  precision=None,
+  preferred_element_type=None,
+  out_sharding=None,
+):
   """``lax.conv_general_dilated``'s signature (``nnx.Conv(conv_general_dilated=...)``):
   NHWC x HWIO convolutions with explicit padding, plain or grouped, go through ``conv``;
   anything else (input-dilated, other layouts) is XLA's convolution as asked."""
   nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, cpu_conv.NHWC)
-  simple = (lhs.ndim == 4 and not isinstance(padding, str)
-            and batch_group_count == 1 and tuple(lhs_dilation or (1, 1)) == (1, 1)
-            and (dimension_numbers is None or lax.conv_dimension_numbers(
-                lhs.shape, rhs.shape, dimension_numbers) == nhwc)
-            and precision is None and preferred_element_type is None and out_sharding is None)
+  simple = (
+    lhs.ndim == 4
+    and not isinstance(padding, str)
+    and batch_group_count == 1
+    and tuple(lhs_dilation or (1, 1)) == (1, 1)
+    and (
+      dimension_numbers is None
+      or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
+    )
+    and precision is None
+    and preferred_element_type is None
+    and out_sharding is None
+  )
   if not simple:
     return lax.conv_general_dilated(
-        lhs, rhs.astype(lhs.dtype), window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-        feature_group_count, batch_group_count, precision, preferred_element_type,
-        out_sharding=out_sharding)
+      lhs,
+      rhs.astype(lhs.dtype),
+      window_strides,
+      padding,
+      lhs_dilation,
+      rhs_dilation,
+      dimension_numbers,
+      feature_group_count,
+      batch_group_count,
+      precision,
+      preferred_element_type,
+      out_sharding=out_sharding,
+    )
   return conv(lhs, rhs, window_strides, padding, rhs_dilation or (1, 1), feature_group_count)

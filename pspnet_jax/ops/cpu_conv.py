@@ -23,8 +23,15 @@ NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 def xla_conv(x, w, strides, padding, dilation, groups=1):
   """XLA's own NHWC x HWIO convolution (``groups``: its ``feature_group_count``)."""
-  return lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation,
-                                  dimension_numbers=NHWC, feature_group_count=groups)
+  return lax.conv_general_dilated(
+    x,
+    w,
+    strides,
+    padding,
+    rhs_dilation=dilation,
+    dimension_numbers=NHWC,
+    feature_group_count=groups,
+  )
 
 
 CIN_CHUNK = 1024  # XLA CPU convs with a wider input run at ~60% speed; split and sum
@@ -37,7 +44,9 @@ def split_conv(x, w, strides, padding, dilation):
     return xla_conv(x, w, strides, padding, dilation)
   y = None
   for c0 in range(0, ci, CIN_CHUNK):
-    part = xla_conv(x[..., c0:c0 + CIN_CHUNK], w[:, :, c0:c0 + CIN_CHUNK], strides, padding, dilation)
+    part = xla_conv(
+      x[..., c0 : c0 + CIN_CHUNK], w[:, :, c0 : c0 + CIN_CHUNK], strides, padding, dilation
+    )
     y = part if y is None else y + part
   return y
 
@@ -46,8 +55,12 @@ def _tap(xp, i, j, out_hw, strides, dilation):
   """The window of padded ``xp`` that kernel tap ``(i, j)`` multiplies: [B, Ho, Wo, C]."""
   b, _, _, c = xp.shape
   (ho, wo), (sh, sw), (dh, dw_) = out_hw, strides, dilation
-  return lax.slice(xp, (0, i * dh, j * dw_, 0),
-                   (b, i * dh + (ho - 1) * sh + 1, j * dw_ + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
+  return lax.slice(
+    xp,
+    (0, i * dh, j * dw_, 0),
+    (b, i * dh + (ho - 1) * sh + 1, j * dw_ + (wo - 1) * sw + 1, c),
+    (1, sh, sw, 1),
+  )
 
 
 def _pad(x, padding):
@@ -60,9 +73,15 @@ def _wgrad_taps(x, dy, w_shape, strides, padding, dilation):
   kh, kw, ci, co = w_shape
   xp = _pad(x, padding)
   dyf = dy.reshape(-1, co)
-  taps = [jnp.dot(_tap(xp, i, j, dy.shape[1:3], strides, dilation).reshape(-1, ci).T, dyf,
-                  preferred_element_type=jnp.float32)
-          for i in range(kh) for j in range(kw)]
+  taps = [
+    jnp.dot(
+      _tap(xp, i, j, dy.shape[1:3], strides, dilation).reshape(-1, ci).T,
+      dyf,
+      preferred_element_type=jnp.float32,
+    )
+    for i in range(kh)
+    for j in range(kw)
+  ]
   return jnp.stack(taps).reshape(kh, kw, ci, co)
 
 
@@ -76,11 +95,17 @@ def _wgrad_shifted(x, dy, w_shape, padding, dilation):
   _, ho, wo, _ = dy.shape
   top, left = (kh - 1) * dh, (kw - 1) * dw_
   dyp = jnp.pad(dy, ((0, 0), (top, max(0, h + pt - ho)), (left, max(0, wd + pl - wo)), (0, 0)))
-  shifted = [dyp[:, top + pt - i * dh:top + pt - i * dh + h, left + pl - j * dw_:left + pl - j * dw_ + wd]
-             for i in range(kh) for j in range(kw)]
+  shifted = [
+    dyp[
+      :, top + pt - i * dh : top + pt - i * dh + h, left + pl - j * dw_ : left + pl - j * dw_ + wd
+    ]
+    for i in range(kh)
+    for j in range(kw)
+  ]
   d = jnp.concatenate(shifted, axis=-1).reshape(-1, kh * kw * co)
-  dw = lax.dot_general(x.reshape(-1, ci), d, (((0,), (0,)), ((), ())),
-                       preferred_element_type=jnp.float32)
+  dw = lax.dot_general(
+    x.reshape(-1, ci), d, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+  )
   return dw.reshape(ci, kh, kw, co).transpose(1, 2, 0, 3)
 
 
@@ -165,8 +190,10 @@ def cpu_conv(x, w, strides, padding, dilation):
 
 
 def _depthwise_out_hw(x_shape, w_shape, strides, padding, dilation):
-  return tuple((n + lo + hi - d * (k - 1) - 1) // s + 1 for n, (lo, hi), k, s, d in
-               zip(x_shape[1:3], padding, w_shape[:2], strides, dilation))
+  return tuple(
+    (n + lo + hi - d * (k - 1) - 1) // s + 1
+    for n, (lo, hi), k, s, d in zip(x_shape[1:3], padding, w_shape[:2], strides, dilation)
+  )
 
 
 def _depthwise_taps(x, w, strides, padding, dilation):
@@ -187,8 +214,13 @@ def depthwise_weight_gradient(x, dy, w_shape, strides, padding, dilation):
   kh, kw, _, c = w_shape
   xp = _pad(x, padding)
   dyf = dy.astype(jnp.float32)
-  taps = [jnp.sum(_tap(xp, i, j, dy.shape[1:3], strides, dilation).astype(jnp.float32) * dyf,
-                  axis=(0, 1, 2)) for i in range(kh) for j in range(kw)]
+  taps = [
+    jnp.sum(
+      _tap(xp, i, j, dy.shape[1:3], strides, dilation).astype(jnp.float32) * dyf, axis=(0, 1, 2)
+    )
+    for i in range(kh)
+    for j in range(kw)
+  ]
   return jnp.stack(taps).reshape(kh, kw, 1, c)
 
 

@@ -15,7 +15,7 @@ symbolic dimension).
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -87,11 +87,11 @@ def adaptive_avg_pool(x: jax.Array, output_size: Size) -> jax.Array:
 
 
 def pyramid_pool(
-    x: jax.Array,
-    bins: Sequence[int],
-    branch: Callable[[int, jax.Array], jax.Array],
-    align_corners: bool = True,
-    fixed_size: int = 0,
+  x: jax.Array,
+  bins: Sequence[int],
+  branch: Callable[[int, jax.Array], jax.Array],
+  align_corners: bool = True,
+  fixed_size: int = 0,
 ) -> jax.Array:
   """Pyramid pooling (Zhao et al. 2017, Sec. 3.2) as a function.
 
@@ -124,7 +124,8 @@ def _reduce_window_max_3x3_s2(x: jax.Array, ceil_mode: bool) -> jax.Array:
   # A Python -inf init lets JAX recognise reduce_window_max (which has a gradient).
   pad = _stem_padding(ceil_mode)
   return jax.lax.reduce_window(
-      x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), pad, pad, (0, 0)))
+    x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), pad, pad, (0, 0))
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -151,8 +152,9 @@ def max_pool_3x3_s2(x: jax.Array, ceil_mode: bool = False) -> jax.Array:
   out = None
   for i in range(3):
     for j in range(3):
-      tap = jax.lax.slice(xp, (0, i, j, 0), (b, i + 2 * (ho - 1) + 1, j + 2 * (wo - 1) + 1, c),
-                          (1, 2, 2, 1))
+      tap = jax.lax.slice(
+        xp, (0, i, j, 0), (b, i + 2 * (ho - 1) + 1, j + 2 * (wo - 1) + 1, c), (1, 2, 2, 1)
+      )
       out = tap if out is None else jnp.maximum(out, tap)
   return out
 

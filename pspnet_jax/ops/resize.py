@@ -15,7 +15,7 @@ run in the program, in float32 (see ``linear_taps``).
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,8 +50,9 @@ def apply_along(x: jax.Array, matrix: np.ndarray, axis: int) -> jax.Array:
   return jnp.einsum('ow,bhwc->bhoc', m, x, precision=jax.lax.Precision.HIGHEST)
 
 
-def linear_taps(in_size: int, out_size: int, align_corners: bool = False,
-                convention: str = 'pytorch'):
+def linear_taps(
+  in_size: int, out_size: int, align_corners: bool = False, convention: str = 'pytorch'
+):
   """Two-tap linear interpolation along one axis.
 
   Returns ``(i0, i1, w0, w1)`` (int64 indices, float32 weights): output ``j`` is
@@ -108,7 +109,9 @@ def linear_taps(in_size: int, out_size: int, align_corners: bool = False,
 
 def _symbolic_linear_taps(in_size, out_size, align_corners, convention):
   if convention != 'pytorch':
-    raise ValueError(f'symbolic sizes are supported for the pytorch convention only, got {convention!r}')
+    raise ValueError(
+      f'symbolic sizes are supported for the pytorch convention only, got {convention!r}'
+    )
   f32 = jnp.float32
   n, m = jnp.asarray(in_size, f32), jnp.asarray(out_size, f32)
   dst = jax.lax.iota(f32, out_size)
@@ -124,15 +127,18 @@ def _symbolic_linear_taps(in_size, out_size, align_corners, convention):
   return i0, i1, 1 - w1, w1
 
 
-def interpolation_matrix(in_size: int, out_size: int, align_corners: bool,
-                         convention: str = 'pytorch') -> np.ndarray:
+def interpolation_matrix(
+  in_size: int, out_size: int, align_corners: bool, convention: str = 'pytorch'
+) -> np.ndarray:
   """[out_size, in_size] float32: the taps of ``linear_taps`` as a dense matrix (a traced
   array when a size is symbolic)."""
   i0, i1, w0, w1 = linear_taps(in_size, out_size, align_corners, convention)
   if not is_static(in_size, out_size):
     cols = jnp.expand_dims(jax.lax.iota(jnp.int32, in_size), 0)
-    return (jnp.where(cols == i0[:, None], w0[:, None], 0)
-            + jnp.where(cols == i1[:, None], w1[:, None], 0)).astype(jnp.float32)
+    return (
+      jnp.where(cols == i0[:, None], w0[:, None], 0)
+      + jnp.where(cols == i1[:, None], w1[:, None], 0)
+    ).astype(jnp.float32)
   m = np.zeros((out_size, in_size), np.float32)
   rows = np.arange(out_size)
   np.add.at(m, (rows, i0), w0)
@@ -141,8 +147,9 @@ def interpolation_matrix(in_size: int, out_size: int, align_corners: bool,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
-def _lerp_axis(x: jax.Array, in_size: int, out_size: int, axis: int,
-               align_corners: bool) -> jax.Array:
+def _lerp_axis(
+  x: jax.Array, in_size: int, out_size: int, axis: int, align_corners: bool
+) -> jax.Array:
   i0, i1, w0, w1 = linear_taps(in_size, out_size, align_corners)
   shape = [1, 1, 1, 1]
   shape[axis] = out_size

@@ -8,9 +8,26 @@ are the canonical (semseg-layout) mapping underneath.
 """
 
 from pspnet_jax.port.convert import CAFFE, LAYOUTS, Ported, load_caffe, load_torch, port_checkpoint
-from pspnet_jax.port.mapping import (PortError, StateDictMismatch, export_state_dict,
-                                     expected_keys, load_state_dict, torch_key)
+from pspnet_jax.port.mapping import (
+  PortError,
+  StateDictMismatch,
+  expected_keys,
+  export_state_dict,
+  load_state_dict,
+  torch_key,
+)
 
-__all__ = ['CAFFE', 'LAYOUTS', 'PortError', 'Ported', 'StateDictMismatch', 'export_state_dict',
-           'expected_keys', 'load_caffe', 'load_state_dict', 'load_torch', 'port_checkpoint',
-           'torch_key']
+__all__ = [
+  'CAFFE',
+  'LAYOUTS',
+  'PortError',
+  'Ported',
+  'StateDictMismatch',
+  'export_state_dict',
+  'expected_keys',
+  'load_caffe',
+  'load_state_dict',
+  'load_torch',
+  'port_checkpoint',
+  'torch_key',
+]

@@ -10,7 +10,7 @@ Shapes are PyTorch's: conv weights [out, in, kh, kw].
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -25,18 +25,28 @@ from pspnet_jax.port.mapping import PortError
 DEFAULT_NUM_CLASSES = PSPNetConfig.num_classes
 
 
-def infer_config(state_dict: Mapping[str, np.ndarray], layout: Layout, *, with_heads: bool,
-                 num_classes: int | None, source: str, with_aux: bool = True) -> PSPNetConfig:
+def infer_config(
+  state_dict: Mapping[str, np.ndarray],
+  layout: Layout,
+  *,
+  with_heads: bool,
+  num_classes: int | None,
+  source: str,
+  with_aux: bool = True,
+) -> PSPNetConfig:
   """Canonical state dict -> config. ``with_heads``: read classes and head widths too;
   ``with_aux=False``: the file has no auxiliary head (it keeps the default width).
 
   ``num_classes`` must agree with the checkpoint's classifier when heads are ported;
   without heads it sets the fresh heads' classes (default ``DEFAULT_NUM_CLASSES``).
   """
+
   def shape(key):
     if key not in state_dict:
-      raise PortError(f'{source}: no tensor for {key} in the {layout.name} layout, which the '
-                      'architecture is read from; is the file complete and of this layout?')
+      raise PortError(
+        f'{source}: no tensor for {key} in the {layout.name} layout, which the '
+        'architecture is read from; is the file complete and of this layout?'
+      )
     return tuple(np.shape(state_dict[key]))
 
   if layout.config.get('backbone') == 'mobilenet_v2':
@@ -48,19 +58,26 @@ def infer_config(state_dict: Mapping[str, np.ndarray], layout: Layout, *, with_h
     return PSPNetConfig(**fields)
   classes = shape('cls.4.weight')[0]
   if num_classes is not None and int(num_classes) != classes:
-    raise PortError(f'{source}: the checkpoint classifies {classes} classes (cls.4.weight '
-                    f'{shape("cls.4.weight")}) but num_classes={num_classes} was asked; drop '
-                    'num_classes, or port the backbone only (backbone_only=True, CLI '
-                    '--backbone-only) to train new heads')
+    raise PortError(
+      f'{source}: the checkpoint classifies {classes} classes (cls.4.weight '
+      f'{shape("cls.4.weight")}) but num_classes={num_classes} was asked; drop '
+      'num_classes, or port the backbone only (backbone_only=True, CLI '
+      '--backbone-only) to train new heads'
+    )
   branches = _count(state_dict, r'^ppm\.features\.(\d+)\.1\.weight$')
   bins = fields.get('bins', PSPNetConfig.bins)
   if branches != len(bins):
-    raise PortError(f'{source}: {branches} pyramid pooling branches; only the {len(bins)} bins '
-                    f'{bins} of PSPNet are supported')
+    raise PortError(
+      f'{source}: {branches} pyramid pooling branches; only the {len(bins)} bins '
+      f'{bins} of PSPNet are supported'
+    )
   # A branch conv [width, C, 1, 1]: semseg's width is C / len(bins) (ppm_channels 0).
   width, features = shape('ppm.features.0.1.weight')[:2]
-  fields.update(num_classes=classes, head_channels=shape('cls.0.weight')[0],
-                ppm_channels=0 if width == features // len(bins) else width)
+  fields.update(
+    num_classes=classes,
+    head_channels=shape('cls.0.weight')[0],
+    ppm_channels=0 if width == features // len(bins) else width,
+  )
   if with_aux:
     fields['aux_channels'] = shape('aux.0.weight')[0]
   return PSPNetConfig(**fields)
@@ -70,8 +87,10 @@ def _mobilenet_v2_fields(shape, layout: Layout, source: str) -> dict:
   """mmseg's MobileNetV2 at widen factor 1.0 (the only width built): a 32-channel stem."""
   stem = shape('conv1.conv.weight')
   if stem[0] != STEM_CHANNELS:
-    raise PortError(f'{source}: MobileNetV2 stem conv1.conv.weight {stem} has {stem[0]} '
-                    f'channels; only widen factor 1.0 ({STEM_CHANNELS} channels) is supported')
+    raise PortError(
+      f'{source}: MobileNetV2 stem conv1.conv.weight {stem} has {stem[0]} '
+      f'channels; only widen factor 1.0 ({STEM_CHANNELS} channels) is supported'
+    )
   return dict(layout.config)
 
 
@@ -81,11 +100,14 @@ def _resnet_fields(state_dict, shape, layout: Layout, source: str) -> dict:
   depth = next((d for d, (kd, c) in BLOCKS.items() if (kd, c) == (kind, counts)), None)
   if depth is None:
     known = ', '.join(f'{d}: {c}' for d, (_, c) in BLOCKS.items())
-    raise PortError(f'{source}: layer1..layer4 hold {counts} {kind} blocks, which is no '
-                    f'ResNet depth this model builds ({known}); is a block missing?')
+    raise PortError(
+      f'{source}: layer1..layer4 hold {counts} {kind} blocks, which is no '
+      f'ResNet depth this model builds ({known}); is a block missing?'
+    )
   base_width = shape('layer1.0.conv1.weight')[0]
-  return dict(layout.config, depth=depth, base_width=base_width,
-              stem=_stem(shape, base_width, source))
+  return dict(
+    layout.config, depth=depth, base_width=base_width, stem=_stem(shape, base_width, source)
+  )
 
 
 def _stem(shape, base_width: int, source: str) -> str:
@@ -98,9 +120,11 @@ def _stem(shape, base_width: int, source: str) -> str:
     return 'deep'
   if out == base_width:
     return 'deep32'
-  raise PortError(f'{source}: stem output {out} channels fits neither the deep stem '
-                  f'({2 * base_width}) nor the deep32 stem ({base_width}) for layer1 width '
-                  f'{base_width}')
+  raise PortError(
+    f'{source}: stem output {out} channels fits neither the deep stem '
+    f'({2 * base_width}) nor the deep32 stem ({base_width}) for layer1 width '
+    f'{base_width}'
+  )
 
 
 def _count(state_dict, pattern: str) -> int:

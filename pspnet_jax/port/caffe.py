@@ -58,25 +58,65 @@ CAFFE_STD = (1.0, 1.0, 1.0)
 BN_EPS = 1e-5  # pspnet_jax.models.layers.BatchNorm's, and bn_param's default
 
 LAYOUT = Layout(
-    name='caffe',
-    description='the authors\' Caffe PSPNet (hszhao/PSPNet *.caffemodel)',
-    renames=(), drops=(),
-    config={'contract_dilation': False, 'align_corners': True, 'stride_in_1x1': True,
-            'ceil_mode': True, 'mean': CAFFE_MEAN, 'std': CAFFE_STD},
-    backbone_only=False,
-    recognise=lambda state_dict: None,  # recognised by file, not by keys (convert.py)
+  name='caffe',
+  description="the authors' Caffe PSPNet (hszhao/PSPNet *.caffemodel)",
+  renames=(),
+  drops=(),
+  config={
+    'contract_dilation': False,
+    'align_corners': True,
+    'stride_in_1x1': True,
+    'ceil_mode': True,
+    'mean': CAFFE_MEAN,
+    'std': CAFFE_STD,
+  },
+  backbone_only=False,
+  recognise=lambda state_dict: None,  # recognised by file, not by keys (convert.py)
 )
 
 # Layers a path goes through that keep the shape (BN is matched to its conv by position).
 _THROUGH = ('BN', 'ReLU', 'Dropout')
-_COMPUTE = {'Convolution', 'BN', 'ReLU', 'Pooling', 'Eltwise', 'Concat', 'Interp', 'Dropout', 'Split'}
+_COMPUTE = {
+  'Convolution',
+  'BN',
+  'ReLU',
+  'Pooling',
+  'Eltwise',
+  'Concat',
+  'Interp',
+  'Dropout',
+  'Split',
+}
 # Caffe layer types a training net holds beside the network itself: they carry no weights and
 # are dropped when they are off the path to the classifier.
-_DATA = {'Input', 'Data', 'ImageData', 'ImageSegData', 'DummyData', 'HDF5Data', 'MemoryData',
-         'WindowData', 'MatRead'}
-_LOSS = {'SoftmaxWithLoss', 'Softmax', 'Accuracy', 'SegAccuracy', 'ArgMax', 'Silence',
-         'EuclideanLoss', 'HingeLoss', 'InfogainLoss', 'MultinomialLogisticLoss',
-         'SigmoidCrossEntropyLoss', 'ContrastiveLoss', 'HDF5Output', 'MatWrite', 'UniqueLabel'}
+_DATA = {
+  'Input',
+  'Data',
+  'ImageData',
+  'ImageSegData',
+  'DummyData',
+  'HDF5Data',
+  'MemoryData',
+  'WindowData',
+  'MatRead',
+}
+_LOSS = {
+  'SoftmaxWithLoss',
+  'Softmax',
+  'Accuracy',
+  'SegAccuracy',
+  'ArgMax',
+  'Silence',
+  'EuclideanLoss',
+  'HingeLoss',
+  'InfogainLoss',
+  'MultinomialLogisticLoss',
+  'SigmoidCrossEntropyLoss',
+  'ContrastiveLoss',
+  'HDF5Output',
+  'MatWrite',
+  'UniqueLabel',
+}
 TRAINING_ONLY = 'training-only layers, off the path to the classifier (not in the deploy net)'
 DATA_LAYERS = 'data layers (the model takes the image as its input)'
 
@@ -84,13 +124,14 @@ DATA_LAYERS = 'data layers (the model takes the image as its input)'
 @dataclasses.dataclass
 class CaffeNet:
   """What the file says, in pspnet_jax's terms."""
-  canonical: dict[str, np.ndarray]    # semseg-layout state dict (aux absent)
-  file_keys: dict[str, str]           # canonical key -> 'layer name (blob i)'
-  config: dict[str, Any]              # PSPNetConfig fields the file fixes
-  dropped: dict[str, list[str]]       # reason -> layer names
-  notes: list[str]                    # for the port report
-  used: set[str]                      # names of the layers the model computes
-  feature_size: int                   # N: the pyramid's windows are sized for N x N
+
+  canonical: dict[str, np.ndarray]  # semseg-layout state dict (aux absent)
+  file_keys: dict[str, str]  # canonical key -> 'layer name (blob i)'
+  config: dict[str, Any]  # PSPNetConfig fields the file fixes
+  dropped: dict[str, list[str]]  # reason -> layer names
+  notes: list[str]  # for the port report
+  used: set[str]  # names of the layers the model computes
+  feature_size: int  # N: the pyramid's windows are sized for N x N
 
 
 class _Graph:
@@ -109,8 +150,10 @@ class _Graph:
       deps = []
       for bottom in layer.bottoms:
         if bottom not in producer:
-          raise PortError(f'{self.source}: layer {layer.name!r} reads blob {bottom!r}, which no '
-                          'earlier layer writes; the file is damaged or not a Caffe net')
+          raise PortError(
+            f'{self.source}: layer {layer.name!r} reads blob {bottom!r}, which no '
+            'earlier layer writes; the file is damaged or not a Caffe net'
+          )
         deps.append(producer[bottom])
       self.inputs.append(deps)
       for top in layer.tops:
@@ -128,8 +171,11 @@ class _Graph:
     """Back from a producer through Splits and shape-keeping layers: (the first other
     layer, the kinds passed through in forward order, their indices)."""
     kinds, through = [], []
-    while dep is not None and self.layers[dep].type in ('Split',) + _THROUGH \
-        and len(self.inputs[dep]) == 1:
+    while (
+      dep is not None
+      and self.layers[dep].type in ('Split',) + _THROUGH
+      and len(self.inputs[dep]) == 1
+    ):
       if self.layers[dep].type != 'Split':
         kinds.append(self.layers[dep].type)
         through.append(dep)
@@ -138,8 +184,10 @@ class _Graph:
 
   def input_of(self, i: int) -> tuple[int | None, tuple[str, ...], list[int]]:
     if len(self.inputs[i]) != 1:
-      raise PortError(f'{self.source}: layer {self.layers[i].name!r} ({self.layers[i].type}) '
-                      f'reads {len(self.inputs[i])} blobs, expected 1')
+      raise PortError(
+        f'{self.source}: layer {self.layers[i].name!r} ({self.layers[i].type}) '
+        f'reads {len(self.inputs[i])} blobs, expected 1'
+      )
     return self.trace(self.inputs[i][0])
 
   def readers(self, i: int) -> list[int]:
@@ -185,36 +233,58 @@ class _Reader:
 
   # ---- layers ---------------------------------------------------------------------------
 
-  def conv(self, i: int, prefix: str, *, kernel: int, in_ch: int, bias: bool = False,
-           stride: int | None = None, dilation: int | None = None) -> dict:
+  def conv(
+    self,
+    i: int,
+    prefix: str,
+    *,
+    kernel: int,
+    in_ch: int,
+    bias: bool = False,
+    stride: int | None = None,
+    dilation: int | None = None,
+  ) -> dict:
     """Checks a Convolution, stores its blobs under ``prefix``; returns its geometry."""
     layer = self.g.layers[i]
     if layer.type != 'Convolution':
       self.fail(i, f'is a {layer.type} layer where PSPNet has a convolution')
     p = lambda f: layer.param('convolution_param', f)
     geo = {
-        'kernel': _one(p('kernel_size'), p('kernel_h'), p('kernel_w'), None, self, i, 'kernel_size'),
-        'stride': _one(p('stride'), p('stride_h'), p('stride_w'), 1, self, i, 'stride'),
-        'pad': _one(p('pad'), p('pad_h'), p('pad_w'), 0, self, i, 'pad'),
-        'dilation': _one(p('dilation'), 0, 0, 1, self, i, 'dilation'),
-        'out': int(p('num_output')), 'bias': bool(p('bias_term'))}
+      'kernel': _one(p('kernel_size'), p('kernel_h'), p('kernel_w'), None, self, i, 'kernel_size'),
+      'stride': _one(p('stride'), p('stride_h'), p('stride_w'), 1, self, i, 'stride'),
+      'pad': _one(p('pad'), p('pad_h'), p('pad_w'), 0, self, i, 'pad'),
+      'dilation': _one(p('dilation'), 0, 0, 1, self, i, 'dilation'),
+      'out': int(p('num_output')),
+      'bias': bool(p('bias_term')),
+    }
     if p('group') != 1 or p('axis') != 1:
-      self.fail(i, f'group {p("group")}, axis {p("axis")}: PSPNet\'s convolutions are group 1 over axis 1')
+      self.fail(
+        i, f"group {p('group')}, axis {p('axis')}: PSPNet's convolutions are group 1 over axis 1"
+      )
     want = {'kernel': kernel, 'bias': bias, 'stride': stride, 'dilation': dilation}
     for key, value in want.items():
       if value is not None and geo[key] != value:
         self.fail(i, f'{key} {geo[key]} where PSPNet has {value}')
     if geo['pad'] != geo['dilation'] * (kernel - 1) // 2:
-      self.fail(i, f'pad {geo["pad"]} with kernel {kernel} and dilation {geo["dilation"]}: '
-                   f'PSPNet pads {geo["dilation"] * (kernel - 1) // 2} (the output keeps its size)')
+      self.fail(
+        i,
+        f'pad {geo["pad"]} with kernel {kernel} and dilation {geo["dilation"]}: '
+        f'PSPNet pads {geo["dilation"] * (kernel - 1) // 2} (the output keeps its size)',
+      )
     n = 2 if geo['bias'] else 1
     if len(layer.blobs) != n:
-      self.fail(i, f'holds {len(layer.blobs)} blobs; a convolution with bias_term '
-                   f'{str(geo["bias"]).lower()} holds {n} (weights{", bias" if n == 2 else ""})')
+      self.fail(
+        i,
+        f'holds {len(layer.blobs)} blobs; a convolution with bias_term '
+        f'{str(geo["bias"]).lower()} holds {n} (weights{", bias" if n == 2 else ""})',
+      )
     shape = (geo['out'], in_ch, kernel, kernel)
     if layer.blobs[0].shape != shape:
-      self.fail(i, f'blob 0 (weights) has shape {layer.blobs[0].shape}; its convolution_param '
-                   f'and its input ({in_ch} channels) give {shape}')
+      self.fail(
+        i,
+        f'blob 0 (weights) has shape {layer.blobs[0].shape}; its convolution_param '
+        f'and its input ({in_ch} channels) give {shape}',
+      )
     if n == 2 and layer.blobs[1].shape not in ((geo['out'],), (1, 1, 1, geo['out'])):
       self.fail(i, f'blob 1 (bias) has shape {layer.blobs[1].shape}, expected ({geo["out"]},)')
     self.put(i, prefix + '.weight', layer.blobs[0], 0)
@@ -227,16 +297,20 @@ class _Reader:
   def bn(self, i: int, prefix: str, channels: int):
     layer = self.g.layers[i]
     if len(layer.blobs) != 4:
-      self.fail(i, f'holds {len(layer.blobs)} blobs; the BN layer holds 4 (slope, bias, mean, '
-                   'variance)')
+      self.fail(
+        i, f'holds {len(layer.blobs)} blobs; the BN layer holds 4 (slope, bias, mean, variance)'
+      )
     eps = layer.param('bn_param', 'eps')
     if np.float32(eps) != np.float32(BN_EPS):
-      self.fail(i, f'eps {eps}; pspnet_jax\'s BatchNorm uses {BN_EPS}')
+      self.fail(i, f"eps {eps}; pspnet_jax's BatchNorm uses {BN_EPS}")
     names = ('weight', 'bias', 'running_mean', 'running_var')
     for k, (blob, name) in enumerate(zip(layer.blobs, names)):
       if blob.shape not in ((1, channels, 1, 1), (channels,)):
-        self.fail(i, f'blob {k} ({("slope", "bias", "mean", "variance")[k]}) has shape '
-                     f'{blob.shape}; the convolution before it gives (1, {channels}, 1, 1)')
+        self.fail(
+          i,
+          f'blob {k} ({("slope", "bias", "mean", "variance")[k]}) has shape '
+          f'{blob.shape}; the convolution before it gives (1, {channels}, 1, 1)',
+        )
       self.put(i, f'{prefix}.{name}', blob.reshape(-1), k)
     self.used.add(i)
 
@@ -247,7 +321,7 @@ class _Reader:
   def relu(self, i: int):
     slope = self.g.layers[i].param('relu_param', 'negative_slope')
     if slope != 0:
-      self.fail(i, f'a leaky ReLU (negative_slope {slope}); PSPNet\'s are plain')
+      self.fail(i, f"a leaky ReLU (negative_slope {slope}); PSPNet's are plain")
     self.used.add(i)
 
   def conv_bn(self, i: int, prefix: str, bn_prefix: str, **kw) -> dict:
@@ -255,8 +329,10 @@ class _Reader:
     geo = self.conv(i, prefix, **kw)
     bns = [j for j in self.g.consumers[i] if self.g.layers[j].type == 'BN']
     if len(bns) != 1 or len(self.g.consumers[i]) != 1:
-      self.fail(i, 'is not followed by one BN layer (PSPNet normalises every convolution but '
-                   'the classifier)')
+      self.fail(
+        i,
+        'is not followed by one BN layer (PSPNet normalises every convolution but the classifier)',
+      )
     self.bn(bns[0], bn_prefix, geo['out'])
     return geo
 
@@ -265,8 +341,10 @@ class _Reader:
     if got != source or _kinds(got_kinds) != kinds:
       path = ' -> '.join(got_kinds) or 'directly'
       want = ' -> '.join(kinds) or 'directly'
-      self.fail(i, f'reads {self.g.name(got)} ({path}); PSPNet\'s {what} reads '
-                   f'{self.g.name(source)} ({want})')
+      self.fail(
+        i,
+        f"reads {self.g.name(got)} ({path}); PSPNet's {what} reads {self.g.name(source)} ({want})",
+      )
     for j in through:
       if self.g.layers[j].type == 'ReLU':
         self.relu(j)
@@ -279,8 +357,11 @@ class _Reader:
     g = self.g
     for i, layer in enumerate(g.layers):
       if layer.type not in _COMPUTE | _DATA | _LOSS:
-        self.fail(i, f'unknown layer type {layer.type!r} (the PSPNet port knows '
-                     f'{", ".join(sorted(_COMPUTE))} and data and loss layers)')
+        self.fail(
+          i,
+          f'unknown layer type {layer.type!r} (the PSPNet port knows '
+          f'{", ".join(sorted(_COMPUTE))} and data and loss layers)',
+        )
       if layer.blobs and layer.type not in ('Convolution', 'BN'):
         self.fail(i, f'holds {len(layer.blobs)} blobs; a {layer.type} layer has none')
     stem_end = self.stem()
@@ -289,10 +370,15 @@ class _Reader:
     trunk = blocks[-1]['sum']
     bins, size, order, concat = self.pyramid(trunk, blocks[-1]['out'])
     head = self.head(concat, blocks[-1]['out'], bins, order)
-    fits = [(os, c) for os in (8, 16, 32) for c in (False, True) if stage_geometry(os, c) == geometry]
+    fits = [
+      (os, c) for os in (8, 16, 32) for c in (False, True) if stage_geometry(os, c) == geometry
+    ]
     if not fits:
-      self.fail(None, f'the stages\' (stride, first dilation, dilation) are {geometry}, which '
-                      'is no dilated ResNet with output stride 8, 16 or 32')
+      self.fail(
+        None,
+        f"the stages' (stride, first dilation, dilation) are {geometry}, which "
+        'is no dilated ResNet with output stride 8, 16 or 32',
+      )
     out_stride, contract = fits[0]
     self.zoom(head, out_stride)
 
@@ -304,26 +390,41 @@ class _Reader:
       if layer.type in _DATA:
         dropped.setdefault(DATA_LAYERS, []).append(layer.name)
       elif i in classifier_path:
-        self.fail(i, f'{layer.type} layer on the path to the classifier that PSPNet does not '
-                     'compute there; the net differs from the released PSPNet')
+        self.fail(
+          i,
+          f'{layer.type} layer on the path to the classifier that PSPNet does not '
+          'compute there; the net differs from the released PSPNet',
+        )
       else:
         dropped.setdefault(TRAINING_ONLY, []).append(layer.name)
 
-    config = dict(LAYOUT.config, stride_in_1x1=stride_in_1x1, output_stride=out_stride,
-                  contract_dilation=contract, bins=bins, pyramid_fixed_size=size)
+    config = dict(
+      LAYOUT.config,
+      stride_in_1x1=stride_in_1x1,
+      output_stride=out_stride,
+      contract_dilation=contract,
+      bins=bins,
+      pyramid_fixed_size=size,
+    )
     crop = (size - 1) * out_stride + 1
-    notes = [f'input: RGB - {CAFFE_MEAN} (0-255), std 1; Caffe\'s BGR order folded into the '
-             'first convolution (layer0.0)',
-             f'pyramid: fixed AVE windows for {size}x{size} features (a {crop}x{crop} input), '
-             f'bins {bins}; the Concat order [{", ".join(order)}] reordered']
+    notes = [
+      f"input: RGB - {CAFFE_MEAN} (0-255), std 1; Caffe's BGR order folded into the "
+      'first convolution (layer0.0)',
+      f'pyramid: fixed AVE windows for {size}x{size} features (a {crop}x{crop} input), '
+      f'bins {bins}; the Concat order [{", ".join(order)}] reordered',
+    ]
     names = {g.layers[i].name for i in self.used}
     return CaffeNet(self.canonical, self.file_keys, config, dropped, notes, names, size)
 
   def stem(self):
     """Three 3x3 convs (+ BN, ReLU) from the input, then a 3x3/2 max pool (+1 padding)."""
     g = self.g
-    firsts = [i for i, l in enumerate(g.layers) if l.type == 'Convolution'
-              and all(d is None or g.layers[d].type in _DATA for d in g.inputs[i])]
+    firsts = [
+      i
+      for i, l in enumerate(g.layers)
+      if l.type == 'Convolution'
+      and all(d is None or g.layers[d].type in _DATA for d in g.inputs[i])
+    ]
     if len(firsts) != 1:
       names = [g.layers[i].name for i in firsts]
       self.fail(None, f'expected one convolution reading the input image, found {names or "none"}')
@@ -332,17 +433,29 @@ class _Reader:
       i = firsts[0] if k == 0 else self.single_reader(prev, 'Convolution', 'the stem')
       if k:
         self.expect_input(i, prev, ('BN', 'ReLU'), f'stem conv {k + 1}')
-      geo = self.conv_bn(i, f'layer0.{3 * k}', f'layer0.{3 * k + 1}', kernel=3, in_ch=in_ch,
-                         stride=2 if k == 0 else 1, dilation=1)
+      geo = self.conv_bn(
+        i,
+        f'layer0.{3 * k}',
+        f'layer0.{3 * k + 1}',
+        kernel=3,
+        in_ch=in_ch,
+        stride=2 if k == 0 else 1,
+        dilation=1,
+      )
       prev, in_ch = i, geo['out']
     # The first conv sees BGR: reversing its input channels makes it take RGB.
-    self.canonical['layer0.0.weight'] = np.ascontiguousarray(self.canonical['layer0.0.weight'][:, ::-1])
+    self.canonical['layer0.0.weight'] = np.ascontiguousarray(
+      self.canonical['layer0.0.weight'][:, ::-1]
+    )
     pool = self.single_reader(prev, 'Pooling', 'the stem')
     self.expect_input(pool, prev, ('BN', 'ReLU'), 'stem max pool')
     got = _pooling(g.layers[pool])
     if got != ('MAX', 3, 2, 1):
-      self.fail(pool, f'(method, kernel, stride, pad) {got}; PSPNet\'s stem pools MAX 3x3 with '
-                      'stride 2 and padding 1')
+      self.fail(
+        pool,
+        f"(method, kernel, stride, pad) {got}; PSPNet's stem pools MAX 3x3 with "
+        'stride 2 and padding 1',
+      )
     self.used.add(pool)
     self.channels[pool] = in_ch
     return pool
@@ -369,7 +482,7 @@ class _Reader:
       if len(relu) != 1:
         self.fail(x, 'the sum of a residual block is not followed by one ReLU')
     if not blocks:
-      self.fail(start, 'no residual block reads the stem\'s output')
+      self.fail(start, "no residual block reads the stem's output")
     return blocks
 
   def block(self, e: int, x: int, x_kinds, x_ch: int) -> dict | None:
@@ -384,8 +497,12 @@ class _Reader:
         continue
       if (s, _kinds(kinds)) == (x, x_kinds):
         shortcut, residual = None, t
-      elif (s is not None and g.layers[s].type == 'Convolution' and _kinds(kinds) == ('BN',)
-            and g.trace(g.inputs[s][0])[:2] == (x, x_kinds)):
+      elif (
+        s is not None
+        and g.layers[s].type == 'Convolution'
+        and _kinds(kinds) == ('BN',)
+        and g.trace(g.inputs[s][0])[:2] == (x, x_kinds)
+      ):
         shortcut, residual = s, t
       else:
         continue
@@ -404,8 +521,15 @@ class _Reader:
     coeff = g.layers[e].param('eltwise_param', 'coeff')
     if op != 'SUM' or any(c != 1 for c in coeff):
       self.fail(e, f'Eltwise {op} with coefficients {coeff}; a residual block adds (SUM)')
-    return {'sum': e, 'chain': chain, 'proj': shortcut, 'in': x, 'in_kinds': x_kinds,
-            'in_ch': x_ch, 'out': g.layers[chain[2]].param('convolution_param', 'num_output')}
+    return {
+      'sum': e,
+      'chain': chain,
+      'proj': shortcut,
+      'in': x,
+      'in_kinds': x_kinds,
+      'in_ch': x_ch,
+      'out': g.layers[chain[2]].param('convolution_param', 'num_output'),
+    }
 
   def stages(self, blocks: list[dict]):
     """Groups blocks into stages (a projection starts one) and stores their tensors."""
@@ -417,9 +541,12 @@ class _Reader:
     if len(stages) != 4:
       end = blocks[-1]['sum']
       readers = ', '.join(repr(self.g.layers[j].name) for j in self.g.readers(end)) or 'none'
-      self.fail(end, f'the residual blocks end here after {len(stages)} stages (a stage starts at '
-                     f'a projection shortcut), a ResNet has 4; is a layer missing? (it is read by '
-                     f'{readers})')
+      self.fail(
+        end,
+        f'the residual blocks end here after {len(stages)} stages (a stage starts at '
+        f'a projection shortcut), a ResNet has 4; is a layer missing? (it is read by '
+        f'{readers})',
+      )
     geometry, stride_in_1x1 = [], None
     for k, stage in enumerate(stages, start=1):
       dilations = []
@@ -429,14 +556,18 @@ class _Reader:
         p = f'layer{k}.{i}'
         g1 = self.conv_bn(c1, f'{p}.conv1', f'{p}.bn1', kernel=1, in_ch=b['in_ch'], dilation=1)
         g2 = self.conv_bn(c2, f'{p}.conv2', f'{p}.bn2', kernel=3, in_ch=g1['out'])
-        g3 = self.conv_bn(c3, f'{p}.conv3', f'{p}.bn3', kernel=1, in_ch=g2['out'], stride=1,
-                          dilation=1)
+        g3 = self.conv_bn(
+          c3, f'{p}.conv3', f'{p}.bn3', kernel=1, in_ch=g2['out'], stride=1, dilation=1
+        )
         self.expect_input(c1, b['in'], b['in_kinds'], 'bottleneck first 1x1')
         self.expect_input(c2, c1, ('BN', 'ReLU'), 'bottleneck 3x3')
         self.expect_input(c3, c2, ('BN', 'ReLU'), 'bottleneck last 1x1')
         if g3['out'] != 4 * g1['out']:
-          self.fail(c3, f'{g3["out"]} outputs for a bottleneck of width {g1["out"]}; a ResNet '
-                        f'bottleneck expands 4x ({4 * g1["out"]})')
+          self.fail(
+            c3,
+            f'{g3["out"]} outputs for a bottleneck of width {g1["out"]}; a ResNet '
+            f'bottleneck expands 4x ({4 * g1["out"]})',
+          )
         if i == 0:
           stride = max(g1['stride'], g2['stride'])
           if min(g1['stride'], g2['stride']) != 1:
@@ -444,12 +575,21 @@ class _Reader:
           if stride > 1:
             in_1x1 = g1['stride'] > 1
             if stride_in_1x1 not in (None, in_1x1):
-              self.fail(c1, 'the stride sits on the 1x1 conv in one stage and on the 3x3 in another')
+              self.fail(
+                c1, 'the stride sits on the 1x1 conv in one stage and on the 3x3 in another'
+              )
             stride_in_1x1 = in_1x1
           if b['proj'] is None:
             self.fail(b['sum'], 'the first block of a stage has no projection shortcut')
-          self.conv_bn(b['proj'], f'{p}.downsample.0', f'{p}.downsample.1', kernel=1,
-                       in_ch=b['in_ch'], stride=stride, dilation=1)
+          self.conv_bn(
+            b['proj'],
+            f'{p}.downsample.0',
+            f'{p}.downsample.1',
+            kernel=1,
+            in_ch=b['in_ch'],
+            stride=stride,
+            dilation=1,
+          )
           self.expect_input(b['proj'], b['in'], b['in_kinds'], 'projection shortcut')
         else:
           for geo, j in ((g1, c1), (g2, c2)):
@@ -463,27 +603,38 @@ class _Reader:
       usual = collections.Counter(dilations).most_common(1)[0][0]
       odd = next(((b, d) for b, d in zip(stage[1:], dilations[1:]) if d != usual), None)
       if odd is not None:
-        self.fail(odd[0]['chain'][1], f'dilation {odd[1]} where the stage\'s other blocks have {usual}')
+        self.fail(
+          odd[0]['chain'][1], f"dilation {odd[1]} where the stage's other blocks have {usual}"
+        )
       geometry.append((stride, dilations[0], dilations[-1]))
     return tuple(geometry), bool(stride_in_1x1)
 
   def pyramid(self, trunk: int, channels: int):
     """The AVE pools of the last block's output, their branches and the Concat."""
     g = self.g
-    pools = [j for j in g.readers(trunk) if g.layers[j].type == 'Pooling'
-             and _kinds(g.input_of(j)[1]) == ('ReLU',)]
+    pools = [
+      j
+      for j in g.readers(trunk)
+      if g.layers[j].type == 'Pooling' and _kinds(g.input_of(j)[1]) == ('ReLU',)
+    ]
     if not pools:
       readers = ', '.join(repr(g.layers[j].name) for j in g.readers(trunk)) or 'none'
-      self.fail(trunk, f'the residual blocks end here, and no pyramid pooling reads it (its '
-                       f'readers: {readers}); is a layer missing?')
+      self.fail(
+        trunk,
+        f'the residual blocks end here, and no pyramid pooling reads it (its '
+        f'readers: {readers}); is a layer missing?',
+      )
     branches, size = {}, None
     concat = None
     for j in pools:
       got = _pooling(g.layers[j])
       method, k, stride, pad = got
       if (method, stride, pad) != ('AVE', k, 0):
-        self.fail(j, f'(method, kernel, stride, pad) {got}; PSPNet\'s pyramid pools AVE with '
-                     'stride = kernel and no padding')
+        self.fail(
+          j,
+          f"(method, kernel, stride, pad) {got}; PSPNet's pyramid pools AVE with "
+          'stride = kernel and no padding',
+        )
       self.used.add(j)
       conv = self.single_reader(j, 'Convolution', 'a pyramid branch')
       self.expect_input(conv, j, (), 'pyramid branch conv')
@@ -491,10 +642,17 @@ class _Reader:
       self.expect_input(interp, conv, ('BN', 'ReLU'), 'pyramid branch resize')
       il = g.layers[interp]
       n = il.param('interp_param', 'height')
-      extra = [f for f in ('zoom_factor', 'shrink_factor', 'pad_beg', 'pad_end') if il.has('interp_param', f)]
+      extra = [
+        f
+        for f in ('zoom_factor', 'shrink_factor', 'pad_beg', 'pad_end')
+        if il.has('interp_param', f)
+      ]
       if not il.has('interp_param', 'height') or il.param('interp_param', 'width') != n or extra:
-        self.fail(interp, 'resizes by other means than a fixed height = width; PSPNet\'s pyramid '
-                          'resizes each branch to the features\' size')
+        self.fail(
+          interp,
+          "resizes by other means than a fixed height = width; PSPNet's pyramid "
+          "resizes each branch to the features' size",
+        )
       if n % k:
         self.fail(j, f'kernel {k} does not divide the {n}x{n} features its branch is resized to')
       if size not in (None, n):
@@ -515,18 +673,31 @@ class _Reader:
     reduction = None
     for index, b in enumerate(bins):
       _, conv, _ = branches[b]
-      geo = self.conv_bn(conv, f'ppm.features.{index}.1', f'ppm.features.{index}.2', kernel=1,
-                         in_ch=channels, stride=1, dilation=1)
+      geo = self.conv_bn(
+        conv,
+        f'ppm.features.{index}.1',
+        f'ppm.features.{index}.2',
+        kernel=1,
+        in_ch=channels,
+        stride=1,
+        dilation=1,
+      )
       if reduction not in (None, geo['out']):
         self.fail(conv, f'{geo["out"]} outputs; another pyramid branch has {reduction}')
       reduction = geo['out']
     if reduction * len(bins) != channels:
-      self.fail(branches[bins[0]][1], f'{reduction} outputs per branch for {len(bins)} branches of '
-                                      f'{channels} features; PSPNet\'s branches have '
-                                      f'{channels // len(bins)} ({channels} / {len(bins)})')
+      self.fail(
+        branches[bins[0]][1],
+        f'{reduction} outputs per branch for {len(bins)} branches of '
+        f"{channels} features; PSPNet's branches have "
+        f'{channels // len(bins)} ({channels} / {len(bins)})',
+      )
     cl = g.layers[concat]
-    axis = cl.param('concat_param', 'axis') if cl.has('concat_param', 'axis') else \
-        cl.param('concat_param', 'concat_dim')
+    axis = (
+      cl.param('concat_param', 'axis')
+      if cl.has('concat_param', 'axis')
+      else cl.param('concat_param', 'concat_dim')
+    )
     if axis != 1:
       self.fail(concat, f'concatenates along axis {axis}; PSPNet along channels (1)')
     order = []
@@ -537,7 +708,9 @@ class _Reader:
       else:
         b = next((b for b, (_, _, interp) in branches.items() if (s, kinds) == (interp, ())), None)
         if b is None:
-          self.fail(concat, f'joins {g.name(s)}, which is neither the features nor a pyramid branch')
+          self.fail(
+            concat, f'joins {g.name(s)}, which is neither the features nor a pyramid branch'
+          )
         order.append(f'bin {b}')
     if sorted(order) != sorted(['features'] + [f'bin {b}' for b in bins]):
       self.fail(concat, f'joins {order}; PSPNet joins the features and each branch once')
@@ -557,13 +730,18 @@ class _Reader:
     for name in order:
       offsets[name] = start
       start += width[name]
-    index = np.concatenate([np.arange(offsets[n], offsets[n] + width[n])
-                            for n in ['features'] + [f'bin {b}' for b in bins]])
+    index = np.concatenate(
+      [
+        np.arange(offsets[n], offsets[n] + width[n])
+        for n in ['features'] + [f'bin {b}' for b in bins]
+      ]
+    )
     self.canonical['cls.0.weight'] = np.ascontiguousarray(self.canonical['cls.0.weight'][:, index])
     classifier = self.single_reader(conv, 'Convolution', 'the head')
     self.expect_input(classifier, conv, ('BN', 'ReLU'), 'classifier')
-    self.conv(classifier, 'cls.4', kernel=1, in_ch=self.channels[conv], bias=True, stride=1,
-              dilation=1)
+    self.conv(
+      classifier, 'cls.4', kernel=1, in_ch=self.channels[conv], bias=True, stride=1, dilation=1
+    )
     return classifier
 
   def zoom(self, classifier: int, out_stride: int):
@@ -574,13 +752,19 @@ class _Reader:
       layer = g.layers[j]
       if layer.type != 'Interp' or not layer.has('interp_param', 'zoom_factor'):
         continue
-      others = [f for f in ('height', 'width', 'shrink_factor', 'pad_beg', 'pad_end')
-                if layer.has('interp_param', f)]
+      others = [
+        f
+        for f in ('height', 'width', 'shrink_factor', 'pad_beg', 'pad_end')
+        if layer.has('interp_param', f)
+      ]
       zoom = layer.param('interp_param', 'zoom_factor')
       if others or zoom != out_stride:
-        self.fail(j, f'resizes the logits by zoom_factor {zoom} (and {others or "nothing else"}); '
-                     f'pspnet_jax resizes them to the input size ((h - 1) * {out_stride} + 1 for the '
-                     f'{out_stride}k + 1 inputs the net runs at), which is zoom_factor {out_stride}')
+        self.fail(
+          j,
+          f'resizes the logits by zoom_factor {zoom} (and {others or "nothing else"}); '
+          f'pspnet_jax resizes them to the input size ((h - 1) * {out_stride} + 1 for the '
+          f'{out_stride}k + 1 inputs the net runs at), which is zoom_factor {out_stride}',
+        )
       self.used.add(j)
 
 
@@ -608,7 +792,7 @@ def _one(values, h, w, default, reader, i, what):
       reader.fail(i, f'no {what}')
     return default
   if len(set(values)) != 1:
-    reader.fail(i, f'{what} {values}: PSPNet\'s convolutions are square')
+    reader.fail(i, f"{what} {values}: PSPNet's convolutions are square")
   return int(values[0])
 
 
@@ -643,28 +827,38 @@ def check_prototxt(net: Net, deploy: Net, read: CaffeNet, out_stride: int):
       raise PortError(f'{txt}: layer {layer.name!r} is a {layer.type}, in {src} a {got.type}')
     bottoms = [original.get(b, b) for b in got.bottoms]
     if bottoms != layer.bottoms or got.tops != layer.tops:
-      raise PortError(f'{txt}: layer {layer.name!r} maps {layer.bottoms} -> {layer.tops}; in '
-                      f'{src} {bottoms} -> {got.tops}')
+      raise PortError(
+        f'{txt}: layer {layer.name!r} maps {layer.bottoms} -> {layer.tops}; in '
+        f'{src} {bottoms} -> {got.tops}'
+      )
     for message in set(layer.params) | set(got.params):
       fields = set(layer.params.get(message, {})) | set(got.params.get(message, {}))
-      if message == 'interp_param' and set(layer.params.get(message, {})) != set(got.params.get(message, {})):
-        raise PortError(f'{txt}: layer {layer.name!r} sets interp_param '
-                        f'{sorted(layer.params.get(message, {}))}, {src} {sorted(got.params.get(message, {}))}')
+      if message == 'interp_param' and set(layer.params.get(message, {})) != set(
+        got.params.get(message, {})
+      ):
+        raise PortError(
+          f'{txt}: layer {layer.name!r} sets interp_param '
+          f'{sorted(layer.params.get(message, {}))}, {src} {sorted(got.params.get(message, {}))}'
+        )
       for field in sorted(fields):
         if message == 'bn_param' and field in ('momentum', 'frozen'):
           continue  # training settings
         a, b = layer.param(message, field), got.param(message, field)
         if a != b and not (isinstance(a, float) and np.float32(a) == np.float32(b)):
-          raise PortError(f'{txt}: layer {layer.name!r}: {message}.{field} is {a} here and {b} '
-                          f'in {src}')
+          raise PortError(
+            f'{txt}: layer {layer.name!r}: {message}.{field} is {a} here and {b} in {src}'
+          )
   missing = sorted(read.used - names)
   if missing:
-    raise PortError(f'{txt}: has no layers {missing[:5]} of {src}\'s network; is it the '
-                    'prototxt of this model?')
+    raise PortError(
+      f"{txt}: has no layers {missing[:5]} of {src}'s network; is it the prototxt of this model?"
+    )
   for shape in deploy.input_shapes:
     if len(shape) == 4:
       features = (shape[2] - 1) // out_stride + 1
       if shape[2] != shape[3] or features != read.feature_size:
-        raise PortError(f'{txt}: input {shape[2]}x{shape[3]} gives {features}x{features} '
-                        f'features, but the pyramid is sized for {read.feature_size}x'
-                        f'{read.feature_size}')
+        raise PortError(
+          f'{txt}: input {shape[2]}x{shape[3]} gives {features}x{features} '
+          f'features, but the pyramid is sized for {read.feature_size}x'
+          f'{read.feature_size}'
+        )

@@ -35,85 +35,90 @@ ELTWISE_OPS = ('PROD', 'SUM', 'MAX')
 PHASES = ('TRAIN', 'TEST')
 
 SCHEMA: dict[str, dict[int, _Field]] = {
-    'NetParameter': {
-        1: ('name', 'string', False, ''),
-        2: ('layers', 'V1LayerParameter', True, None),  # the pre-2015 format: refused
-        3: ('input', 'string', True, None),
-        4: ('input_dim', 'int', True, None),
-        8: ('input_shape', 'BlobShape', True, None),
-        100: ('layer', 'LayerParameter', True, None),
-    },
-    'V1LayerParameter': {},
-    'LayerParameter': {
-        1: ('name', 'string', False, ''),
-        2: ('type', 'string', False, ''),
-        3: ('bottom', 'string', True, None),
-        4: ('top', 'string', True, None),
-        7: ('blobs', 'BlobProto', True, None),
-        10: ('phase', PHASES, False, 'TRAIN'),
-        104: ('concat_param', 'ConcatParameter', False, None),
-        106: ('convolution_param', 'ConvolutionParameter', False, None),
-        108: ('dropout_param', 'DropoutParameter', False, None),
-        110: ('eltwise_param', 'EltwiseParameter', False, None),
-        121: ('pooling_param', 'PoolingParameter', False, None),
-        123: ('relu_param', 'ReLUParameter', False, None),
-        143: ('interp_param', 'InterpParameter', False, None),
-        152: ('bn_param', 'BNParameter', False, None),
-    },
-    'BlobShape': {1: ('dim', 'int', True, None)},
-    'BlobProto': {
-        1: ('num', 'int', False, 0),
-        2: ('channels', 'int', False, 0),
-        3: ('height', 'int', False, 0),
-        4: ('width', 'int', False, 0),
-        5: ('data', 'float', True, None),
-        8: ('double_data', 'double', True, None),
-        7: ('shape', 'BlobShape', False, None),
-    },
-    'ConvolutionParameter': {
-        1: ('num_output', 'int', False, 0),
-        2: ('bias_term', 'bool', False, True),
-        3: ('pad', 'int', True, None),
-        4: ('kernel_size', 'int', True, None),
-        5: ('group', 'int', False, 1),
-        6: ('stride', 'int', True, None),
-        9: ('pad_h', 'int', False, 0),
-        10: ('pad_w', 'int', False, 0),
-        11: ('kernel_h', 'int', False, 0),
-        12: ('kernel_w', 'int', False, 0),
-        13: ('stride_h', 'int', False, 0),
-        14: ('stride_w', 'int', False, 0),
-        16: ('axis', 'int', False, 1),
-        18: ('dilation', 'int', True, None),
-    },
-    'PoolingParameter': {
-        1: ('pool', POOL_METHODS, False, 'MAX'),
-        2: ('kernel_size', 'int', False, 0),
-        3: ('stride', 'int', False, 1),
-        4: ('pad', 'int', False, 0),
-        5: ('kernel_h', 'int', False, 0),
-        6: ('kernel_w', 'int', False, 0),
-        7: ('stride_h', 'int', False, 0),
-        8: ('stride_w', 'int', False, 0),
-        9: ('pad_h', 'int', False, 0),
-        10: ('pad_w', 'int', False, 0),
-        12: ('global_pooling', 'bool', False, False),
-    },
-    'InterpParameter': {
-        1: ('height', 'int', False, 0),
-        2: ('width', 'int', False, 0),
-        3: ('zoom_factor', 'int', False, 1),
-        4: ('shrink_factor', 'int', False, 1),
-        5: ('pad_beg', 'int', False, 0),
-        6: ('pad_end', 'int', False, 0),
-    },
-    'ConcatParameter': {1: ('concat_dim', 'int', False, 1), 2: ('axis', 'int', False, 1)},
-    'EltwiseParameter': {1: ('operation', ELTWISE_OPS, False, 'SUM'),
-                         2: ('coeff', 'float', True, None)},
-    'BNParameter': {3: ('momentum', 'float', False, 0.9), 4: ('eps', 'float', False, 1e-5),
-                    5: ('frozen', 'bool', False, False)},
-    'DropoutParameter': {1: ('dropout_ratio', 'float', False, 0.5)},
-    'ReLUParameter': {1: ('negative_slope', 'float', False, 0.0)},
+  'NetParameter': {
+    1: ('name', 'string', False, ''),
+    2: ('layers', 'V1LayerParameter', True, None),  # the pre-2015 format: refused
+    3: ('input', 'string', True, None),
+    4: ('input_dim', 'int', True, None),
+    8: ('input_shape', 'BlobShape', True, None),
+    100: ('layer', 'LayerParameter', True, None),
+  },
+  'V1LayerParameter': {},
+  'LayerParameter': {
+    1: ('name', 'string', False, ''),
+    2: ('type', 'string', False, ''),
+    3: ('bottom', 'string', True, None),
+    4: ('top', 'string', True, None),
+    7: ('blobs', 'BlobProto', True, None),
+    10: ('phase', PHASES, False, 'TRAIN'),
+    104: ('concat_param', 'ConcatParameter', False, None),
+    106: ('convolution_param', 'ConvolutionParameter', False, None),
+    108: ('dropout_param', 'DropoutParameter', False, None),
+    110: ('eltwise_param', 'EltwiseParameter', False, None),
+    121: ('pooling_param', 'PoolingParameter', False, None),
+    123: ('relu_param', 'ReLUParameter', False, None),
+    143: ('interp_param', 'InterpParameter', False, None),
+    152: ('bn_param', 'BNParameter', False, None),
+  },
+  'BlobShape': {1: ('dim', 'int', True, None)},
+  'BlobProto': {
+    1: ('num', 'int', False, 0),
+    2: ('channels', 'int', False, 0),
+    3: ('height', 'int', False, 0),
+    4: ('width', 'int', False, 0),
+    5: ('data', 'float', True, None),
+    8: ('double_data', 'double', True, None),
+    7: ('shape', 'BlobShape', False, None),
+  },
+  'ConvolutionParameter': {
+    1: ('num_output', 'int', False, 0),
+    2: ('bias_term', 'bool', False, True),
+    3: ('pad', 'int', True, None),
+    4: ('kernel_size', 'int', True, None),
+    5: ('group', 'int', False, 1),
+    6: ('stride', 'int', True, None),
+    9: ('pad_h', 'int', False, 0),
+    10: ('pad_w', 'int', False, 0),
+    11: ('kernel_h', 'int', False, 0),
+    12: ('kernel_w', 'int', False, 0),
+    13: ('stride_h', 'int', False, 0),
+    14: ('stride_w', 'int', False, 0),
+    16: ('axis', 'int', False, 1),
+    18: ('dilation', 'int', True, None),
+  },
+  'PoolingParameter': {
+    1: ('pool', POOL_METHODS, False, 'MAX'),
+    2: ('kernel_size', 'int', False, 0),
+    3: ('stride', 'int', False, 1),
+    4: ('pad', 'int', False, 0),
+    5: ('kernel_h', 'int', False, 0),
+    6: ('kernel_w', 'int', False, 0),
+    7: ('stride_h', 'int', False, 0),
+    8: ('stride_w', 'int', False, 0),
+    9: ('pad_h', 'int', False, 0),
+    10: ('pad_w', 'int', False, 0),
+    12: ('global_pooling', 'bool', False, False),
+  },
+  'InterpParameter': {
+    1: ('height', 'int', False, 0),
+    2: ('width', 'int', False, 0),
+    3: ('zoom_factor', 'int', False, 1),
+    4: ('shrink_factor', 'int', False, 1),
+    5: ('pad_beg', 'int', False, 0),
+    6: ('pad_end', 'int', False, 0),
+  },
+  'ConcatParameter': {1: ('concat_dim', 'int', False, 1), 2: ('axis', 'int', False, 1)},
+  'EltwiseParameter': {
+    1: ('operation', ELTWISE_OPS, False, 'SUM'),
+    2: ('coeff', 'float', True, None),
+  },
+  'BNParameter': {
+    3: ('momentum', 'float', False, 0.9),
+    4: ('eps', 'float', False, 1e-5),
+    5: ('frozen', 'bool', False, False),
+  },
+  'DropoutParameter': {1: ('dropout_ratio', 'float', False, 0.5)},
+  'ReLUParameter': {1: ('negative_slope', 'float', False, 0.0)},
 }
 _BY_NAME = {msg: {f[0]: (num, f) for num, f in fields.items()} for msg, fields in SCHEMA.items()}
 _PARAM_MESSAGES = {f[0]: f[1] for f in SCHEMA['LayerParameter'].values() if f[0].endswith('_param')}
@@ -123,6 +128,7 @@ _PARAM_MESSAGES = {f[0]: f[1] for f in SCHEMA['LayerParameter'].values() if f[0]
 class Layer:
   """One ``LayerParameter``: ``params`` maps a ``*_param`` name to the fields present in the
   file (repeated fields as lists); ``blobs`` are float32 arrays of their blob shapes."""
+
   name: str
   type: str
   bottoms: list[str]
@@ -146,13 +152,14 @@ class Layer:
 @dataclasses.dataclass
 class Net:
   name: str
-  inputs: list[str]              # NetParameter.input (net-level inputs, no layer makes them)
-  input_shapes: list[tuple]      # from input_dim / input_shape (a deploy prototxt's)
+  inputs: list[str]  # NetParameter.input (net-level inputs, no layer makes them)
+  input_shapes: list[tuple]  # from input_dim / input_shape (a deploy prototxt's)
   layers: list[Layer]
   source: str
 
 
 # ---- the binary wire format -------------------------------------------------------------
+
 
 class _Truncated(Exception):
   pass
@@ -194,8 +201,9 @@ def _fields(buf, start: int, end: int):
     elif wire == 5:
       value, pos = (pos, pos + 4), pos + 4
     else:
-      raise ValueError(f'protobuf wire type {wire} (field {number}) at byte {pos}, which '
-                       'Caffe files never hold')
+      raise ValueError(
+        f'protobuf wire type {wire} (field {number}) at byte {pos}, which Caffe files never hold'
+      )
     if pos > end or number == 0:
       raise _Truncated(pos)
     yield number, wire, value
@@ -212,7 +220,7 @@ def _scalars(buf, kind, wire: int, value) -> list:
   if kind == 'string':
     if wire != 2:
       raise ValueError(f'a string field with wire type {wire}')
-    return [bytes(buf[value[0]:value[1]]).decode('utf-8', 'replace')]
+    return [bytes(buf[value[0] : value[1]]).decode('utf-8', 'replace')]
   if wire == 0:
     values = [value]
   elif wire == 2:  # packed varints
@@ -258,10 +266,14 @@ def _blob(proto: dict, layer: str, index: int) -> np.ndarray:
   else:  # the legacy 4-D fields
     shape = tuple(int(proto.get(k, 0)) for k in ('num', 'channels', 'height', 'width'))
   parts = proto.get('data') or proto.get('double_data') or []
-  data = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros(0, np.float32)
+  data = (
+    parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros(0, np.float32)
+  )
   if data.size != int(np.prod(shape)):
-    raise PortError(f'layer {layer!r}: blob {index} has shape {shape} ({int(np.prod(shape))} '
-                    f'values) but holds {data.size} values; the file is damaged')
+    raise PortError(
+      f'layer {layer!r}: blob {index} has shape {shape} ({int(np.prod(shape))} '
+      f'values) but holds {data.size} values; the file is damaged'
+    )
   return data.reshape(shape).astype(np.float32, copy=False)
 
 
@@ -269,9 +281,15 @@ def _layer(proto: dict) -> Layer:
   name = proto.get('name', '')
   params = {k: v for k, v in proto.items() if k.endswith('_param')}
   blobs = [_blob(b, name, i) for i, b in enumerate(proto.get('blobs', []))]
-  return Layer(name=name, type=proto.get('type', ''), bottoms=list(proto.get('bottom', [])),
-               tops=list(proto.get('top', [])), params=params, blobs=blobs,
-               phase=proto.get('phase'))
+  return Layer(
+    name=name,
+    type=proto.get('type', ''),
+    bottoms=list(proto.get('bottom', [])),
+    tops=list(proto.get('top', [])),
+    params=params,
+    blobs=blobs,
+    phase=proto.get('phase'),
+  )
 
 
 def read_caffemodel(path: str | os.PathLike) -> Net:
@@ -293,27 +311,33 @@ def read_caffemodel(path: str | os.PathLike) -> Net:
         try:
           layers.append(_layer(_message(buf, value[0], value[1], 'LayerParameter')))
         except (ValueError, _Truncated) as e:
-          raise PortError(f'{path}: layer #{len(layers)} (after {last!r}) is damaged '
-                          f'({_cause(e)}); the file is not a readable .caffemodel') from None
+          raise PortError(
+            f'{path}: layer #{len(layers)} (after {last!r}) is damaged '
+            f'({_cause(e)}); the file is not a readable .caffemodel'
+          ) from None
         last = layers[-1].name
       elif number == 2 and wire == 2:
-        raise PortError(f'{path}: a pre-2015 Caffe file (V1 "layers"); upgrade it with Caffe\'s '
-                        'upgrade_net_proto_binary, or use the released .caffemodel as it is')
+        raise PortError(
+          f'{path}: a pre-2015 Caffe file (V1 "layers"); upgrade it with Caffe\'s '
+          'upgrade_net_proto_binary, or use the released .caffemodel as it is'
+        )
       elif number == 1 and wire == 2:
-        name = bytes(buf[value[0]:value[1]]).decode('utf-8', 'replace')
+        name = bytes(buf[value[0] : value[1]]).decode('utf-8', 'replace')
       elif number == 3 and wire == 2:
-        inputs.append(bytes(buf[value[0]:value[1]]).decode('utf-8', 'replace'))
+        inputs.append(bytes(buf[value[0] : value[1]]).decode('utf-8', 'replace'))
       elif number == 4:
         dims += _scalars(buf, 'int', wire, value)
   except _Truncated as e:
     where = f'the layer after {last!r}' if last else 'its first field'
-    raise PortError(f'{path}: truncated, or not a Caffe .caffemodel: {where} runs past the end '
-                    f'of the file (byte {e.args[0]} of {size})') from None
+    raise PortError(
+      f'{path}: truncated, or not a Caffe .caffemodel: {where} runs past the end '
+      f'of the file (byte {e.args[0]} of {size})'
+    ) from None
   except ValueError as e:
     raise PortError(f'{path}: not a Caffe .caffemodel ({_cause(e)})') from None
   if not layers:
     raise PortError(f'{path}: holds no Caffe layers; not a .caffemodel')
-  shapes = [tuple(dims[i:i + 4]) for i in range(0, len(dims), 4)]
+  shapes = [tuple(dims[i : i + 4]) for i in range(0, len(dims), 4)]
   return Net(name=name, inputs=inputs, input_shapes=shapes, layers=layers, source=path)
 
 
@@ -332,7 +356,9 @@ def looks_like_caffemodel(path: str) -> bool:
 
 # ---- the text format (.prototxt) ----------------------------------------------------------
 
-_TOKEN = re.compile(r'\s+|#[^\n]*|"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|[{}:;,\[\]<>]|[^\s{}:;,\[\]<>"\'#]+')
+_TOKEN = re.compile(
+  r'\s+|#[^\n]*|"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|[{}:;,\[\]<>]|[^\s{}:;,\[\]<>"\'#]+'
+)
 
 
 def _tokens(text: str, path: str):
@@ -391,7 +417,9 @@ def _text_value(token: str, kind, path: str, field: str):
       return kind[int(token)] if token.isdigit() else kind[kind.index(token)]
     return int(token, 0)
   except (ValueError, IndexError):
-    raise PortError(f'{path}: {field}: {token!r} is not a {kind if isinstance(kind, str) else "value of " + "/".join(kind)}') from None
+    raise PortError(
+      f'{path}: {field}: {token!r} is not a {kind if isinstance(kind, str) else "value of " + "/".join(kind)}'
+    ) from None
 
 
 def _text_message(tree: dict, name: str, path: str) -> dict:
@@ -401,18 +429,22 @@ def _text_message(tree: dict, name: str, path: str) -> dict:
       continue  # fillers, lr_mult and every other field PSPNet's port does not read
     _, (_, kind, repeated, _) = _BY_NAME[name][fname]
     if isinstance(kind, str) and kind in SCHEMA:
-      parsed = [_text_message(v, kind, path) if isinstance(v, dict) else
-                _bad(path, fname) for v in values]
+      parsed = [
+        _text_message(v, kind, path) if isinstance(v, dict) else _bad(path, fname) for v in values
+      ]
     else:
-      parsed = [_text_value(v, kind, path, f'{name}.{fname}') if isinstance(v, str) else
-                _bad(path, fname) for v in values]
+      parsed = [
+        _text_value(v, kind, path, f'{name}.{fname}') if isinstance(v, str) else _bad(path, fname)
+        for v in values
+      ]
     out[fname] = parsed if repeated else parsed[-1]
   return out
 
 
 def _bad(path, field):
-  raise PortError(f'{path}: field {field} has the wrong form (a value where a message is due, '
-                  'or the reverse)')
+  raise PortError(
+    f'{path}: field {field} has the wrong form (a value where a message is due, or the reverse)'
+  )
 
 
 def read_prototxt(path: str | os.PathLike) -> Net:
@@ -425,14 +457,21 @@ def read_prototxt(path: str | os.PathLike) -> Net:
     raise PortError(f'{path}: cannot read the prototxt ({e})') from None
   tree, _ = _parse_text(list(_tokens(text, path)), 0, None, path)
   if 'layers' in tree:
-    raise PortError(f'{path}: a pre-2015 Caffe prototxt (V1 "layers"); upgrade it with Caffe\'s '
-                    'upgrade_net_proto_text')
+    raise PortError(
+      f'{path}: a pre-2015 Caffe prototxt (V1 "layers"); upgrade it with Caffe\'s '
+      'upgrade_net_proto_text'
+    )
   net = _text_message(tree, 'NetParameter', path)
   layers = [_layer(p) for p in net.get('layer', [])]
   if not layers:
     raise PortError(f'{path}: holds no layers; not a Caffe prototxt')
   dims = net.get('input_dim', [])
-  shapes = [tuple(dims[i:i + 4]) for i in range(0, len(dims), 4)]
+  shapes = [tuple(dims[i : i + 4]) for i in range(0, len(dims), 4)]
   shapes += [tuple(s.get('dim', [])) for s in net.get('input_shape', [])]
-  return Net(name=net.get('name', ''), inputs=net.get('input', []), input_shapes=shapes,
-             layers=layers, source=path)
+  return Net(
+    name=net.get('name', ''),
+    inputs=net.get('input', []),
+    input_shapes=shapes,
+    layers=layers,
+    source=path,
+  )

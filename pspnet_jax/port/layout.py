@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -37,6 +37,7 @@ class Layout:
     contraction, resize convention); depth, stem, widths and classes come from shapes.
   recognise: state dict -> the key that identifies this layout, or None.
   """
+
   name: str
   description: str
   renames: tuple[tuple[str, str], ...]
@@ -60,8 +61,10 @@ class Layout:
         dropped.setdefault(why, []).append(key)
         continue
       if new in canonical:
-        raise PortError(f'{source}: keys {file_keys[new]!r} and {key!r} both map to {new!r} '
-                        f'in the {self.name} layout; is this file really {self.name}?')
+        raise PortError(
+          f'{source}: keys {file_keys[new]!r} and {key!r} both map to {new!r} '
+          f'in the {self.name} layout; is this file really {self.name}?'
+        )
       canonical[new], file_keys[new] = value, key
     return canonical, file_keys, dropped
 

@@ -15,7 +15,7 @@ Arrays are NumPy here; nothing in this module imports torch.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -38,9 +38,9 @@ def torch_key(path: Iterable) -> str:
   """NNX path -> semseg key, e.g. ``('backbone','layer1',0,'conv1','kernel')`` -> ``layer1.0.conv1.weight``."""
   key = '.'.join(str(p) for p in path)
   if key.startswith(BACKBONE_PREFIX):
-    key = key[len(BACKBONE_PREFIX):]
+    key = key[len(BACKBONE_PREFIX) :]
   if key.endswith('.kernel'):
-    key = key[:-len('kernel')] + 'weight'
+    key = key[: -len('kernel')] + 'weight'
   return key
 
 
@@ -72,13 +72,21 @@ def expected_keys(model: nnx.Module) -> dict[str, tuple[int, ...]]:
 
 def export_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
   """The model's variables as a semseg-layout state dict of float32 NumPy arrays."""
-  return {torch_key(p): np.asarray(to_torch_layout(p, np.asarray(v.get_value())))
-          for p, v in _variables(model, None)}
+  return {
+    torch_key(p): np.asarray(to_torch_layout(p, np.asarray(v.get_value())))
+    for p, v in _variables(model, None)
+  }
 
 
-def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *,
-                    only: str | None = None, skip: str | None = None, source: str = 'state dict',
-                    source_names: Mapping[str, str] | None = None) -> list[str]:
+def load_state_dict(
+  model: nnx.Module,
+  state_dict: Mapping[str, np.ndarray],
+  *,
+  only: str | None = None,
+  skip: str | None = None,
+  source: str = 'state dict',
+  source_names: Mapping[str, str] | None = None,
+) -> list[str]:
   """Copies a canonical (semseg-layout) state dict into ``model``, strictly.
 
   ``only``: restrict the target to variables whose NNX path starts with it (``'backbone'``
@@ -95,8 +103,11 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *,
   def name(key):
     return f'{key} (file key {names[key]})' if names.get(key, key) != key else key
 
-  targets = {torch_key(p): (p, v) for p, v in _variables(model, only)
-             if skip is None or not '.'.join(map(str, p)).startswith(skip)}
+  targets = {
+    torch_key(p): (p, v)
+    for p, v in _variables(model, only)
+    if skip is None or not '.'.join(map(str, p)).startswith(skip)
+  }
   missing = sorted(set(targets) - set(state_dict))
   unexpected = sorted(set(state_dict) - set(targets))
   misshaped = []
@@ -112,8 +123,10 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *,
       lines += [f'  {k}: model expects {_torch_shape(targets[k])}' for k in missing]
     if unexpected:
       lines.append(f'unexpected keys ({len(unexpected)}):')
-      lines += [f'  {name(k)}: {tuple(np.shape(state_dict[k]))}, the model has no such key'
-                for k in unexpected]
+      lines += [
+        f'  {name(k)}: {tuple(np.shape(state_dict[k]))}, the model has no such key'
+        for k in unexpected
+      ]
     if misshaped:
       lines.append(f'mis-shaped keys ({len(misshaped)}):')
       lines += misshaped

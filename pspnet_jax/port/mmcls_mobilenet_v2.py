@@ -11,7 +11,7 @@ Backbone only; the fresh heads are mmseg's (pyramid branches of 512 channels).
 from pspnet_jax.port.layout import NUM_BATCHES_TRACKED, Layout
 from pspnet_jax.port.mmseg_mobilenet_v2 import CONFIG, STEM_KEY
 
-BARE_STEM_KEY = STEM_KEY[len('backbone.'):]
+BARE_STEM_KEY = STEM_KEY[len('backbone.') :]
 
 
 def _recognise(state_dict):
@@ -21,13 +21,15 @@ def _recognise(state_dict):
 
 
 LAYOUT = Layout(
-    name='mmcls-mobilenet_v2',
-    description='mmclassification ImageNet MobileNetV2 (mmcls://mobilenet_v2)',
-    renames=((r'^backbone\.', ''),),
-    drops=(NUM_BATCHES_TRACKED,
-           (r'^(backbone\.)?conv2\.', 'ImageNet feature conv 320 -> 1280 (conv2.*)'),
-           (r'^head\.', 'ImageNet classifier (head.*)')),
-    config={**CONFIG, 'ppm_channels': 512},
-    backbone_only=True,
-    recognise=_recognise,
+  name='mmcls-mobilenet_v2',
+  description='mmclassification ImageNet MobileNetV2 (mmcls://mobilenet_v2)',
+  renames=((r'^backbone\.', ''),),
+  drops=(
+    NUM_BATCHES_TRACKED,
+    (r'^(backbone\.)?conv2\.', 'ImageNet feature conv 320 -> 1280 (conv2.*)'),
+    (r'^head\.', 'ImageNet classifier (head.*)'),
+  ),
+  config={**CONFIG, 'ppm_channels': 512},
+  backbone_only=True,
+  recognise=_recognise,
 )

@@ -14,17 +14,16 @@ from pspnet_jax.port.layout import NUM_BATCHES_TRACKED, Layout
 
 # PSPHead and the auxiliary FCNHead, whatever the backbone (mmseg_mobilenet_v2 too).
 HEAD_RENAMES = (
-    (r'^decode_head\.psp_modules\.(\d+)\.1\.conv\.', r'ppm.features.\1.1.'),
-    (r'^decode_head\.psp_modules\.(\d+)\.1\.bn\.', r'ppm.features.\1.2.'),
-    (r'^decode_head\.bottleneck\.conv\.', 'cls.0.'),
-    (r'^decode_head\.bottleneck\.bn\.', 'cls.1.'),
-    (r'^decode_head\.conv_seg\.', 'cls.4.'),
-    (r'^auxiliary_head\.convs\.0\.conv\.', 'aux.0.'),
-    (r'^auxiliary_head\.convs\.0\.bn\.', 'aux.1.'),
-    (r'^auxiliary_head\.conv_seg\.', 'aux.4.'),
+  (r'^decode_head\.psp_modules\.(\d+)\.1\.conv\.', r'ppm.features.\1.1.'),
+  (r'^decode_head\.psp_modules\.(\d+)\.1\.bn\.', r'ppm.features.\1.2.'),
+  (r'^decode_head\.bottleneck\.conv\.', 'cls.0.'),
+  (r'^decode_head\.bottleneck\.bn\.', 'cls.1.'),
+  (r'^decode_head\.conv_seg\.', 'cls.4.'),
+  (r'^auxiliary_head\.convs\.0\.conv\.', 'aux.0.'),
+  (r'^auxiliary_head\.convs\.0\.bn\.', 'aux.1.'),
+  (r'^auxiliary_head\.conv_seg\.', 'aux.4.'),
 )
-RENAMES = ((r'^backbone\.stem\.', 'layer0.'), (r'^backbone\.(layer[1-4])\.', r'\1.'),
-           *HEAD_RENAMES)
+RENAMES = ((r'^backbone\.stem\.', 'layer0.'), (r'^backbone\.(layer[1-4])\.', r'\1.'), *HEAD_RENAMES)
 
 
 def _recognise(state_dict):
@@ -33,11 +32,11 @@ def _recognise(state_dict):
 
 
 LAYOUT = Layout(
-    name='mmseg',
-    description='mmsegmentation PSPNet, ResNetV1c (pspnet_r50-d8_*.pth)',
-    renames=RENAMES,
-    drops=(NUM_BATCHES_TRACKED,),
-    config={'contract_dilation': True, 'align_corners': False},
-    backbone_only=False,
-    recognise=_recognise,
+  name='mmseg',
+  description='mmsegmentation PSPNet, ResNetV1c (pspnet_r50-d8_*.pth)',
+  renames=RENAMES,
+  drops=(NUM_BATCHES_TRACKED,),
+  config={'contract_dilation': True, 'align_corners': False},
+  backbone_only=False,
+  recognise=_recognise,
 )

@@ -22,11 +22,11 @@ def _recognise(state_dict):
 
 
 LAYOUT = Layout(
-    name='mmseg-mobilenet_v2',
-    description='mmsegmentation PSPNet, MobileNetV2 (pspnet_m-v2-d8_*.pth)',
-    renames=((r'^backbone\.', ''), *HEAD_RENAMES),
-    drops=(NUM_BATCHES_TRACKED,),
-    config=CONFIG,
-    backbone_only=False,
-    recognise=_recognise,
+  name='mmseg-mobilenet_v2',
+  description='mmsegmentation PSPNet, MobileNetV2 (pspnet_m-v2-d8_*.pth)',
+  renames=((r'^backbone\.', ''), *HEAD_RENAMES),
+  drops=(NUM_BATCHES_TRACKED,),
+  config=CONFIG,
+  backbone_only=False,
+  recognise=_recognise,
 )

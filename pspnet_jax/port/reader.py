@@ -14,7 +14,7 @@ import dataclasses
 import os
 import pickle
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -27,15 +27,16 @@ DATA_PARALLEL_PREFIX = 'module.'
 @dataclasses.dataclass
 class SourceFile:
   """What was read: tensors under the file's own key names, and what was set aside."""
+
   tensors: dict[str, np.ndarray]
-  kind: str                  # 'safetensors' | 'torch.save'
+  kind: str  # 'safetensors' | 'torch.save'
   ignored_entries: list[str]  # top-level entries beside 'state_dict' (epoch, optimizer, meta)
   stripped_prefix: str | None
 
   def describe(self) -> str:
     parts = [self.kind]
     if self.ignored_entries:
-      parts.append(f"state_dict unwrapped, ignored {', '.join(self.ignored_entries)}")
+      parts.append(f'state_dict unwrapped, ignored {", ".join(self.ignored_entries)}')
     if self.stripped_prefix:
       parts.append(f'{self.stripped_prefix!r} prefix stripped')
     return '; '.join(parts)
@@ -60,7 +61,7 @@ def read_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> S
     raise PortError(f'{path}: the state dict is empty')
   stripped = None
   if all(k.startswith(DATA_PARALLEL_PREFIX) for k in tensors):
-    tensors = {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in tensors.items()}
+    tensors = {k[len(DATA_PARALLEL_PREFIX) :]: v for k, v in tensors.items()}
     stripped = DATA_PARALLEL_PREFIX
   return SourceFile(tensors, kind, ignored, stripped)
 
@@ -87,8 +88,9 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   try:
     from safetensors.numpy import load_file
   except ImportError:
-    raise PortError(f'{path}: reading .safetensors files needs safetensors: '
-                    'pip install safetensors') from None
+    raise PortError(
+      f'{path}: reading .safetensors files needs safetensors: pip install safetensors'
+    ) from None
   try:
     return load_file(path)
   except Exception as e:  # SafetensorError, OSError, ValueError (bfloat16): one line
@@ -99,32 +101,41 @@ def _read_torch(path: str, trust_pickle: bool) -> tuple[dict[str, np.ndarray], l
   try:
     import torch
   except ImportError:
-    raise PortError(f'{path}: reading a PyTorch .pth checkpoint needs torch: pip install torch '
-                    '(or convert the file to .safetensors, which needs no torch)') from None
+    raise PortError(
+      f'{path}: reading a PyTorch .pth checkpoint needs torch: pip install torch '
+      '(or convert the file to .safetensors, which needs no torch)'
+    ) from None
   with open(path, 'rb') as f:
     magic = f.read(2)
   # torch.save writes a zip archive (PK) or, before torch 1.6, a pickle (protocol byte
   # 0x80). Anything else is not a checkpoint, and torch's weights-only unpickler would
   # report it as an unsafe pickle, which misleads.
   if magic[:2] != b'PK' and magic[:1] != b'\x80':
-    raise PortError(f'{path}: not a PyTorch checkpoint (a torch.save file starts with a zip '
-                    f'or pickle header; this one starts with {magic!r})')
+    raise PortError(
+      f'{path}: not a PyTorch checkpoint (a torch.save file starts with a zip '
+      f'or pickle header; this one starts with {magic!r})'
+    )
   try:
     obj = torch.load(path, map_location='cpu', weights_only=not trust_pickle)
   except pickle.UnpicklingError as e:
     unsafe = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
     if unsafe and not trust_pickle:
       raise PortError(
-          f'{path}: holds a Python object of type {unsafe.group(1)}, which '
-          'torch.load(weights_only=True) refuses to unpickle; if you trust the file, pass '
-          'trust_pickle=True (CLI: --trust-pickle), or re-save only its state_dict') from None
+        f'{path}: holds a Python object of type {unsafe.group(1)}, which '
+        'torch.load(weights_only=True) refuses to unpickle; if you trust the file, pass '
+        'trust_pickle=True (CLI: --trust-pickle), or re-save only its state_dict'
+      ) from None
     # torch's message is a page of advice; its WeightsUnpickler line is the cause.
     cause = re.search(r'WeightsUnpickler error:\s*(.+)', str(e))
-    raise PortError(f'{path}: not a readable PyTorch checkpoint, corrupt or truncated '
-                    f'({cause.group(1) if cause else _one_line(e)})') from None
+    raise PortError(
+      f'{path}: not a readable PyTorch checkpoint, corrupt or truncated '
+      f'({cause.group(1) if cause else _one_line(e)})'
+    ) from None
   except Exception as e:  # truncated zip, random bytes, EOF: torch raises many types
-    raise PortError(f'{path}: not a readable PyTorch checkpoint, truncated or not written by '
-                    f'torch.save ({type(e).__name__}: {_one_line(e)})') from None
+    raise PortError(
+      f'{path}: not a readable PyTorch checkpoint, truncated or not written by '
+      f'torch.save ({type(e).__name__}: {_one_line(e)})'
+    ) from None
   state, ignored = _unwrap(obj, path)
   out, not_tensors = {}, []
   for key, value in state.items():
@@ -136,8 +147,10 @@ def _read_torch(path: str, trust_pickle: bool) -> tuple[dict[str, np.ndarray], l
       value = value.float()  # NumPy has no bfloat16; half is widened once here
     out[str(key)] = value.numpy()
   if not_tensors:
-    raise PortError(f'{path}: the state dict holds non-tensor entries '
-                    f'{sorted(map(str, not_tensors))[:5]}; expected parameter names -> tensors')
+    raise PortError(
+      f'{path}: the state dict holds non-tensor entries '
+      f'{sorted(map(str, not_tensors))[:5]}; expected parameter names -> tensors'
+    )
   return out, ignored
 
 
@@ -147,8 +160,10 @@ def _unwrap(obj, path: str) -> tuple[Mapping, list[str]]:
     ignored = sorted(str(k) for k in obj if k != 'state_dict')
     obj = obj['state_dict']
   if not isinstance(obj, Mapping):
-    raise PortError(f'{path}: holds a {type(obj).__name__}, not a state dict '
-                    '(save model.state_dict(), not the model object)')
+    raise PortError(
+      f'{path}: holds a {type(obj).__name__}, not a state dict '
+      '(save model.state_dict(), not the model object)'
+    )
   return obj, ignored
 
 

@@ -14,11 +14,11 @@ def _recognise(state_dict):
 
 
 LAYOUT = Layout(
-    name='semseg',
-    description='semseg PSPNet (train_epoch_N.pth)',
-    renames=(),
-    drops=(NUM_BATCHES_TRACKED,),
-    config={'contract_dilation': False, 'align_corners': True},
-    backbone_only=False,
-    recognise=_recognise,
+  name='semseg',
+  description='semseg PSPNet (train_epoch_N.pth)',
+  renames=(),
+  drops=(NUM_BATCHES_TRACKED,),
+  config={'contract_dilation': False, 'align_corners': True},
+  backbone_only=False,
+  recognise=_recognise,
 )

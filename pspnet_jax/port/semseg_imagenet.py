@@ -7,8 +7,12 @@ these six modules and dilates every block of layer3/layer4, so they become ``lay
 4,6,7}``. Backbone only: the PSPNet heads are freshly initialised.
 """
 
-from pspnet_jax.port.layout import (IMAGENET_CLASSIFIER, NUM_BATCHES_TRACKED, Layout,
-                                    conv_kernel_size)
+from pspnet_jax.port.layout import (
+  IMAGENET_CLASSIFIER,
+  NUM_BATCHES_TRACKED,
+  Layout,
+  conv_kernel_size,
+)
 
 # conv{i} / bn{i} -> index in semseg's layer0 Sequential (conv, BN, ReLU) x 3.
 STEM = (('conv1', 0), ('bn1', 1), ('conv2', 3), ('bn2', 4), ('conv3', 6), ('bn3', 7))
@@ -20,11 +24,11 @@ def _recognise(state_dict):
 
 
 LAYOUT = Layout(
-    name='semseg-imagenet',
-    description='semseg ImageNet ResNet (resnet50_v2.pth)',
-    renames=tuple((rf'^{name}\.', f'layer0.{index}.') for name, index in STEM),
-    drops=(NUM_BATCHES_TRACKED, IMAGENET_CLASSIFIER),
-    config={'contract_dilation': False, 'align_corners': True},
-    backbone_only=True,
-    recognise=_recognise,
+  name='semseg-imagenet',
+  description='semseg ImageNet ResNet (resnet50_v2.pth)',
+  renames=tuple((rf'^{name}\.', f'layer0.{index}.') for name, index in STEM),
+  drops=(NUM_BATCHES_TRACKED, IMAGENET_CLASSIFIER),
+  config={'contract_dilation': False, 'align_corners': True},
+  backbone_only=True,
+  recognise=_recognise,
 )

@@ -21,8 +21,10 @@ def _renames():
       activated = 1 if expand == 1 else 2  # Conv-BN-ReLU6 triples before the projection
       for k in range(activated):
         rules += [(rf'{src}{k}\.0\.', f'{dst}{k}.conv.'), (rf'{src}{k}\.1\.', f'{dst}{k}.bn.')]
-      rules += [(rf'{src}{activated}\.', f'{dst}{activated}.conv.'),
-                (rf'{src}{activated + 1}\.', f'{dst}{activated}.bn.')]
+      rules += [
+        (rf'{src}{activated}\.', f'{dst}{activated}.conv.'),
+        (rf'{src}{activated + 1}\.', f'{dst}{activated}.bn.'),
+      ]
       feature += 1
   return ((r'^features\.0\.0\.', 'conv1.conv.'), (r'^features\.0\.1\.', 'conv1.bn.'), *rules)
 
@@ -32,14 +34,18 @@ def _recognise(state_dict):
 
 
 LAYOUT = Layout(
-    name='torchvision-mobilenet_v2',
-    description='torchvision ImageNet MobileNetV2 (mobilenet_v2 weights)',
-    renames=_renames(),
-    drops=(NUM_BATCHES_TRACKED,
-           (rf'^features\.{sum(n for _, _, n in ARCH) + 1}\.',
-            'ImageNet feature conv 320 -> 1280 (features.18.*)'),
-           (r'^classifier\.', 'ImageNet classifier (classifier.*)')),
-    config=MMCLS.config,
-    backbone_only=True,
-    recognise=_recognise,
+  name='torchvision-mobilenet_v2',
+  description='torchvision ImageNet MobileNetV2 (mobilenet_v2 weights)',
+  renames=_renames(),
+  drops=(
+    NUM_BATCHES_TRACKED,
+    (
+      rf'^features\.{sum(n for _, _, n in ARCH) + 1}\.',
+      'ImageNet feature conv 320 -> 1280 (features.18.*)',
+    ),
+    (r'^classifier\.', 'ImageNet classifier (classifier.*)'),
+  ),
+  config=MMCLS.config,
+  backbone_only=True,
+  recognise=_recognise,
 )

@@ -6,8 +6,12 @@ The stem becomes ``layer0.{0,1}`` of the ``torchvision`` stem. torchvision dilat
 previous layer's dilation, i.e. ``contract_dilation=True``. Backbone only.
 """
 
-from pspnet_jax.port.layout import (IMAGENET_CLASSIFIER, NUM_BATCHES_TRACKED, Layout,
-                                    conv_kernel_size)
+from pspnet_jax.port.layout import (
+  IMAGENET_CLASSIFIER,
+  NUM_BATCHES_TRACKED,
+  Layout,
+  conv_kernel_size,
+)
 
 
 def _recognise(state_dict):
@@ -16,11 +20,11 @@ def _recognise(state_dict):
 
 
 LAYOUT = Layout(
-    name='torchvision',
-    description='torchvision ResNet (resnet50 ImageNet weights)',
-    renames=((r'^conv1\.', 'layer0.0.'), (r'^bn1\.', 'layer0.1.')),
-    drops=(NUM_BATCHES_TRACKED, IMAGENET_CLASSIFIER),
-    config={'contract_dilation': True, 'align_corners': True},
-    backbone_only=True,
-    recognise=_recognise,
+  name='torchvision',
+  description='torchvision ResNet (resnet50 ImageNet weights)',
+  renames=((r'^conv1\.', 'layer0.0.'), (r'^bn1\.', 'layer0.1.')),
+  drops=(NUM_BATCHES_TRACKED, IMAGENET_CLASSIFIER),
+  config={'contract_dilation': True, 'align_corners': True},
+  backbone_only=True,
+  recognise=_recognise,
 )

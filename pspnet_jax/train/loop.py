@@ -17,9 +17,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from pspnet_jax import checkpoint as ckpt_lib
-from pspnet_jax import config_file, output_dir
+from pspnet_jax import config_file, evaluation, output_dir
 from pspnet_jax import data as data_lib
-from pspnet_jax import evaluation
 from pspnet_jax import mesh as mesh_lib
 from pspnet_jax.train.init_checkpoint import initial_model, model_config_from
 from pspnet_jax.train.monitor import DivergenceWatch, MetricsLogger, ProgressBar
@@ -27,9 +26,8 @@ from pspnet_jax.train.signals import StopRequest
 from pspnet_jax.train.state import create_trainer
 from pspnet_jax.train.workdir import WorkdirLock
 
-
 # Called with the step number after each step: where tests inject faults (a signal at a
-# chosen step, tests/scripts/train_with_hooks.py), as an outside signal races a fast machine.
+# chosen step, tests/scripts/train_with_signal.py), as an outside signal races a fast machine.
 AFTER_STEP_HOOKS = []
 
 
@@ -78,29 +76,47 @@ class _Run:
     self.is_main = jax.process_index() == 0
     ds = config.dataset
     self.mesh = mesh_lib.data_mesh()
-    self.steps_per_epoch = data_lib.steps_per_epoch(ds.name, ds.train_split, data_dir,
-                                                    config.global_batch_size)
-    self.total_steps = (int(config.num_steps) if config.num_steps
-                        else int(config.num_epochs * self.steps_per_epoch))
+    self.steps_per_epoch = data_lib.steps_per_epoch(
+      ds.name, ds.train_split, data_dir, config.global_batch_size
+    )
+    self.total_steps = (
+      int(config.num_steps) if config.num_steps else int(config.num_epochs * self.steps_per_epoch)
+    )
     model = initial_model(config, model_config)
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    self.trainer = create_trainer(config, graphdef, total_steps=self.total_steps,
-                                  ignore_label=info.ignore_label, mesh=self.mesh)
-    self.state = jax.device_put(self.trainer.initial_state(params, batch_stats, config.seed),
-                                self.trainer.replicated)
+    self.trainer = create_trainer(
+      config, graphdef, total_steps=self.total_steps, ignore_label=info.ignore_label, mesh=self.mesh
+    )
+    self.state = jax.device_put(
+      self.trainer.initial_state(params, batch_stats, config.seed), self.trainer.replicated
+    )
     self.loader = data_lib.train_loader(
-        ds.name, ds.train_split, data_dir, global_batch_size=config.global_batch_size,
-        augment=data_lib.AugmentConfig(**dict(config.augment)), seed=config.seed,
-        worker_count=int(config.worker_count), mean=model_config.mean, std=model_config.std)
+      ds.name,
+      ds.train_split,
+      data_dir,
+      global_batch_size=config.global_batch_size,
+      augment=data_lib.AugmentConfig(**dict(config.augment)),
+      seed=config.seed,
+      worker_count=int(config.worker_count),
+      mean=model_config.mean,
+      std=model_config.std,
+    )
     self.ckpt = ckpt_lib.TrainCheckpointer(
-        workdir, model_config, keep=int(config.keep_checkpoints),
-        metadata={'dataset': ds.name, 'class_names': list(info.class_names),
-                  'palette': [list(c) for c in info.palette]})
+      workdir,
+      model_config,
+      keep=int(config.keep_checkpoints),
+      metadata={
+        'dataset': ds.name,
+        'class_names': list(info.class_names),
+        'palette': [list(c) for c in info.palette],
+      },
+    )
     self.val = data_lib.eval_source(ds.name, ds.eval_split, data_dir)
     self.n_quick = int(config.eval_num_examples) or len(self.val)
     # During training: a short whole-image, single-scale pass (the full protocol at the end).
-    self.quick_cfg = dataclasses.replace(eval_cfg, mode='whole', scales=(1.0,), flip=False,
-                                         per_scale=False)
+    self.quick_cfg = dataclasses.replace(
+      eval_cfg, mode='whole', scales=(1.0,), flip=False, per_scale=False
+    )
     self.logger = MetricsLogger(workdir)
     self.watch = DivergenceWatch(config.divergence_factor, info.num_classes)
     # Step metrics stay on the device until a log, validation or save step reads them all
@@ -112,14 +128,20 @@ class _Run:
     """Resumes from the newest intact checkpoint; returns its step (0 without one)."""
     params, batch_stats = self.state['params'], self.state['batch_stats']
     restored = self.ckpt.restore_newest_intact(
-        model_target=_abstract(_model_variables(self.state)),
-        opt_target=_abstract(self.state['opt_state']))
+      model_target=_abstract(_model_variables(self.state)),
+      opt_target=_abstract(self.state['opt_state']),
+    )
     if not restored:
       return 0
     start, model_vars, opt_state, meta, data_state = restored
     params, batch_stats = _split_variables(self.trainer.graphdef, params, batch_stats, model_vars)
-    self.state = dict(self.state, params=params, batch_stats=batch_stats, opt_state=opt_state,
-                      step=jnp.asarray(meta['step'], jnp.int32))
+    self.state = dict(
+      self.state,
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=opt_state,
+      step=jnp.asarray(meta['step'], jnp.int32),
+    )
     note = self.loader.resume(data_state, self.config.dataset.resume_data)
     if self.is_main:
       print(f'resumed from {self.workdir} at step {start}', flush=True)
@@ -143,7 +165,9 @@ class _Run:
           row = self.check()
           now = time.perf_counter()
           row['epoch'] = self.loader.step / self.steps_per_epoch
-          row['img_per_s'] = config.log_every_steps * config.global_batch_size / max(now - t_last, 1e-9)
+          row['img_per_s'] = (
+            config.log_every_steps * config.global_batch_size / max(now - t_last, 1e-9)
+          )
           t_last = now
           self.logger.write(step, 'train', row)
           progress.update(step, row)
@@ -174,8 +198,9 @@ class _Run:
       self.save(step)
     self.ckpt.wait()
     if signal_name == 'SIGINT':
-      raise TrainingInterrupted(f'interrupted: saved step {step} in {self.workdir}; run the same '
-                                'command to resume from it')
+      raise TrainingInterrupted(
+        f'interrupted: saved step {step} in {self.workdir}; run the same command to resume from it'
+      )
     progress.note(f'{signal_name}: saved step {step} in {self.workdir}; exiting')
 
   def finish(self) -> dict:
@@ -192,15 +217,23 @@ class _Run:
     self.logger.write(total, 'eval', _scores(final))
     self.logger.close()
     if self.is_main:
-      evaluation.write_eval_outputs(os.path.join(self.workdir, 'eval'), final, eval_config=self.eval_cfg)
+      evaluation.write_eval_outputs(
+        os.path.join(self.workdir, 'eval'), final, eval_config=self.eval_cfg
+      )
     return final
 
   def validate(self, eval_cfg, n: int) -> dict:
     """Every process evaluates its share of the first ``n`` images on its local devices."""
     model = nnx.merge(self.trainer.graphdef, self.state['params'], self.state['batch_stats'])
     model.eval()
-    return evaluation.evaluate(model, self.val, self.info.num_classes, eval_cfg,
-                               class_names=self.info.class_names, num_examples=n)
+    return evaluation.evaluate(
+      model,
+      self.val,
+      self.info.num_classes,
+      eval_cfg,
+      class_names=self.info.class_names,
+      num_examples=n,
+    )
 
   def validate_quick(self, step: int) -> dict:
     self.check()
@@ -210,11 +243,14 @@ class _Run:
 
   def save(self, step: int, val: dict | None = None):
     self.check()  # a checkpoint never holds a step from after a divergence
-    self.ckpt.save(step, model_variables=_model_variables(self.state),
-                   opt_state=self.state['opt_state'],
-                   meta={'step': step, 'epoch': self.loader.step / self.steps_per_epoch},
-                   data_state=self.loader.get_state(),
-                   metrics={'miou': val['miou']} if val else None)
+    self.ckpt.save(
+      step,
+      model_variables=_model_variables(self.state),
+      opt_state=self.state['opt_state'],
+      meta={'step': step, 'epoch': self.loader.step / self.steps_per_epoch},
+      data_state=self.loader.get_state(),
+      metrics={'miou': val['miou']} if val else None,
+    )
 
   def check(self) -> dict | None:
     """Reads the pending metrics; returns the last step's as floats. ``TrainingDiverged``
@@ -232,13 +268,21 @@ class _Run:
     that step on are set aside, so that the advice below, followed, resumes before it."""
     moved = self.ckpt.set_aside_diverged(at - 1)
     kept = self.ckpt.latest_step()
-    aside = (f' Checkpoint(s) of step(s) {", ".join(map(str, moved))}, written after it began, were '
-             f'moved to <step>{ckpt_lib.DIVERGED_SUFFIX} in {self.ckpt.directory}.' if moved else '')
-    resume = (f'resumes from step {kept}, the last checkpoint from before it' if kept else
-              'starts afresh, no checkpoint being from before it')
+    aside = (
+      f' Checkpoint(s) of step(s) {", ".join(map(str, moved))}, written after it began, were '
+      f'moved to <step>{ckpt_lib.DIVERGED_SUFFIX} in {self.ckpt.directory}.'
+      if moved
+      else ''
+    )
+    resume = (
+      f'resumes from step {kept}, the last checkpoint from before it'
+      if kept
+      else 'starts afresh, no checkpoint being from before it'
+    )
     raise TrainingDiverged(
-        f'{problem}: training stopped.{aside} Run again with a lower --config.optimizer.'
-        f'learning_rate (or with --config.optimizer.clip_grad_norm set): the run {resume}.')
+      f'{problem}: training stopped.{aside} Run again with a lower --config.optimizer.'
+      f'learning_rate (or with --config.optimizer.clip_grad_norm set): the run {resume}.'
+    )
 
 
 def _scores(metrics: dict) -> dict:

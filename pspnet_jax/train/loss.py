@@ -46,8 +46,14 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int = 255)
   return jnp.sum(nll * valid) / jnp.maximum(jnp.sum(valid), 1)
 
 
-def upsampled_cross_entropy(logits: jax.Array, labels: jax.Array, *, align_corners: bool,
-                            ignore_label: int = 255, block_rows: int = 32) -> jax.Array:
+def upsampled_cross_entropy(
+  logits: jax.Array,
+  labels: jax.Array,
+  *,
+  align_corners: bool,
+  ignore_label: int = 255,
+  block_rows: int = 32,
+) -> jax.Array:
   """``cross_entropy(resize_bilinear(logits, labels.shape[1:], align_corners), labels)``.
 
   logits: [B, h, w, C] (any float dtype; the loss is computed in float32), labels:
@@ -57,7 +63,9 @@ def upsampled_cross_entropy(logits: jax.Array, labels: jax.Array, *, align_corne
   composition to float32 rounding (the interpolation's two taps are summed by a matmul).
   """
   if block_rows < 0:
-    raise ValueError(f'block_rows must be >= 0 (0: the full-resolution composition), got {block_rows}')
+    raise ValueError(
+      f'block_rows must be >= 0 (0: the full-resolution composition), got {block_rows}'
+    )
   out_h, out_w = labels.shape[1:]
   if block_rows == 0:
     full = ops.resize_bilinear(logits.astype(jnp.float32), (out_h, out_w), align_corners)
@@ -79,14 +87,17 @@ class _Plan:
   Built once per shape (``_plan``); hashed by identity, as ``custom_vjp`` wants of it."""
 
   def __init__(self, h, w, out_h, out_w, align_corners, rows):
-    u_h = ops.interpolation_matrix(h, out_h, align_corners)   # [out_h, h]
+    u_h = ops.interpolation_matrix(h, out_h, align_corners)  # [out_h, h]
     self.rows, self.blocks = rows, math.ceil(out_h / rows)
     u_h = np.concatenate([u_h, np.zeros((self.blocks * rows - out_h, h), np.float32)])
-    reads = [np.nonzero(u_h[k * rows:(k + 1) * rows].any(axis=0))[0] for k in range(self.blocks)]
+    reads = [np.nonzero(u_h[k * rows : (k + 1) * rows].any(axis=0))[0] for k in range(self.blocks)]
     self.span = max((r[-1] - r[0] + 1 for r in reads if r.size), default=1)
-    self.starts = np.array([min(int(r[0]) if r.size else 0, h - self.span) for r in reads], np.int32)
-    self.rows_matrix = np.stack([u_h[k * rows:(k + 1) * rows, s:s + self.span]
-                                 for k, s in enumerate(self.starts)])
+    self.starts = np.array(
+      [min(int(r[0]) if r.size else 0, h - self.span) for r in reads], np.int32
+    )
+    self.rows_matrix = np.stack(
+      [u_h[k * rows : (k + 1) * rows, s : s + self.span] for k, s in enumerate(self.starts)]
+    )
     self.cols_matrix = ops.interpolation_matrix(w, out_w, align_corners)
 
 

@@ -34,8 +34,12 @@ class MetricsLogger:
   def write(self, step: int, kind: str, values: dict):
     if not self.enabled:
       return
-    row = {'step': step, 'kind': kind, 'time': time.time(),
-           **{k: v for k, v in values.items() if isinstance(v, (int, float, str))}}
+    row = {
+      'step': step,
+      'kind': kind,
+      'time': time.time(),
+      **{k: v for k, v in values.items() if isinstance(v, (int, float, str))},
+    }
     self.file.write(json.dumps(row) + '\n')
     self.file.flush()
     if self.tb is not None:
@@ -58,8 +62,15 @@ class ProgressBar:
     self.last = start
     if enabled:
       from tqdm import tqdm
-      self.bar = tqdm(total=total, initial=start, unit='step', dynamic_ncols=True,
-                      file=sys.stdout, mininterval=1.0)
+
+      self.bar = tqdm(
+        total=total,
+        initial=start,
+        unit='step',
+        dynamic_ncols=True,
+        file=sys.stdout,
+        mininterval=1.0,
+      )
 
   def update(self, step: int, row: dict):
     if self.bar is None:
@@ -67,8 +78,9 @@ class ProgressBar:
     self.bar.update(step - self.last)
     self.last = step
     self.bar.set_postfix_str(
-        f"ep {row['epoch']:.2f} loss {row['loss']:.4f} aux {row['aux_loss']:.4f} "
-        f"lr {row.get('lr', float('nan')):.2e} {row['img_per_s']:.1f} img/s")
+      f'ep {row["epoch"]:.2f} loss {row["loss"]:.4f} aux {row["aux_loss"]:.4f} '
+      f'lr {row.get("lr", float("nan")):.2e} {row["img_per_s"]:.1f} img/s'
+    )
 
   def note(self, text: str):
     if self.bar is not None:
@@ -101,7 +113,9 @@ class DivergenceWatch:
     loss = float(row['loss'])
     reference = max(statistics.median(self.recent), self.floor) if self.recent else self.floor
     if self.factor and loss > self.factor * reference:
-      return (f'loss jumped to {loss:.4g} at step {step}, over {self.factor:g}x its recent level '
-              f'{reference:.4g}')
+      return (
+        f'loss jumped to {loss:.4g} at step {step}, over {self.factor:g}x its recent level '
+        f'{reference:.4g}'
+      )
     self.recent.append(loss)
     return None

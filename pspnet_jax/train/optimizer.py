@@ -23,29 +23,32 @@ HEAD_MODULES = ('ppm', 'cls', 'aux')  # semseg's "new layers": 10x learning rate
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-  name: str = 'sgd'              # 'sgd' (semseg) | 'adamw'
+  name: str = 'sgd'  # 'sgd' (semseg) | 'adamw'
   learning_rate: float = 0.01
   momentum: float = 0.9
   weight_decay: float = 1e-4
-  power: float = 0.9             # poly schedule exponent
-  warmup_steps: int = 0          # linear warmup from 0, then poly decay
+  power: float = 0.9  # poly schedule exponent
+  warmup_steps: int = 0  # linear warmup from 0, then poly decay
   head_lr_multiplier: float = 10.0
-  clip_grad_norm: float = 0.0    # 0: no clipping
-  b1: float = 0.9                # adamw only
+  clip_grad_norm: float = 0.0  # 0: no clipping
+  b1: float = 0.9  # adamw only
   b2: float = 0.999
 
 
-def poly_schedule(base_lr: float, total_steps: int, power: float = 0.9,
-                  warmup_steps: int = 0) -> optax.Schedule:
+def poly_schedule(
+  base_lr: float, total_steps: int, power: float = 0.9, warmup_steps: int = 0
+) -> optax.Schedule:
   """lr(k) = base_lr * (1 - k / total_steps) ** power, after an optional linear warmup."""
   if total_steps <= 0:
     raise UserError(f'total_steps must be positive, got {total_steps}')
-  poly = optax.polynomial_schedule(init_value=base_lr, end_value=0.0, power=power,
-                                   transition_steps=total_steps)
+  poly = optax.polynomial_schedule(
+    init_value=base_lr, end_value=0.0, power=power, transition_steps=total_steps
+  )
   if warmup_steps <= 0:
     return poly
-  warm = optax.linear_schedule(0.0, base_lr * (1 - warmup_steps / total_steps) ** power,
-                               warmup_steps)
+  warm = optax.linear_schedule(
+    0.0, base_lr * (1 - warmup_steps / total_steps) ** power, warmup_steps
+  )
   return optax.join_schedules([warm, lambda k: poly(k + warmup_steps)], [warmup_steps])
 
 
@@ -69,16 +72,20 @@ def schedules(config: OptimizerConfig, total_steps: int) -> dict[str, optax.Sche
 def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
   """The full transformation; ``params`` passed to ``init``/``update`` are grouped by
   ``param_groups``."""
+
   def group_tx(schedule):
     if config.name == 'sgd':
-      return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                         optax.sgd(schedule, momentum=config.momentum or None))
+      return optax.chain(
+        optax.add_decayed_weights(config.weight_decay),
+        optax.sgd(schedule, momentum=config.momentum or None),
+      )
     if config.name == 'adamw':
       return optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
     raise UserError(f"optimizer.name must be 'sgd' or 'adamw', got {config.name!r}")
 
-  tx = optax.multi_transform({g: group_tx(s) for g, s in schedules(config, total_steps).items()},
-                             param_groups)
+  tx = optax.multi_transform(
+    {g: group_tx(s) for g, s in schedules(config, total_steps).items()}, param_groups
+  )
   if config.clip_grad_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(config.clip_grad_norm), tx)
   return tx

@@ -14,7 +14,6 @@ from jax.experimental import multihost_utils
 from pspnet_jax.errors import EXIT_INTERRUPTED
 
 
-
 class StopRequest:
   """SIGTERM and SIGINT set ``requested`` (the signal's name); the loop saves at the next
   step boundary and stops. A second SIGINT, for a user who will not wait for the save,
@@ -30,12 +29,20 @@ class StopRequest:
   def _handle(self, signum, frame):
     name = signal.Signals(signum).name
     if self.requested == 'SIGINT' and name == 'SIGINT':
-      print(f'\ninterrupted again: stopped at once; {self._workdir} keeps its earlier checkpoints '
-            '(run the same command to resume from the newest)', file=sys.stderr, flush=True)
+      print(
+        f'\ninterrupted again: stopped at once; {self._workdir} keeps its earlier checkpoints '
+        '(run the same command to resume from the newest)',
+        file=sys.stderr,
+        flush=True,
+      )
       os._exit(EXIT_INTERRUPTED)
     if self.requested is None and name == 'SIGINT':
-      print('\ninterrupt: saving a checkpoint at this step, then stopping (Ctrl-C again to stop '
-            'at once)', file=sys.stderr, flush=True)
+      print(
+        '\ninterrupt: saving a checkpoint at this step, then stopping (Ctrl-C again to stop '
+        'at once)',
+        file=sys.stderr,
+        flush=True,
+      )
     self.requested = self.requested or name
 
   def restore(self):

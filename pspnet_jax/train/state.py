@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pspnet_jax.train.optimizer import OptimizerConfig, make_optimizer, schedules
 from pspnet_jax.train.step import make_train_step
@@ -28,6 +29,7 @@ from pspnet_jax.train.step import make_train_step
 class Trainer:
   """The compiled parts of a run. ``step(state, batch) -> (state, metrics)`` donates
   ``state``; ``replicated`` / ``sharded`` are the state's and the batch's shardings."""
+
   graphdef: nnx.GraphDef
   tx: optax.GradientTransformation
   step: Callable
@@ -37,34 +39,53 @@ class Trainer:
   def initial_state(self, params, batch_stats, seed: int) -> dict:
     """The state at step 0: ``params``, ``batch_stats`` (nnx States), the optimizer's
     initial state, the step counter and the dropout key (``seed``)."""
-    return {'params': params, 'batch_stats': batch_stats, 'opt_state': self.tx.init(params),
-            'step': jnp.zeros((), jnp.int32), 'rng': jax.random.key_data(jax.random.key(seed))}
+    return {
+      'params': params,
+      'batch_stats': batch_stats,
+      'opt_state': self.tx.init(params),
+      'step': jnp.zeros((), jnp.int32),
+      'rng': jax.random.key_data(jax.random.key(seed)),
+    }
 
   def abstract_state(self, params, batch_stats) -> dict:
     """``initial_state``'s shapes, dtypes and shardings, computing nothing: what the step
     is lowered for when there are no arrays (AOT compilation)."""
     shapes = jax.eval_shape(functools.partial(self.initial_state, seed=0), params, batch_stats)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), shapes)
+    return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), shapes
+    )
 
   def abstract_batch(self, global_batch_size: int, crop_size: int) -> dict:
     """A global batch's shapes: float32 images [B, crop, crop, 3], int32 labels."""
     b, c = int(global_batch_size), int(crop_size)
-    return {'image': jax.ShapeDtypeStruct((b, c, c, 3), jnp.float32, sharding=self.sharded),
-            'label': jax.ShapeDtypeStruct((b, c, c), jnp.int32, sharding=self.sharded)}
+    return {
+      'image': jax.ShapeDtypeStruct((b, c, c, 3), jnp.float32, sharding=self.sharded),
+      'label': jax.ShapeDtypeStruct((b, c, c), jnp.int32, sharding=self.sharded),
+    }
 
 
-def create_trainer(config, graphdef: nnx.GraphDef, *, total_steps: int, ignore_label: int,
-                   mesh: Mesh) -> Trainer:
+def create_trainer(
+  config, graphdef: nnx.GraphDef, *, total_steps: int, ignore_label: int, mesh: Mesh
+) -> Trainer:
   """The ``Trainer`` of ``config`` (its ``optimizer``, ``aux_weight``, ``grad_accum_steps``,
   ``loss_block_rows``) for the model ``graphdef`` over ``mesh``: parameters replicated,
   the batch sharded on ``data``, one compiled step."""
   opt_config = OptimizerConfig(**dict(config.optimizer))
   tx = make_optimizer(opt_config, total_steps)
-  step = make_train_step(graphdef, tx, aux_weight=config.aux_weight, ignore_label=int(ignore_label),
-                         grad_accum_steps=int(config.grad_accum_steps),
-                         lr_schedules=schedules(opt_config, total_steps),
-                         loss_block_rows=int(config.loss_block_rows))
+  step = make_train_step(
+    graphdef,
+    tx,
+    aux_weight=config.aux_weight,
+    ignore_label=int(ignore_label),
+    grad_accum_steps=int(config.grad_accum_steps),
+    lr_schedules=schedules(opt_config, total_steps),
+    loss_block_rows=int(config.loss_block_rows),
+  )
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-  jitted = jax.jit(step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
-                   donate_argnums=(0,))
+  jitted = jax.jit(
+    step,
+    in_shardings=(replicated, sharded),
+    out_shardings=(replicated, replicated),
+    donate_argnums=(0,),
+  )
   return Trainer(graphdef, tx, jitted, replicated, sharded)

@@ -18,9 +18,16 @@ from pspnet_jax.errors import UserError
 from pspnet_jax.train.loss import upsampled_cross_entropy
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, *, aux_weight: float,
-                    ignore_label: int, grad_accum_steps: int = 1, lr_schedules=None,
-                    loss_block_rows: int = 32):
+def make_train_step(
+  graphdef,
+  tx: optax.GradientTransformation,
+  *,
+  aux_weight: float,
+  ignore_label: int,
+  grad_accum_steps: int = 1,
+  lr_schedules=None,
+  loss_block_rows: int = 32,
+):
   """Returns ``step(state, batch) -> (state, metrics)``; ``state`` is a dict with
   ``params``, ``batch_stats``, ``opt_state``, ``step`` (int32) and ``rng`` (a key).
 
@@ -37,8 +44,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, aux_weight: f
   """
 
   if int(loss_block_rows) < 0:
-    raise UserError(f'config.loss_block_rows={loss_block_rows}: expected output rows per block of '
-                    'the loss, >= 1 (or 0: the full-resolution composition)')
+    raise UserError(
+      f'config.loss_block_rows={loss_block_rows}: expected output rows per block of '
+      'the loss, >= 1 (or 0: the full-resolution composition)'
+    )
 
   def loss_fn(params, batch_stats, images, labels, rng):
     # BN updates its statistics in place; NNX only allows that on Variables created at the
@@ -48,8 +57,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, aux_weight: f
     model.train()
     logits, aux = model(images, rngs=nnx.Rngs(dropout=rng), upsample=False)
     head_loss = lambda z: upsampled_cross_entropy(
-        z, labels, align_corners=model.config.align_corners, ignore_label=ignore_label,
-        block_rows=loss_block_rows)
+      z,
+      labels,
+      align_corners=model.config.align_corners,
+      ignore_label=ignore_label,
+      block_rows=loss_block_rows,
+    )
     main_loss, aux_loss = head_loss(logits), head_loss(aux)
     loss = main_loss + aux_weight * aux_loss
     return loss, (nnx.state(model, nnx.BatchStat), main_loss, aux_loss)
@@ -61,7 +74,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, aux_weight: f
     images, labels = batch['image'], batch['label']
     if grad_accum_steps == 1:
       (loss, (batch_stats, main_loss, aux_loss)), grads = grad_fn(
-          state['params'], state['batch_stats'], images, labels, rng)
+        state['params'], state['batch_stats'], images, labels, rng
+      )
     else:
       k = grad_accum_steps
       micro = lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:])
@@ -75,18 +89,24 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, aux_weight: f
       zeros = jax.tree.map(jnp.zeros_like, state['params'])
       rngs = jax.random.split(rng, k)
       (batch_stats, grads), (ls, ms, as_, ns) = jax.lax.scan(
-          body, (state['batch_stats'], zeros), (micro(images), micro(labels), rngs))
+        body, (state['batch_stats'], zeros), (micro(images), micro(labels), rngs)
+      )
       total = jnp.maximum(jnp.sum(ns), 1.0)
       grads = jax.tree.map(lambda g: g / total, grads)
       loss, main_loss, aux_loss = (jnp.sum(v * ns) / total for v in (ls, ms, as_))
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    metrics = {'loss': loss, 'main_loss': main_loss, 'aux_loss': aux_loss,
-               'grad_norm': optax.global_norm(grads)}
+    metrics = {
+      'loss': loss,
+      'main_loss': main_loss,
+      'aux_loss': aux_loss,
+      'grad_norm': optax.global_norm(grads),
+    }
     if lr_schedules is not None:
       metrics['lr'] = lr_schedules['backbone'](state['step'])
-    new_state = dict(state, params=params, batch_stats=batch_stats, opt_state=opt_state,
-                     step=state['step'] + 1)
+    new_state = dict(
+      state, params=params, batch_stats=batch_stats, opt_state=opt_state, step=state['step'] + 1
+    )
     return new_state, metrics
 
   return step

@@ -61,7 +61,9 @@ class WorkdirLock:
     if jax.process_count() > 1:
       refused = multihost_utils.broadcast_one_to_all(np.int32(bool(problem)))
       if refused and not problem:
-        problem = f'{os.path.dirname(self.path)} is in use by another run (process 0 of this job says so)'
+        problem = (
+          f'{os.path.dirname(self.path)} is in use by another run (process 0 of this job says so)'
+        )
     if problem:
       raise UserError(problem)
     return self
@@ -78,8 +80,12 @@ class WorkdirLock:
         pass
 
   def _acquire(self):
-    me = {'host': socket.gethostname(), 'pid': os.getpid(), 'start': _start_time(os.getpid()),
-          'since': time.strftime('%Y-%m-%d %H:%M:%S')}
+    me = {
+      'host': socket.gethostname(),
+      'pid': os.getpid(),
+      'start': _start_time(os.getpid()),
+      'since': time.strftime('%Y-%m-%d %H:%M:%S'),
+    }
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     for _ in range(3):
       try:
@@ -88,16 +94,19 @@ class WorkdirLock:
         holder = self._holder()
         if holder is None:  # gone: take it over (the next try creates the file afresh)
           continue
-        raise UserError(
-            f'--workdir {os.path.dirname(self.path)} is in use by another run: process '
-            f'{holder.get("pid")} on {holder.get("host")}, since {holder.get("since")} (wait for '
-            f'it or stop it, or give another --workdir; if that run is gone, remove {self.path})')
+        raise UserError(  # noqa: B904  (the FileExistsError is the expected case, not a fault)
+          f'--workdir {os.path.dirname(self.path)} is in use by another run: process '
+          f'{holder.get("pid")} on {holder.get("host")}, since {holder.get("since")} (wait for '
+          f'it or stop it, or give another --workdir; if that run is gone, remove {self.path})'
+        )
       with os.fdopen(fd, 'w') as f:
         json.dump(me, f)
       self._held = True
       return
-    raise UserError(f'{self.path}: cannot take the workdir lock (it keeps changing: another run '
-                    'is starting on this workdir?)')
+    raise UserError(
+      f'{self.path}: cannot take the workdir lock (it keeps changing: another run '
+      'is starting on this workdir?)'
+    )
 
   def _holder(self) -> dict | None:
     """The live holder's record, or None after removing the lock of one that is gone."""
@@ -109,10 +118,13 @@ class WorkdirLock:
     except (OSError, ValueError):
       holder = {}
     if holder.get('host') == socket.gethostname():
-      alive = _start_time(int(holder.get('pid', -1))) if str(holder.get('pid', '')).isdigit() else None
+      alive = (
+        _start_time(int(holder.get('pid', -1))) if str(holder.get('pid', '')).isdigit() else None
+      )
       if alive is None or (holder.get('start') and alive and alive != holder['start']):
-        print(f'note: took over {self.path} from process {holder.get("pid")}, which is gone',
-              flush=True)
+        print(
+          f'note: took over {self.path} from process {holder.get("pid")}, which is gone', flush=True
+        )
         try:
           os.remove(self.path)
         except FileNotFoundError:

@@ -11,9 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from pspnet_jax import checkpoint, mesh as mesh_lib
+from pspnet_jax import checkpoint
+from pspnet_jax import mesh as mesh_lib
 from pspnet_jax.models import PSPNetConfig
 from pspnet_jax.train import OptimizerConfig, make_optimizer, make_train_step
 
@@ -29,17 +31,29 @@ def main(out):
   labels[:, :5] = 255
   mesh = mesh_lib.data_mesh()
   replicated = NamedSharding(mesh, P())
-  state = jax.device_put({'params': params, 'batch_stats': batch_stats, 'opt_state': tx.init(params),
-                          'step': jnp.zeros((), jnp.int32),
-                          'rng': jax.random.key_data(jax.random.key(0))}, replicated)
+  state = jax.device_put(
+    {
+      'params': params,
+      'batch_stats': batch_stats,
+      'opt_state': tx.init(params),
+      'step': jnp.zeros((), jnp.int32),
+      'rng': jax.random.key_data(jax.random.key(0)),
+    },
+    replicated,
+  )
   batch = mesh_lib.global_batch({'image': images, 'label': labels}, mesh)
-  step = jax.jit(make_train_step(graphdef, tx, aux_weight=0.4, ignore_label=255),
-                 in_shardings=(replicated, NamedSharding(mesh, P('data'))),
-                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+  step = jax.jit(
+    make_train_step(graphdef, tx, aux_weight=0.4, ignore_label=255),
+    in_shardings=(replicated, NamedSharding(mesh, P('data'))),
+    out_shardings=(replicated, replicated),
+    donate_argnums=(0,),
+  )
   for _ in range(2):
     state, metrics = step(state, batch)
-  flat = {'/'.join(map(str, k)): np.asarray(v[...]) for k, v in
-          nnx.to_flat_state(nnx.merge_state(state['params'], state['batch_stats']))}
+  flat = {
+    '/'.join(map(str, k)): np.asarray(v[...])
+    for k, v in nnx.to_flat_state(nnx.merge_state(state['params'], state['batch_stats']))
+  }
   flat['__loss'] = np.asarray(metrics['loss'])
   flat['__devices'] = np.asarray(jax.device_count())
   np.savez(out, **flat)

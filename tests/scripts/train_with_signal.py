@@ -33,6 +33,10 @@ def send(step):
 from pspnet_jax.train import loop  # noqa: E402  (after the arguments are read)
 
 loop.AFTER_STEP_HOOKS.append(send)
-sys.argv = [os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'train.py'),
-            *sys.argv[2:]]
+sys.argv = [
+  os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'train.py'
+  ),
+  *sys.argv[2:],
+]
 runpy.run_path(sys.argv[0], run_name='__main__')

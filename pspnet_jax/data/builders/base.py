@@ -14,12 +14,12 @@ import dataclasses
 import io
 import logging
 import os
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import cv2
 import numpy as np
-from PIL import Image as PILImage
 import tensorflow_datasets as tfds
+from PIL import Image as PILImage
 
 from pspnet_jax.errors import UserError
 from pspnet_jax.palette import default_palette
@@ -66,8 +66,9 @@ def decode_rgb(data: bytes, where: str) -> tuple[bytes, tuple[int, int]]:
   array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
   if array is None:
     raise BadExampleError(
-        f'{where}: cannot decode the image (corrupt or not an image file). Replace the '
-        'file, remove the example, or prepare with --skip-bad-examples to drop it.')
+      f'{where}: cannot decode the image (corrupt or not an image file). Replace the '
+      'file, remove the example, or prepare with --skip-bad-examples to drop it.'
+    )
   if array.ndim == 3 and array.shape[2] == 3 and array.dtype == np.uint8:
     return data, array.shape[:2]
   if array.dtype != np.uint8:
@@ -93,18 +94,21 @@ def decode_label(data: bytes, where: str) -> np.ndarray:
       array = np.asarray(im)
   except Exception as e:  # PIL raises many types for corrupt files
     raise BadExampleError(
-        f'{where}: cannot decode the label image ({e}). Replace the file, remove the '
-        'example, or prepare with --skip-bad-examples to drop it.') from e
+      f'{where}: cannot decode the label image ({e}). Replace the file, remove the '
+      'example, or prepare with --skip-bad-examples to drop it.'
+    ) from e
   if array.ndim != 2:
     raise BadExampleError(
-        f'{where}: the label image has mode {mode} with {array.shape[-1]} channels; labels '
-        'must be single-channel class indices (grey or palette PNG), not a colour '
-        'rendering of the classes. Convert it, or drop it with --skip-bad-examples.')
+      f'{where}: the label image has mode {mode} with {array.shape[-1]} channels; labels '
+      'must be single-channel class indices (grey or palette PNG), not a colour '
+      'rendering of the classes. Convert it, or drop it with --skip-bad-examples.'
+    )
   if array.dtype != np.uint8:
     if array.size and (array.min() < 0 or array.max() > 255):
       raise BadExampleError(
-          f'{where}: label values span {array.min()}..{array.max()}, beyond 8 bits; class '
-          'indices must be 0..254 with 255 for ignored pixels.')
+        f'{where}: label values span {array.min()}..{array.max()}, beyond 8 bits; class '
+        'indices must be 0..254 with 255 for ignored pixels.'
+      )
     array = array.astype(np.uint8)
   return array
 
@@ -114,16 +118,18 @@ def _read(read: Callable, name: str, what: str):
     return read()
   except (OSError, KeyError) as e:  # KeyError: a member missing from a zip archive
     raise BadExampleError(
-        f'{name}: cannot read the {what} ({e}). Restore the file or remove the example, or '
-        'prepare with --skip-bad-examples to drop it.') from e
+      f'{name}: cannot read the {what} ({e}). Restore the file or remove the example, or '
+      'prepare with --skip-bad-examples to drop it.'
+    ) from e
 
 
 @dataclasses.dataclass(frozen=True)
 class RawExample:
   """Where one raw example's bytes come from (read lazily, during preparation)."""
-  key: str                              # unique within the split
-  id: str                               # kept in the dataset, e.g. to name predictions
-  image_name: str                       # for error messages
+
+  key: str  # unique within the split
+  id: str  # kept in the dataset, e.g. to name predictions
+  image_name: str  # for error messages
   label_name: str
   read_image: Callable[[], bytes]
   read_label: Callable[[], bytes | np.ndarray]  # bytes of a label image, or the array
@@ -153,8 +159,7 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
   DESCRIPTION = ''
   VALID_RAW_HINT = ''  # says what raw label values are allowed, for errors
 
-  def __init__(self, *, skip_bad_examples: bool = False, manual_dir: str | None = None,
-               **kwargs):
+  def __init__(self, *, skip_bad_examples: bool = False, manual_dir: str | None = None, **kwargs):
     self.skip_bad_examples = skip_bad_examples
     self.manual_dir = os.fspath(manual_dir) if manual_dir else None
     self.skipped: list[str] = []  # messages of dropped examples
@@ -164,8 +169,7 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
     """-> the manual dir; ManualDirError saying what to download and where, if unset."""
     if not self.manual_dir or not os.path.isdir(self.manual_dir):
       where = f'{self.manual_dir} does not exist' if self.manual_dir else 'no --manual-dir given'
-      raise ManualDirError(
-          f'{self.name} needs {needs} in --manual-dir ({where}). {instructions}')
+      raise ManualDirError(f'{self.name} needs {needs} in --manual-dir ({where}). {instructions}')
     return self.manual_dir
 
   def extra_metadata(self) -> dict:
@@ -188,21 +192,24 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=self.DESCRIPTION,
-        features=tfds.features.FeaturesDict({
-            # Bytes are stored as given (JPEG or PNG); decoding is format-agnostic.
-            'image': tfds.features.Image(shape=(None, None, 3), encoding_format=None),
-            'label': tfds.features.Image(shape=(None, None, 1), encoding_format='png'),
-            'id': tfds.features.Text(),
-        }),
-        metadata=tfds.core.MetadataDict(
-            class_names=list(self.class_names()),
-            palette=[list(c) for c in self.palette()],
-            ignore_label=IGNORE_LABEL,
-            base_size=self.base_size(),
-            skipped_examples=0,
-            **self.extra_metadata()),
+      builder=self,
+      description=self.DESCRIPTION,
+      features=tfds.features.FeaturesDict(
+        {
+          # Bytes are stored as given (JPEG or PNG); decoding is format-agnostic.
+          'image': tfds.features.Image(shape=(None, None, 3), encoding_format=None),
+          'label': tfds.features.Image(shape=(None, None, 1), encoding_format='png'),
+          'id': tfds.features.Text(),
+        }
+      ),
+      metadata=tfds.core.MetadataDict(
+        class_names=list(self.class_names()),
+        palette=[list(c) for c in self.palette()],
+        ignore_label=IGNORE_LABEL,
+        base_size=self.base_size(),
+        skipped_examples=0,
+        **self.extra_metadata(),
+      ),
     )
 
   def generate_splits(self, split_raws: dict[str, Iterable[RawExample]]) -> dict:
@@ -227,27 +234,31 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
       yield raw.key, example
     if not count:  # TFDS would only say "No examples were yielded"
       raise BadExampleError(
-          f'{self.name}: split {split!r} has no usable examples ({len(self.skipped)} bad ones '
-          'skipped so far). Check the raw files, and the layout in docs/datasets.md.')
+        f'{self.name}: split {split!r} has no usable examples ({len(self.skipped)} bad ones '
+        'skipped so far). Check the raw files, and the layout in docs/datasets.md.'
+      )
 
   def _encode(self, raw: RawExample, lut: np.ndarray, valid: np.ndarray) -> dict:
-    image_bytes, image_hw = decode_rgb(_read(raw.read_image, raw.image_name, 'image'),
-                                       raw.image_name)
+    image_bytes, image_hw = decode_rgb(
+      _read(raw.read_image, raw.image_name, 'image'), raw.image_name
+    )
     label = _read(raw.read_label, raw.label_name, 'label')
     if isinstance(label, bytes):
       label = decode_label(label, raw.label_name)
     if label.shape != image_hw:
       raise BadExampleError(
-          f'{raw.label_name}: label size {label.shape[1]}x{label.shape[0]} (WxH) differs from '
-          f'its image {raw.image_name} ({image_hw[1]}x{image_hw[0]}). Pair the right files, '
-          'or drop the example with --skip-bad-examples.')
+        f'{raw.label_name}: label size {label.shape[1]}x{label.shape[0]} (WxH) differs from '
+        f'its image {raw.image_name} ({image_hw[1]}x{image_hw[0]}). Pair the right files, '
+        'or drop the example with --skip-bad-examples.'
+      )
     present = np.unique(label)
     bad = present[~valid[present]]
     if bad.size:
       raise BadExampleError(
-          f'{raw.label_name}: label values {bad.tolist()[:10]} are not allowed '
-          f'({self.VALID_RAW_HINT or self._default_hint()}). Fix the label map or the class '
-          'file, or drop the example with --skip-bad-examples.')
+        f'{raw.label_name}: label values {bad.tolist()[:10]} are not allowed '
+        f'({self.VALID_RAW_HINT or self._default_hint()}). Fix the label map or the class '
+        'file, or drop the example with --skip-bad-examples.'
+      )
     return {'image': image_bytes, 'label': encode_png(lut[label]), 'id': raw.id}
 
   def _default_hint(self) -> str:

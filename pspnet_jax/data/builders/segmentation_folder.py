@@ -36,8 +36,9 @@ def read_class_file(root: str) -> dict:
       break
   else:
     raise base.ManualDirError(
-        f'{root} has no class file ({", ".join(CLASS_FILES)}). Write one, e.g. '
-        '{"classes": ["background", "road"], "palette": [[0,0,0],[128,64,128]]}.')
+      f'{root} has no class file ({", ".join(CLASS_FILES)}). Write one, e.g. '
+      '{"classes": ["background", "road"], "palette": [[0,0,0],[128,64,128]]}.'
+    )
   with open(path) as f:
     text = f.read()
   try:
@@ -45,6 +46,7 @@ def read_class_file(root: str) -> dict:
       spec = json.loads(text)
     else:
       import yaml  # pylint: disable=g-import-not-at-top
+
       spec = yaml.safe_load(text)
   except Exception as e:  # json and yaml raise different types
     raise UserError(f'{path}: cannot parse the class file ({e}).') from e
@@ -54,10 +56,13 @@ def read_class_file(root: str) -> dict:
   if not classes or not all(isinstance(c, str) for c in classes) or len(classes) > 255:
     raise UserError(f'{path}: "classes" must be a list of 1..255 class names, in index order.')
   palette = spec.get('palette')
-  if palette is not None and (len(palette) != len(classes) or any(
-      len(c) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in c) for c in palette)):
-    raise UserError(f'{path}: "palette" must hold one [R, G, B] (0..255) per class '
-                     f'({len(classes)} classes).')
+  if palette is not None and (
+    len(palette) != len(classes)
+    or any(len(c) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in c) for c in palette)
+  ):
+    raise UserError(
+      f'{path}: "palette" must hold one [R, G, B] (0..255) per class ({len(classes)} classes).'
+    )
   base_size = spec.get('base_size', 512)
   if not isinstance(base_size, int) or base_size <= 0:
     raise UserError(f'{path}: "base_size" must be a positive integer, got {base_size!r}.')
@@ -76,8 +81,10 @@ class SegmentationFolder(base.SegmentationBuilder):
 
   def _spec(self) -> dict:
     if self.spec is None:
-      raise UserError('segmentation_folder needs the folder: prepare(..., root=DIR) or '
-                       '--option root=DIR on the command line.')
+      raise UserError(
+        'segmentation_folder needs the folder: prepare(..., root=DIR) or '
+        '--option root=DIR on the command line.'
+      )
     return self.spec
 
   def class_names(self):
@@ -108,8 +115,9 @@ class SegmentationFolder(base.SegmentationBuilder):
           splits[split] = self._folder_pairs(split)
     if not splits:
       raise base.ManualDirError(
-          f'{root} has neither list files (SPLIT.txt) nor images/SPLIT/ folders; see '
-          'docs/datasets.md, "Bring your own data".')
+        f'{root} has neither list files (SPLIT.txt) nor images/SPLIT/ folders; see '
+        'docs/datasets.md, "Bring your own data".'
+      )
     return self.generate_splits({split: self._raws(pairs) for split, pairs in splits.items()})
 
   def _list_file_pairs(self, path: str):
@@ -131,15 +139,24 @@ class SegmentationFolder(base.SegmentationBuilder):
     for name in sorted(os.listdir(image_dir)):
       stem, ext = os.path.splitext(name)
       if ext.lower() in IMAGE_EXTENSIONS:
-        pairs.append((os.path.join(image_dir, name),
-                      os.path.join(self.root, 'labels', split, f'{stem}.png'), ''))
+        pairs.append(
+          (
+            os.path.join(image_dir, name),
+            os.path.join(self.root, 'labels', split, f'{stem}.png'),
+            '',
+          )
+        )
     return pairs
 
   def _raws(self, pairs):
     for index, (image, label, origin) in enumerate(pairs):
       ident = os.path.splitext(os.path.relpath(image, self.root))[0].replace(os.sep, '/')
       # Keyed by position: a list file may name one image twice.
-      yield base.RawExample(key=f'{index:08d}', id=ident, image_name=origin + image,
-                            label_name=origin + label,
-                            read_image=lambda p=image: base.read_file(p),
-                            read_label=lambda p=label: base.read_file(p))
+      yield base.RawExample(
+        key=f'{index:08d}',
+        id=ident,
+        image_name=origin + image,
+        label_name=origin + label,
+        read_image=lambda p=image: base.read_file(p),
+        read_label=lambda p=label: base.read_file(p),
+      )

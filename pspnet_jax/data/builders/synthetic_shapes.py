@@ -72,11 +72,14 @@ class SyntheticShapes(base.SegmentationBuilder):
   CLASS_NAMES = CLASS_NAMES
   PALETTE = PALETTE
 
-  def __init__(self, *, image_size: int = 96, num_train: int = 512, num_val: int = 64,
-               seed: int = 0, **kwargs):
+  def __init__(
+    self, *, image_size: int = 96, num_train: int = 512, num_val: int = 64, seed: int = 0, **kwargs
+  ):
     if image_size < 16 or num_train < 1 or num_val < 1:
-      raise UserError('synthetic_shapes needs image_size >= 16 and at least one example '
-                       f'per split, got {image_size=}, {num_train=}, {num_val=}')
+      raise UserError(
+        'synthetic_shapes needs image_size >= 16 and at least one example '
+        f'per split, got {image_size=}, {num_train=}, {num_val=}'
+      )
     self.image_size, self.num_train, self.num_val, self.seed = image_size, num_train, num_val, seed
     super().__init__(**kwargs)
 
@@ -84,20 +87,32 @@ class SyntheticShapes(base.SegmentationBuilder):
     return self.image_size
 
   def extra_metadata(self) -> dict:
-    return {'builder_kwargs': {'image_size': self.image_size, 'num_train': self.num_train,
-                              'num_val': self.num_val, 'seed': self.seed}}
+    return {
+      'builder_kwargs': {
+        'image_size': self.image_size,
+        'num_train': self.num_train,
+        'num_val': self.num_val,
+        'seed': self.seed,
+      }
+    }
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
-    return self.generate_splits({
+    return self.generate_splits(
+      {
         split: self._raws(split_index, n)
-        for split_index, (split, n) in enumerate([('train', self.num_train),
-                                                  ('val', self.num_val)])})
+        for split_index, (split, n) in enumerate([('train', self.num_train), ('val', self.num_val)])
+      }
+    )
 
   def _raws(self, split_index: int, n: int):
     for i in range(n):
       image, label = make_example(self.seed, split_index, i, self.image_size)
       yield base.RawExample(
-          key=f'{i:06d}', id=f'shapes_{split_index}_{i:06d}', image_name=f'synthetic #{i}',
-          label_name=f'synthetic #{i}', read_image=lambda im=image: base.encode_png(im),
-          read_label=lambda lb=label: lb)
+        key=f'{i:06d}',
+        id=f'shapes_{split_index}_{i:06d}',
+        image_name=f'synthetic #{i}',
+        label_name=f'synthetic #{i}',
+        read_image=lambda im=image: base.encode_png(im),
+        read_label=lambda lb=label: lb,
+      )
