@@ -117,12 +117,12 @@ class _Run:
     self.quick_cfg = dataclasses.replace(
       eval_cfg, mode='whole', scales=(1.0,), flip=False, per_scale=False
     )
-    self.logger = MetricsLogger(workdir)
     self.watch = DivergenceWatch(config.divergence_factor, info.num_classes)
     # Step metrics stay on the device until a log, validation or save step reads them all
     # at once: reading them every step would stall the host until each step finished.
     self.pending = []
-    self.start = self.restore()
+    self.start = self.restore()  # before anything else is written: it may refuse
+    self.logger = MetricsLogger(workdir)
 
   def restore(self) -> int:
     """Resumes from the newest intact checkpoint; returns its step (0 without one)."""
