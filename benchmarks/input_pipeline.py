@@ -4,13 +4,17 @@
 
 Prepares a segmentation_folder dataset of ADE20K-sized images (JPEG 512x683, the median
 ADE20K shape; textured synthetic content) in a temporary directory, then reports
-  1. the per-image time of each stage (read+decode, scale, rotate, blur, flip, crop,
-     normalise) in one thread with OpenCV single-threaded: where a worker's time goes;
+  1. the per-image time of each stage (read+decode, scale, rotate, blur, flip, mmseg's
+     crop, photometric distortion, normalise) in one thread with OpenCV single-threaded:
+     where a worker's time goes;
   2. end-to-end img/s of train_loader at batch 8 for each --workers value (0 = the main
-     process with one background thread), and per worker.
+     process with one background thread), and per worker, without and with the
+     photometric distortion (augment.photometric).
 """
 
 import argparse
+import dataclasses
+import itertools
 import os
 import tempfile
 import time
@@ -51,7 +55,18 @@ def stage_profile(source, config: data.AugmentConfig, n: int) -> dict[str, float
   worker costs when it has a core to itself.
   """
   times = dict.fromkeys(
-    ['read+decode', 'to float32', 'scale', 'rotate', 'blur', 'flip', 'crop', 'normalise'], 0.0
+    [
+      'read+decode',
+      'to float32',
+      'scale',
+      'rotate',
+      'blur',
+      'flip',
+      'photometric',
+      'crop',
+      'normalise',
+    ],
+    0.0,
   )
   for i in range(n):
     rng = transforms.example_rng(0, 0, i)
@@ -79,6 +94,10 @@ def stage_profile(source, config: data.AugmentConfig, n: int) -> dict[str, float
     lap('flip')
     image, label = transforms.random_crop(image, label, rng, config.crop_size)
     lap('crop')
+    image = transforms.photometric_distortion(
+      np.clip(np.rint(image), 0, 255).astype(np.uint8), rng
+    ).astype(np.float32)
+    lap('photometric')
     normalize(np.ascontiguousarray(image)), label.astype(np.int32)
     lap('normalise')
   return {k: v / n for k, v in times.items()}
@@ -107,13 +126,13 @@ def main():
       print(f'  {k:12s} {1e3 * v:7.2f}  {100 * v / total:5.1f}%')
     print(f'  {"total":12s} {1e3 * total:7.2f}  -> {1 / total:.1f} img/s per worker')
 
-    for workers in args.workers:
+    for photometric, workers in itertools.product((False, True), args.workers):
       loader = data.train_loader(
         'segmentation_folder',
         'train',
         f'{tmp}/prepared',
         global_batch_size=args.batch,
-        augment=config,
+        augment=dataclasses.replace(config, photometric=photometric),
         seed=0,
         process_index=0,
         process_count=1,
@@ -127,7 +146,10 @@ def main():
       loader.close()
       rate = args.steps * args.batch / dt
       per = rate / max(workers, 1)
-      print(f'train_loader workers={workers}: {rate:.1f} img/s ({per:.1f} per worker)')
+      print(
+        f'train_loader photometric={photometric} workers={workers}: {rate:.1f} img/s '
+        f'({per:.1f} per worker)'
+      )
 
 
 if __name__ == '__main__':

@@ -12,8 +12,8 @@ single scale, no flip.
 
 Where this differs from semseg's recipe (``semseg_recipe.py``): weight decay 5e-4 not
 1e-4, no 10x head learning rate, no rotation or blur, a fixed iteration count, evaluation
-whole-image without flip. Where it differs from mmseg (not expressible here): the poly
-schedule decays to 0, not 1e-4; no PhotoMetricDistortion, no cat_max_ratio crop retries;
+whole-image without flip, mmseg's PhotoMetricDistortion on. Where it differs from mmseg (not
+expressible here): the poly schedule decays to 0, not 1e-4; no cat_max_ratio crop retries;
 crops are square (Cityscapes 512x512, not 512x1024, at mmseg's batch 8); the random scale
 is relative to the image, not to a (2048, 512) base; ADE20K is evaluated with its long side
 resized to 512 (``eval.base_size``), where mmseg resizes the short side to 512.
@@ -45,6 +45,7 @@ def get_recipe(dataset: str):
   c.augment.crop_size = r.crop_size
   c.augment.rotate_min = c.augment.rotate_max = 0.0
   c.augment.blur = False
+  c.augment.photometric = True
   c.global_batch_size = r.batch
   c.num_steps = int(r.length)
   c.eval.mode = 'whole'

@@ -80,6 +80,13 @@ def base_config() -> ml_collections.ConfigDict:
       blur=True,
       flip=True,
       ignore_label=255,
+      # mmseg's PhotoMetricDistortion (pspnet_jax.data.transforms.photometric_distortion):
+      # off in semseg's recipe, on in mmseg's.
+      photometric=False,
+      brightness_delta=32.0,
+      contrast_range=(0.5, 1.5),
+      saturation_range=(0.5, 1.5),
+      hue_delta=18,
     )
   )
   c.optimizer = ml_collections.ConfigDict(

@@ -65,6 +65,10 @@ RANGES = {
   'augment.rotate_min': '[-180, 180]',
   'augment.rotate_max': '[-180, 180]',
   'augment.ignore_label': 'int [0, 255]',
+  'augment.brightness_delta': '[0, 255]',
+  'augment.contrast_range': '[0, inf)',
+  'augment.saturation_range': '[0, inf)',
+  'augment.hue_delta': 'int [0, 90]',
   'optimizer.learning_rate': '[0, inf)',
   'optimizer.momentum': '[0, 1)',
   'optimizer.weight_decay': '[0, inf)',
@@ -88,6 +92,8 @@ RANGES = {
 }
 # Pairs whose first must not exceed the second.
 ORDERED = (('augment.scale_min', 'augment.scale_max'), ('augment.rotate_min', 'augment.rotate_max'))
+# (low, high) keys.
+INTERVALS = ('augment.contrast_range', 'augment.saturation_range')
 
 _INTERVAL = re.compile(r'^(int )?([\[(])\s*(\S+),\s*(\S+)\s*([\])])$')
 
@@ -136,6 +142,10 @@ def check_values(config) -> None:
         f'config key {key}={value!r} is out of range: give{each} {_describe(rule)} '
         f'(--config.{key}=...)'
       )
+  for key in INTERVALS:
+    value = keys.get(key)
+    if value is not None and (len(value) != 2 or value[0] > value[1]):
+      raise UserError(f'config key {key}={value!r}: give (low, high) with low <= high')
   for low, high in ORDERED:
     if low in keys and high in keys and keys[low] > keys[high]:
       raise UserError(

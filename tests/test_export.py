@@ -246,6 +246,41 @@ def test_bad_model_dir_and_bad_options_are_one_line_and_write_nothing(exported, 
     assert not [n for n in os.listdir(tmp_path) if n.startswith('.export-')]
 
 
+def test_an_out_that_is_a_file_or_holds_other_files_is_refused_by_export_and_port(
+  exported, tmp_path
+):
+  """pspnet_jax.output_dir at the CLI: export and port refuse, before any work, an --out
+  that is a file or a folder of the user's other files; both are left as they were."""
+  _, model_dir, _, _ = exported
+  a_file = tmp_path / 'model.onnx'
+  a_file.write_text('mine')
+  others = tmp_path / 'mine'
+  others.mkdir()
+  (others / 'notes.txt').write_text('keep')
+  cases = [
+    (['pspnet_jax.export', str(model_dir)], a_file, f'--out {a_file} is a file, not a folder'),
+    (['pspnet_jax.export', str(model_dir)], others, 'holds other files and no earlier export'),
+    (
+      ['pspnet_jax.port', str(tmp_path / 'any.pth')],
+      others,
+      'holds other files and no earlier model directory',
+    ),
+  ]
+  for command, out, needle in cases:
+    p = subprocess.run(
+      [sys.executable, '-m', *command, '--out', str(out)],
+      env=_env(),
+      capture_output=True,
+      text=True,
+      timeout=TIMEOUT,
+      cwd=REPO,
+    )
+    assert p.returncode == 2, (command, p.stdout[-1000:], p.stderr[-2000:])
+    lines = [l for l in p.stderr.splitlines() if l.startswith('error: ')]
+    assert len(lines) == 1 and 'Traceback' not in p.stderr and needle in lines[0], p.stderr[-2000:]
+  assert a_file.read_text() == 'mine' and os.listdir(others) == ['notes.txt']
+
+
 def test_bfloat16_export_computes_in_bfloat16_and_stays_close(exported, tmp_path):
   """``--dtype bfloat16``: the program's convolutions run in bfloat16 (so its logits
   differ from float32's by more than float32 rounding, but by little), its input and

@@ -348,6 +348,11 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path, data_dir):
   for k in a:
     # float32 all-reduces sum in a different order across processes: ~1e-6 relative
     np.testing.assert_allclose(b[k], a[k], atol=1e-5, rtol=2e-5, err_msg=k)
+  # Only process 0 writes the logs: each step's row once, one TensorBoard file, one lock
+  # taken and released.
+  rows = [json.loads(l) for l in open(multi / 'metrics.jsonl')]
+  assert [r['step'] for r in rows if r['kind'] == 'train'] == [1, 2, 3], rows
+  assert len(os.listdir(multi / 'tensorboard')) == 1 and not (multi / '.lock').exists()
 
 
 def _eval_cmd(workdir, data_dir, out, *extra):
@@ -564,6 +569,28 @@ def test_resuming_with_another_model_is_refused_naming_each_field(reference_run,
   )
   assert 'new --workdir' in line
   assert open(config_file).read() == before  # the workdir is as it was
+
+
+def test_resuming_with_another_dtype_and_dropout_trains_on_and_records_them(
+  reference_run, data_dir, tmp_path
+):
+  """The compute dtype and dropout are not part of what a checkpoint fixes: a resume with
+  bfloat16 and dropout 0.3 trains on from step 12 and the workdir's model config says so."""
+  import shutil
+
+  workdir = tmp_path / 'rebf16'
+  shutil.copytree(reference_run[0], workdir)
+  p = _train(
+    workdir,
+    data_dir,
+    '--config.model.dtype=bfloat16',
+    '--config.model.dropout=0.3',
+    '--config.num_steps=14',
+  )
+  assert 'at step 12' in p.stdout and max(_finished_steps(workdir)) == 14
+  assert all(np.isfinite(_losses(workdir)[s]) for s in (13, 14))
+  saved = checkpoint.model_config(workdir)
+  assert (saved.dtype, saved.dropout) == ('bfloat16', 0.3)
 
 
 def test_eval_on_a_run_without_checkpoints_says_so(reference_run, tmp_path, data_dir):

@@ -33,6 +33,12 @@ class AugmentConfig:
   blur: bool = True
   flip: bool = True
   ignore_label: int = 255
+  # mmsegmentation's PhotoMetricDistortion (``photometric_distortion``); semseg has none.
+  photometric: bool = False
+  brightness_delta: float = 32
+  contrast_range: tuple[float, float] = (0.5, 1.5)
+  saturation_range: tuple[float, float] = (0.5, 1.5)
+  hue_delta: int = 18
 
 
 def _rgb(mean) -> tuple[float, float, float]:
@@ -101,9 +107,15 @@ def random_hflip(image, label, rng, p: float = 0.5):
   return cv2.flip(image, 1), cv2.flip(label, 1)
 
 
-def random_crop(image, label, rng, crop_size: int, ignore_label: int = 255, mean=MEAN):
+def random_crop(
+  image, label, rng, crop_size: int, ignore_label: int = 255, mean=MEAN, distort=None
+):
   """Pads to at least crop_size (centred: the odd pixel goes bottom/right), then crops a
-  uniformly placed crop_size x crop_size window."""
+  uniformly placed crop_size x crop_size window. ``distort`` (image -> image), when given,
+  transforms the image's part of the window before the padding is added (mmseg distorts
+  colours before it pads; the padding stays the exact mean)."""
+  if distort is not None:
+    return _crop_then_pad(image, label, rng, crop_size, ignore_label, mean, distort)
   h, w = label.shape
   pad_h, pad_w = max(crop_size - h, 0), max(crop_size - w, 0)
   if pad_h or pad_w:
@@ -115,6 +127,74 @@ def random_crop(image, label, rng, crop_size: int, ignore_label: int = 255, mean
   y = int(rng.integers(0, h - crop_size + 1))
   x = int(rng.integers(0, w - crop_size + 1))
   return image[y : y + crop_size, x : x + crop_size], label[y : y + crop_size, x : x + crop_size]
+
+
+def _crop_then_pad(image, label, rng, crop_size, ignore_label, mean, distort):
+  """``random_crop``'s window (the same draws), cut from the unpadded image, distorted, and
+  then padded: the padded image is never built."""
+  h, w = label.shape
+  pad_h, pad_w = max(crop_size - h, 0), max(crop_size - w, 0)
+  top, left = pad_h // 2, pad_w // 2
+  y = int(rng.integers(0, h + pad_h - crop_size + 1)) - top  # in the image's coordinates
+  x = int(rng.integers(0, w + pad_w - crop_size + 1)) - left
+  y0, y1, x0, x1 = max(y, 0), min(y + crop_size, h), max(x, 0), min(x + crop_size, w)
+  out_image = np.empty((crop_size, crop_size, 3), np.float32)
+  out_image[...] = np.asarray(_rgb(mean), np.float32)
+  out_label = np.full((crop_size, crop_size), ignore_label, label.dtype)
+  out_image[y0 - y : y1 - y, x0 - x : x1 - x] = distort(image[y0:y1, x0:x1])
+  out_label[y0 - y : y1 - y, x0 - x : x1 - x] = label[y0:y1, x0:x1]
+  return out_image, out_label
+
+
+def photometric_distortion(
+  image,
+  rng: np.random.Generator,
+  *,
+  brightness_delta: float = 32,
+  contrast_range: tuple[float, float] = (0.5, 1.5),
+  saturation_range: tuple[float, float] = (0.5, 1.5),
+  hue_delta: int = 18,
+) -> np.ndarray:
+  """mmsegmentation 1.x's ``PhotoMetricDistortion`` (mmseg/datasets/transforms/
+  transforms.py, open-mmlab/mmsegmentation v1.2.2), on uint8 RGB [H, W, 3] -> uint8 RGB.
+
+  Each step happens with probability 1/2, and each works on uint8 as mmseg's does (float32
+  arithmetic, clipped to [0, 255], truncated back to uint8): brightness ``+ U(-delta,
+  delta)``; contrast ``x U(contrast_range)`` either second or last (a coin flip before it);
+  saturation ``S x U(saturation_range)`` and hue ``(H + randint(-hue_delta, hue_delta)) mod
+  180`` in OpenCV's 8-bit HSV (H in 0..179), each a round trip through it. The draws come
+  from ``rng`` in mmseg's order (a coin, then the value it gates); ``randint``'s upper bound
+  is exclusive, as numpy's is in mmseg."""
+  image = np.asarray(image)
+  if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+    raise ValueError(
+      f'photometric_distortion wants uint8 [H, W, 3], got {image.dtype} {image.shape}'
+    )
+
+  def scaled(x, alpha=1.0, beta=0.0):
+    return np.clip(x.astype(np.float32) * np.float32(alpha) + np.float32(beta), 0, 255).astype(
+      np.uint8
+    )
+
+  def contrast(x):
+    return scaled(x, alpha=rng.uniform(*contrast_range)) if rng.integers(2) else x
+
+  if rng.integers(2):
+    image = scaled(image, beta=rng.uniform(-brightness_delta, brightness_delta))
+  contrast_second = rng.integers(2) == 1
+  if contrast_second:
+    image = contrast(image)
+  if rng.integers(2):
+    hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+    hsv[..., 1] = scaled(hsv[..., 1], alpha=rng.uniform(*saturation_range))
+    image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+  if rng.integers(2):
+    hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+    hsv[..., 0] = (hsv[..., 0].astype(np.int64) + rng.integers(-hue_delta, hue_delta)) % 180
+    image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+  if not contrast_second:
+    image = contrast(image)
+  return image
 
 
 def augment(image, label, rng: np.random.Generator, config: AugmentConfig, mean=MEAN, std=STD):
@@ -130,7 +210,22 @@ def augment(image, label, rng: np.random.Generator, config: AugmentConfig, mean=
     image = random_gaussian_blur(image, rng)
   if config.flip:
     image, label = random_hflip(image, label, rng)
-  image, label = random_crop(image, label, rng, config.crop_size, config.ignore_label, mean=mean)
+  distort = None
+  if config.photometric:
+    # After the crop and flip and before the padding, on uint8, as mmseg's pipeline.
+    def distort(part):
+      return photometric_distortion(
+        np.clip(np.rint(part), 0, 255).astype(np.uint8),
+        rng,
+        brightness_delta=config.brightness_delta,
+        contrast_range=tuple(config.contrast_range),
+        saturation_range=tuple(config.saturation_range),
+        hue_delta=int(config.hue_delta),
+      ).astype(np.float32)
+
+  image, label = random_crop(
+    image, label, rng, config.crop_size, config.ignore_label, mean=mean, distort=distort
+  )
   # The crop is a strided view into the larger image; normalising a contiguous copy is
   # about twice as fast (the three passes of normalize() then stream through memory).
   return normalize(np.ascontiguousarray(image), mean, std), label.astype(np.int32)
