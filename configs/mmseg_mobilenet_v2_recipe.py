@@ -13,18 +13,30 @@ single scale, no flip.
 Where this differs from semseg's recipe (``semseg_recipe.py``): weight decay 5e-4 not
 1e-4, no 10x head learning rate, no rotation or blur, a fixed iteration count, evaluation
 whole-image without flip, mmseg's PhotoMetricDistortion on. Where it differs from mmseg (not
-expressible here): the poly schedule decays to 0, not 1e-4; no cat_max_ratio crop retries;
-crops are square (Cityscapes 512x512, not 512x1024, at mmseg's batch 8); the random scale
-is relative to the image, not to a (2048, 512) base; ADE20K is evaluated with its long side
-resized to 512 (``eval.base_size``), where mmseg resizes the short side to 512.
+expressible here): the poly schedule decays to 0, not 1e-4; crops are square (Cityscapes
+512x512, not 512x1024, at mmseg's batch 8) and an image smaller than the crop is padded on
+every side with the mean, where mmseg pads bottom and right with 0; ADE20K is evaluated with
+its long side resized to 512 (``eval.base_size``), where mmseg resizes the short side to 512.
+Its training pipeline is mmseg's: RandomResize of the (2048, 512) / (2048, 1024) base scale
+by [0.5, 2.0] (``augment.scale_base``), RandomCrop with ``cat_max_ratio`` 0.75, flip,
+PhotoMetricDistortion.
 """
 
 from configs.semseg_recipe import DatasetRecipe, base_config
 
 DATASETS = {  # length: iterations
-  'ade20k': DatasetRecipe('ade20k', 'train', 'val', crop_size=512, length=160_000, base_size=512),
+  'ade20k': DatasetRecipe(
+    'ade20k', 'train', 'val', crop_size=512, length=160_000, base_size=512, resize_scale=(2048, 512)
+  ),
   'cityscapes': DatasetRecipe(
-    'cityscapes_trainid', 'train', 'val', crop_size=512, length=80_000, base_size=2048, batch=8
+    'cityscapes_trainid',
+    'train',
+    'val',
+    crop_size=512,
+    length=80_000,
+    base_size=2048,
+    batch=8,
+    resize_scale=(2048, 1024),
   ),
 }
 
@@ -46,6 +58,8 @@ def get_recipe(dataset: str):
   c.augment.rotate_min = c.augment.rotate_max = 0.0
   c.augment.blur = False
   c.augment.photometric = True
+  c.augment.scale_base = r.resize_scale
+  c.augment.cat_max_ratio = 0.75
   c.global_batch_size = r.batch
   c.num_steps = int(r.length)
   c.eval.mode = 'whole'

@@ -22,6 +22,7 @@ class DatasetRecipe:
   length: float  # epochs (semseg) or iterations (mmseg)
   base_size: int  # evaluation: the long side at scale 1.0
   batch: int = 16  # global batch
+  resize_scale: tuple[int, int] | tuple[()] = ()  # mmseg's RandomResize base (long, short)
 
 
 DATASETS = {
@@ -80,8 +81,11 @@ def base_config() -> ml_collections.ConfigDict:
       blur=True,
       flip=True,
       ignore_label=255,
-      # mmseg's PhotoMetricDistortion (pspnet_jax.data.transforms.photometric_distortion):
-      # off in semseg's recipe, on in mmseg's.
+      # mmseg's pipeline, off in semseg's recipe, on in mmseg's (pspnet_jax.data.transforms):
+      # scale_min..max relative to a (long, short) base scale instead of the image; the
+      # crop redrawn while one class holds >= cat_max_ratio of it; PhotoMetricDistortion.
+      scale_base=(),
+      cat_max_ratio=1.0,
       photometric=False,
       brightness_delta=32.0,
       contrast_range=(0.5, 1.5),

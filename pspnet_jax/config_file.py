@@ -66,6 +66,8 @@ RANGES = {
   'augment.rotate_max': '[-180, 180]',
   'augment.ignore_label': 'int [0, 255]',
   'augment.brightness_delta': '[0, 255]',
+  'augment.scale_base': 'int [1, inf)',
+  'augment.cat_max_ratio': '(0, 1]',
   'augment.contrast_range': '[0, inf)',
   'augment.saturation_range': '[0, inf)',
   'augment.hue_delta': 'int [0, 90]',
@@ -92,6 +94,8 @@ RANGES = {
 }
 # Pairs whose first must not exceed the second.
 ORDERED = (('augment.scale_min', 'augment.scale_max'), ('augment.rotate_min', 'augment.rotate_max'))
+# Tuple keys for which () means "off".
+MAY_BE_EMPTY = ('augment.scale_base',)
 # (low, high) keys.
 INTERVALS = ('augment.contrast_range', 'augment.saturation_range')
 
@@ -136,7 +140,7 @@ def check_values(config) -> None:
       continue
     value = keys[key]
     values = value if isinstance(value, (tuple, list)) else (value,)
-    if not values or not all(_in_range(v, rule) for v in values):
+    if (not values and key not in MAY_BE_EMPTY) or not all(_in_range(v, rule) for v in values):
       each = ' each' if isinstance(value, (tuple, list)) else ''
       raise UserError(
         f'config key {key}={value!r} is out of range: give{each} {_describe(rule)} '

@@ -249,9 +249,12 @@ def test_restored_state_gives_identical_following_batches(data_dir):
 
 
 def test_worker_processes_give_the_same_batches(data_dir):
-  """With mmseg's photometric distortion on: its draws come from each example's own
-  generator too, so worker processes change no pixel."""
-  augment = data.AugmentConfig(crop_size=CROP, photometric=True)
+  """With mmseg's pipeline on (a base-scale resize, the crop's class-balance redraws, the
+  photometric distortion): its draws come from each example's own generator too, so
+  worker processes change no pixel."""
+  augment = data.AugmentConfig(
+    crop_size=CROP, photometric=True, scale_base=(2 * CROP, CROP), cat_max_ratio=0.75
+  )
   plain = _take(_loader(data_dir, augment=augment), 3)
   assert not _same_images(plain, _take(_loader(data_dir), 3))  # it does distort
   loader = _loader(data_dir, worker_count=2, augment=augment)

@@ -33,7 +33,11 @@ class AugmentConfig:
   blur: bool = True
   flip: bool = True
   ignore_label: int = 255
-  # mmsegmentation's PhotoMetricDistortion (``photometric_distortion``); semseg has none.
+  # mmsegmentation's pipeline (semseg has none of these): the scale range relative to a
+  # base (long, short) scale (``random_rescale``; empty: relative to the image), the crop's
+  # class-balance rule (``random_crop``; 1: off), PhotoMetricDistortion.
+  scale_base: tuple[int, ...] = ()
+  cat_max_ratio: float = 1.0
   photometric: bool = False
   brightness_delta: float = 32
   contrast_range: tuple[float, float] = (0.5, 1.5)
@@ -55,6 +59,24 @@ def random_scale(image, label, rng, scale_min: float, scale_max: float):
   s = scale_min + (scale_max - scale_min) * rng.random()
   image = cv2.resize(image, None, fx=s, fy=s, interpolation=cv2.INTER_LINEAR)
   label = cv2.resize(label, None, fx=s, fy=s, interpolation=cv2.INTER_NEAREST)
+  return image, label
+
+
+def random_rescale(
+  image, label, rng, scale_base: tuple[int, int], ratio_min: float, ratio_max: float
+):
+  """mmseg's RandomResize with ``keep_ratio``: the base scale (long, short), e.g. (2048,
+  512), times one ratio in [ratio_min, ratio_max] (each side truncated to an int), then the
+  image scaled by the largest factor that fits its long side and its short side within it
+  (new sides rounded half up, as mmcv's rescale_size); image bilinear, label nearest."""
+  ratio = ratio_min + (ratio_max - ratio_min) * rng.random()
+  long_side, short_side = (int(s * ratio) for s in scale_base)
+  long_side, short_side = max(long_side, short_side), min(long_side, short_side)
+  h, w = label.shape
+  factor = min(long_side / max(h, w), short_side / min(h, w))
+  size = (int(w * factor + 0.5), int(h * factor + 0.5))
+  image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+  label = cv2.resize(label, size, interpolation=cv2.INTER_NEAREST)
   return image, label
 
 
@@ -108,42 +130,51 @@ def random_hflip(image, label, rng, p: float = 0.5):
 
 
 def random_crop(
-  image, label, rng, crop_size: int, ignore_label: int = 255, mean=MEAN, distort=None
+  image,
+  label,
+  rng,
+  crop_size: int,
+  ignore_label: int = 255,
+  mean=MEAN,
+  distort=None,
+  cat_max_ratio: float = 1.0,
 ):
   """Pads to at least crop_size (centred: the odd pixel goes bottom/right), then crops a
-  uniformly placed crop_size x crop_size window. ``distort`` (image -> image), when given,
-  transforms the image's part of the window before the padding is added (mmseg distorts
-  colours before it pads; the padding stays the exact mean)."""
-  if distort is not None:
-    return _crop_then_pad(image, label, rng, crop_size, ignore_label, mean, distort)
-  h, w = label.shape
-  pad_h, pad_w = max(crop_size - h, 0), max(crop_size - w, 0)
-  if pad_h or pad_w:
-    top, left = pad_h // 2, pad_w // 2
-    border = (top, pad_h - top, left, pad_w - left)
-    image = cv2.copyMakeBorder(image, *border, cv2.BORDER_CONSTANT, value=_rgb(mean))
-    label = cv2.copyMakeBorder(label, *border, cv2.BORDER_CONSTANT, value=ignore_label)
-    h, w = label.shape
-  y = int(rng.integers(0, h - crop_size + 1))
-  x = int(rng.integers(0, w - crop_size + 1))
-  return image[y : y + crop_size, x : x + crop_size], label[y : y + crop_size, x : x + crop_size]
+  uniformly placed crop_size x crop_size window.
 
-
-def _crop_then_pad(image, label, rng, crop_size, ignore_label, mean, distort):
-  """``random_crop``'s window (the same draws), cut from the unpadded image, distorted, and
-  then padded: the padded image is never built."""
+  ``cat_max_ratio`` < 1 is mmseg's RandomCrop rule: while one class holds that share or more
+  of the window's labelled pixels (or it has a single class), the window is drawn again, up
+  to 10 times; the last one drawn is kept. ``distort`` (image -> image) transforms the
+  image's part of the window before the padding is added (mmseg distorts colours before it
+  pads: the padding stays the exact mean). The window is cut from the unpadded image and
+  padded afterwards, which is the same as padding first."""
   h, w = label.shape
   pad_h, pad_w = max(crop_size - h, 0), max(crop_size - w, 0)
   top, left = pad_h // 2, pad_w // 2
-  y = int(rng.integers(0, h + pad_h - crop_size + 1)) - top  # in the image's coordinates
-  x = int(rng.integers(0, w + pad_w - crop_size + 1)) - left
-  y0, y1, x0, x1 = max(y, 0), min(y + crop_size, h), max(x, 0), min(x + crop_size, w)
-  out_image = np.empty((crop_size, crop_size, 3), np.float32)
-  out_image[...] = np.asarray(_rgb(mean), np.float32)
-  out_label = np.full((crop_size, crop_size), ignore_label, label.dtype)
-  out_image[y0 - y : y1 - y, x0 - x : x1 - x] = distort(image[y0:y1, x0:x1])
-  out_label[y0 - y : y1 - y, x0 - x : x1 - x] = label[y0:y1, x0:x1]
-  return out_image, out_label
+
+  def draw():  # the window's corner in the image's coordinates (negative: in the padding)
+    y = int(rng.integers(0, h + pad_h - crop_size + 1)) - top
+    return y, int(rng.integers(0, w + pad_w - crop_size + 1)) - left
+
+  def cut(array, y, x, value, transform=None):
+    y0, y1, x0, x1 = max(y, 0), min(y + crop_size, h), max(x, 0), min(x + crop_size, w)
+    part = array[y0:y1, x0:x1]
+    if transform is not None:
+      part = transform(part)
+    border = (y0 - y, y + crop_size - y1, x0 - x, x + crop_size - x1)
+    if any(border):
+      part = cv2.copyMakeBorder(part, *border, cv2.BORDER_CONSTANT, value=value)
+    return part
+
+  y, x = draw()
+  if cat_max_ratio < 1:
+    for _ in range(10):
+      classes, counts = np.unique(cut(label, y, x, ignore_label), return_counts=True)
+      counts = counts[classes != ignore_label]
+      if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+        break
+      y, x = draw()
+  return cut(image, y, x, _rgb(mean), distort), cut(label, y, x, ignore_label)
 
 
 def photometric_distortion(
@@ -202,7 +233,12 @@ def augment(image, label, rng: np.random.Generator, config: AugmentConfig, mean=
   (float32 [crop, crop, 3] normalised with ``mean`` / ``std``, int32 [crop, crop])."""
   image = np.asarray(image, np.float32)
   label = np.ascontiguousarray(label, np.uint8)
-  image, label = random_scale(image, label, rng, config.scale_min, config.scale_max)
+  if config.scale_base:  # mmseg: relative to a base scale
+    image, label = random_rescale(
+      image, label, rng, tuple(config.scale_base), config.scale_min, config.scale_max
+    )
+  else:  # semseg: relative to the image
+    image, label = random_scale(image, label, rng, config.scale_min, config.scale_max)
   image, label = random_rotate(
     image, label, rng, config.rotate_min, config.rotate_max, config.ignore_label, mean=mean
   )
@@ -224,7 +260,14 @@ def augment(image, label, rng: np.random.Generator, config: AugmentConfig, mean=
       ).astype(np.float32)
 
   image, label = random_crop(
-    image, label, rng, config.crop_size, config.ignore_label, mean=mean, distort=distort
+    image,
+    label,
+    rng,
+    config.crop_size,
+    config.ignore_label,
+    mean=mean,
+    distort=distort,
+    cat_max_ratio=config.cat_max_ratio,
   )
   # The crop is a strided view into the larger image; normalising a contiguous copy is
   # about twice as fast (the three passes of normalize() then stream through memory).

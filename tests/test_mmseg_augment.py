@@ -1,8 +1,9 @@
-"""mmsegmentation's PhotoMetricDistortion (``transforms.photometric_distortion``) against a
-reference written here from mmseg 1.x's description (mmseg/datasets/transforms/
-transforms.py, v1.2.2): it works on BGR uint8 images as mmseg's pipeline holds them, draws
-from numpy's global-style API in mmseg's order, and converts with OpenCV's BGR<->HSV (what
-mmcv.bgr2hsv / hsv2bgr call)."""
+"""mmsegmentation's training pipeline in ``pspnet_jax.data.transforms`` (PhotoMetricDistortion,
+RandomResize of a base scale, RandomCrop's cat_max_ratio) against references written here
+from mmseg 1.x's and mmcv's descriptions (mmseg/datasets/transforms/transforms.py, v1.2.2;
+mmcv's RandomResize / rescale_size): they work on BGR uint8 images as mmseg's pipeline holds
+them, draw from numpy's global-style API in mmseg's order, and convert with OpenCV's
+BGR<->HSV (what mmcv.bgr2hsv / hsv2bgr call)."""
 
 import itertools
 
@@ -60,6 +61,11 @@ class Scripted:
     return self._next('int')
 
   integers = randint  # Generator-style, for pspnet_jax
+
+  def random(self):  # RandomState.random_sample / Generator.random
+    return self._next('unit')
+
+  random_sample = random
 
   def uniform(self, low, high):
     value = self._next('float')
@@ -159,3 +165,85 @@ def test_crop_then_pad_is_the_plain_crop_when_nothing_is_distorted(size):
     np.testing.assert_array_equal(split[0], plain[0])
     np.testing.assert_array_equal(split[1], plain[1])
     assert seen[0].shape[0] <= min(33, size[0]) and seen[0].shape[1] <= min(33, size[1])
+
+
+def mmcv_random_resize(img, seg, random, scale, ratio_range):
+  """mmcv's RandomResize(scale, ratio_range, keep_ratio=True) then Resize: the scale times a
+  ratio (sides truncated), rescale_size's factor (long side and short side within it), new
+  sides rounded half up, bilinear image, nearest label."""
+  ratio = random.random_sample() * (ratio_range[1] - ratio_range[0]) + ratio_range[0]
+  target = int(scale[0] * ratio), int(scale[1] * ratio)
+  h, w = seg.shape
+  factor = min(max(target) / max(h, w), min(target) / min(h, w))
+  new_w, new_h = int(w * float(factor) + 0.5), int(h * float(factor) + 0.5)
+  return (
+    cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR),
+    cv2.resize(seg, (new_w, new_h), interpolation=cv2.INTER_NEAREST),
+  )
+
+
+@pytest.mark.parametrize(
+  'size, scale, unit',
+  [
+    ((512, 683), (2048, 512), 0.31),
+    ((683, 512), (2048, 512), 0.9),
+    ((1024, 2048), (2048, 1024), 0.0),
+    ((300, 301), (2048, 512), 0.77),
+  ],
+)
+def test_random_rescale_is_mmcvs_random_resize(size, scale, unit):
+  rng = np.random.default_rng(1)
+  img = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+  seg = rng.integers(0, 5, size, dtype=np.uint8)
+  got = transforms.random_rescale(img, seg, Scripted([('unit', unit)]), scale, 0.5, 2.0)
+  want = mmcv_random_resize(img, seg, Scripted([('unit', unit)]), scale, (0.5, 2.0))
+  assert got[0].shape == want[0].shape
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+
+
+def mmseg_crop_bbox(seg, random, crop, cat_max_ratio, ignore=255):
+  """mmseg's RandomCrop.crop_bbox for an image at least as large as the crop."""
+
+  def generate():
+    offset_h = random.randint(0, max(seg.shape[0] - crop, 0) + 1)
+    offset_w = random.randint(0, max(seg.shape[1] - crop, 0) + 1)
+    return offset_h, offset_h + crop, offset_w, offset_w + crop
+
+  bbox = generate()
+  if cat_max_ratio < 1.0:
+    for _ in range(10):
+      y1, y2, x1, x2 = bbox
+      labels, cnt = np.unique(seg[y1:y2, x1:x2], return_counts=True)
+      cnt = cnt[labels != ignore]
+      if len(cnt) > 1 and np.max(cnt) / np.sum(cnt) < cat_max_ratio:
+        break
+      bbox = generate()
+  return bbox
+
+
+def test_cat_max_ratio_redraws_the_window_as_mmsegs_random_crop():
+  """A label that is one class but for a 20x20 patch of another: windows that miss the
+  patch (or hold too little of it) are redrawn, up to 10 times, and the last one is kept;
+  the chosen window equals the reference's for the same draws, in both outcomes."""
+  seg = np.zeros((60, 80), np.uint8)
+  seg[5:25, 50:70] = 1
+  seg[40:, :3] = 255  # ignored pixels do not count
+  img = np.repeat(seg[..., None] * 100, 3, -1).astype(np.float32)
+  crop = 30
+  miss = [('int', 30), ('int', 0)]  # bottom left: class 0 alone (and ignored pixels)
+  hit = [('int', 0), ('int', 45)]  # holds the patch: class 1 is 400 of 900
+  last = [('int', 30), ('int', 10)]  # another miss: the one kept after 10 redraws
+  # found: the first window and 3 redraws miss, the 4th hits; gave up: all 11 miss (and
+  # a 12th draw would find no draws left).
+  for draws, outcome in ((miss * 4 + hit, 'found'), (miss * 10 + last, 'gave up')):
+    ours_draws, theirs_draws = list(draws), list(draws)
+    y1, y2, x1, x2 = mmseg_crop_bbox(seg, Scripted(theirs_draws), crop, 0.75)
+    got_img, got_seg = transforms.random_crop(
+      img, seg, Scripted(ours_draws), crop, cat_max_ratio=0.75
+    )
+    np.testing.assert_array_equal(got_seg, seg[y1:y2, x1:x2], err_msg=outcome)
+    np.testing.assert_array_equal(got_img, img[y1:y2, x1:x2], err_msg=outcome)
+    labels = set(np.unique(got_seg)) - {255}
+    assert (labels == {0, 1}) == (outcome == 'found'), (outcome, labels)
+  assert (y1, x1) == (30, 10)  # gave up: the last window drawn
