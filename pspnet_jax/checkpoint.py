@@ -153,8 +153,8 @@ def save_model(directory: str | os.PathLike, model: PSPNet, metadata: dict | Non
     os.makedirs(directory, exist_ok=True)
     for name in (STATE_DIR, MODEL_CONFIG):  # the config last: it marks a complete model
       target = os.path.join(directory, name)
-      if os.path.isdir(target):
-        shutil.rmtree(target)
+      if os.path.isdir(target):  # an earlier model's: moved aside (removed with the staging)
+        os.replace(target, os.path.join(staging, f'old_{name}'))
       os.replace(os.path.join(staging, name), target)
   finally:
     shutil.rmtree(staging, ignore_errors=True)

@@ -146,6 +146,9 @@ def check_values(config) -> None:
         f'config key {key}={value!r} is out of range: give{each} {_describe(rule)} '
         f'(--config.{key}=...)'
       )
+  base = keys.get('augment.scale_base')
+  if base is not None and len(base) not in (0, 2):
+    raise UserError(f'config key augment.scale_base={base!r}: give () or (long, short)')
   for key in INTERVALS:
     value = keys.get(key)
     if value is not None and (len(value) != 2 or value[0] > value[1]):
@@ -200,7 +203,7 @@ def resolve(path: str) -> str:
   )
 
 
-def load(path: str):
+def load(path: str, arg: str | None = None):
   """Runs the config file at ``path`` and returns its ``get_config()``; each fault one
   ``UserError`` naming the file (and the line where Python gives one)."""
   if PROJECT_ROOT not in sys.path:  # the bundled configs import configs.semseg_recipe
@@ -223,7 +226,7 @@ def load(path: str):
       'returning an ml_collections.ConfigDict; see configs/synthetic.py)'
     )
   try:
-    config = module.get_config()
+    config = module.get_config() if arg is None else module.get_config(arg)
   except Exception as e:
     line = _line_in(e, path)
     raise UserError(
@@ -261,8 +264,11 @@ def prepare_argv(argv: list[str]) -> list[str]:
     elif arg.startswith('--config.'):
       overrides.append(arg[len('--config.') :].split('=', 1)[0])
   try:
+    config_arg = None
+    if path is not None and ':' in path and not os.path.isfile(path):
+      path, config_arg = path.rsplit(':', 1)  # ml_collections' FILE.py:ARG -> get_config(ARG)
     resolved = resolve(path) if path is not None else DEFAULT
-    config = load(resolved)
+    config = load(resolved, config_arg)
     for key in overrides:
       problem = unknown_config_key(config, key, f'--config.{key}')
       if problem:
@@ -272,5 +278,6 @@ def prepare_argv(argv: list[str]) -> list[str]:
       raise
     refuse(str(e))
   if index is not None:
-    argv[index] = resolved if argv[index] == path else f'--config={resolved}'
+    resolved = resolved if config_arg is None else f'{resolved}:{config_arg}'
+    argv[index] = f'--config={resolved}' if argv[index].startswith('--config=') else resolved
   return argv

@@ -31,7 +31,7 @@ def one_line(message: str) -> str:
 
 
 # Errors of the storage a command writes to, which the user fixes outside the program.
-STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def storage_error(e: OSError) -> str:

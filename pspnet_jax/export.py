@@ -265,7 +265,8 @@ def export_model(
     with open(os.path.join(staging, MANIFEST), 'w') as f:
       json.dump(manifest, f, indent=2)
     os.makedirs(out, exist_ok=True)
-    for name in os.listdir(staging):
+    # The manifest last: its checksums never describe files that are not yet in place.
+    for name in sorted(os.listdir(staging), key=lambda n: n == MANIFEST):
       os.replace(os.path.join(staging, name), os.path.join(out, name))
     for fmt, name in (('stablehlo', STABLEHLO_FILE), ('onnx', ONNX_FILE)):
       if fmt not in formats and os.path.exists(os.path.join(out, name)):

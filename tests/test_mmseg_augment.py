@@ -247,3 +247,13 @@ def test_cat_max_ratio_redraws_the_window_as_mmsegs_random_crop():
     labels = set(np.unique(got_seg)) - {255}
     assert (labels == {0, 1}) == (outcome == 'found'), (outcome, labels)
   assert (y1, x1) == (30, 10)  # gave up: the last window drawn
+
+
+def test_a_zero_hue_delta_leaves_the_hue_alone():
+  """mmseg's randint(-0, 0) would fail; here hue_delta=0 is a hue step that shifts nothing
+  (the coin is still drawn: the other draws keep their places)."""
+  draws = [('int', 0), ('int', 0), ('int', 0), ('int', 1), ('int', 0)]  # only the hue coin
+  rgb = _image(3)
+  got = transforms.photometric_distortion(rgb, Scripted(draws), hue_delta=0)
+  hsv_round_trip = cv2.cvtColor(cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV), cv2.COLOR_HSV2RGB)
+  np.testing.assert_array_equal(got, hsv_round_trip)

@@ -221,7 +221,8 @@ def photometric_distortion(
     image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
   if rng.integers(2):
     hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
-    hsv[..., 0] = (hsv[..., 0].astype(np.int64) + rng.integers(-hue_delta, hue_delta)) % 180
+    shift = rng.integers(-hue_delta, hue_delta) if hue_delta else 0  # 0: mmseg's randint fails
+    hsv[..., 0] = (hsv[..., 0].astype(np.int64) + shift) % 180
     image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
   if not contrast_second:
     image = contrast(image)

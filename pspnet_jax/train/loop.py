@@ -61,10 +61,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpt_lib.check_workdir(workdir, model_config)  # refusals come before anything is written
   with WorkdirLock(workdir):
     run = _Run(config, workdir, data_dir, info, model_config, eval_cfg)
-    if not run.train():  # stopped by SIGTERM, after saving
-      run.logger.close()
-      return {}
-    return run.finish()
+    try:
+      return run.finish() if run.train() else {}  # {}: stopped by SIGTERM, after saving
+    finally:
+      run.logger.close()  # on every path: the events written so far reach the disk
 
 
 class _Run:
@@ -204,18 +204,18 @@ class _Run:
     progress.note(f'{signal_name}: saved step {step} in {self.workdir}; exiting')
 
   def finish(self) -> dict:
-    """The full protocol on the validation split; the last checkpoint; eval/ outputs."""
+    """The last checkpoint, then the full protocol on the validation split and eval/."""
     total = self.total_steps
-    final = self.validate(self.eval_cfg, len(self.val))
     if self.start < total:  # a finished run that is started again only re-evaluates
       # "Best" ranks steps by the in-training validation, so the last step is scored by
-      # the same protocol on the same examples, not by the full protocol above.
+      # the same protocol on the same examples, not by the full protocol below. Saved
+      # first: an interrupted final evaluation loses no training.
       quick = self.validate_quick(total) if self.config.eval_every_steps else None
       self.save(total, quick)
     self.ckpt.wait()
     self.ckpt.close()
+    final = self.validate(self.eval_cfg, len(self.val))
     self.logger.write(total, 'eval', _scores(final))
-    self.logger.close()
     if self.is_main:
       evaluation.write_eval_outputs(
         os.path.join(self.workdir, 'eval'), final, eval_config=self.eval_cfg

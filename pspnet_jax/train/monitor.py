@@ -48,7 +48,7 @@ class MetricsLogger:
           self.tb.add_scalar(f'{kind}/{k}', v, step)
 
   def close(self):
-    if self.enabled:
+    if self.enabled and not self.file.closed:
       self.file.close()
       if self.tb is not None:
         self.tb.close()

@@ -50,6 +50,12 @@ class StopRequest:
       signal.signal(s, previous)
 
   def any_process(self) -> bool:
+    """Whether any process was asked to stop; then every process takes the request's
+    kind (SIGINT over SIGTERM), so that all save, say and exit alike. A collective when
+    there are several processes."""
     if jax.process_count() == 1:
       return self.requested is not None
-    return bool(np.any(multihost_utils.process_allgather(np.array(self.requested is not None))))
+    kinds = (None, 'SIGTERM', 'SIGINT')
+    asked = multihost_utils.process_allgather(np.int32(kinds.index(self.requested)))
+    self.requested = kinds[int(np.max(asked))] or self.requested
+    return self.requested is not None

@@ -108,6 +108,26 @@ class WorkdirLock:
       'is starting on this workdir?)'
     )
 
+  def _remove_stale(self, stale: dict) -> bool:
+    """Removes the lock file if it still holds ``stale``. Two runs may find the same stale
+    lock: each moves the file to a name of its own first (atomic), and one that moved a
+    lock other than the stale one (the other run's new lock) puts it back."""
+    aside = f'{self.path}.{os.getpid()}.stale'
+    try:
+      os.rename(self.path, aside)
+    except FileNotFoundError:
+      return False  # another run took it over first
+    try:
+      with open(aside) as f:
+        moved = json.load(f)
+    except (OSError, ValueError):
+      moved = {}
+    if moved != stale and moved:
+      os.rename(aside, self.path)  # the other run's live lock: back where it was
+      return False
+    os.remove(aside)
+    return True
+
   def _holder(self) -> dict | None:
     """The live holder's record, or None after removing the lock of one that is gone."""
     try:
@@ -122,14 +142,12 @@ class WorkdirLock:
         _start_time(int(holder.get('pid', -1))) if str(holder.get('pid', '')).isdigit() else None
       )
       if alive is None or (holder.get('start') and alive and alive != holder['start']):
-        print(
-          f'note: took over {self.path} from process {holder.get("pid")}, which is gone', flush=True
-        )
-        try:
-          os.remove(self.path)
-        except FileNotFoundError:
-          pass
-        return None
+        if self._remove_stale(holder):
+          print(
+            f'note: took over {self.path} from process {holder.get("pid")}, which is gone',
+            flush=True,
+          )
+        return None  # the caller tries again: creating the file decides who holds it
     elif not holder:  # unreadable (a half-written file): its writer may still be starting
       holder = {'pid': '?', 'host': '?', 'since': '?'}
     return holder
