@@ -30,7 +30,7 @@ from flax import nnx
 from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_policy
 
 from pspnet_jax import _compat
-from pspnet_jax.errors import UserError
+from pspnet_jax.errors import STORAGE_ERRNOS, UserError
 from pspnet_jax.models import PSPNet, PSPNetConfig
 
 MODEL_CONFIG = 'model_config.json'
@@ -81,10 +81,8 @@ def _storage_cause(error: BaseException) -> str | None:
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-      return 'no space left'
-    if isinstance(error, OSError) and error.errno == errno.EROFS:
-      return 'read-only file system'
+    if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+      return 'read-only file system' if error.errno == errno.EROFS else 'no space left'
     text = str(error)
     if 'No space left' in text or 'RESOURCE_EXHAUSTED' in text or 'Disk quota exceeded' in text:
       return 'no space left'

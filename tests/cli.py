@@ -63,3 +63,14 @@ def mounted_tmpfs(path, *, size: str = '1m', read_only: bool = False):
     yield path
   finally:
     subprocess.run(['umount', '-l', str(path)], capture_output=True)
+
+
+def one_error_line(p, *needles) -> str:
+  """The single ``error:`` line of a finished command that refused its input: exit status
+  2, no traceback, each of ``needles`` in the line."""
+  assert p.returncode == 2, (p.returncode, p.stdout[-1500:], p.stderr[-3000:])
+  lines = [l for l in p.stderr.splitlines() if l.startswith('error: ')]
+  assert len(lines) == 1 and 'Traceback' not in p.stderr, p.stderr[-3000:]
+  for needle in needles:
+    assert needle in lines[0], lines[0]
+  return lines[0]

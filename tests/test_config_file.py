@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from cli import ROOT, cli_env
+from cli import ROOT, cli_env, one_error_line
 
 from pspnet_jax import config_file
 from pspnet_jax.errors import UserError
@@ -34,20 +34,13 @@ def _run(script, *args, cwd, debug=False):
   )
 
 
-def _error_line(p):
-  assert p.returncode == 2 and 'Traceback' not in p.stderr, (p.returncode, p.stderr[-3000:])
-  lines = [l for l in p.stderr.splitlines() if l.startswith('error: ')]
-  assert len(lines) == 1, p.stderr[-3000:]
-  return lines[0]
-
-
 def test_the_readme_config_path_works_from_another_folder_and_a_missing_one_is_named(tmp_path):
   """From a folder that is not the repository, the README's relative --config path finds
   the bundled file (the run gets as far as the value check); a name finds it too; a path
   that exists nowhere is one line naming it and the folders searched. Nothing is written."""
   workdir = tmp_path / 'run'
   for config in ('configs/synthetic.py', 'synthetic'):
-    line = _error_line(
+    line = one_error_line(
       _run(
         'train.py',
         '--config',
@@ -62,7 +55,7 @@ def test_the_readme_config_path_works_from_another_folder_and_a_missing_one_is_n
       'error: config key augment.crop_size=-5 is out of range: give a whole number '
       'in [1, inf) (--config.augment.crop_size=...)'
     ), line
-  line = _error_line(
+  line = one_error_line(
     _run('train.py', '--config', 'configs/x.py', '--workdir', str(workdir), cwd=tmp_path)
   )
   assert line.startswith(
@@ -90,11 +83,11 @@ def test_a_broken_config_file_is_one_line_naming_file_and_line(tmp_path):
   }
   for name, (text, start) in cases.items():
     (tmp_path / name).write_text(text)
-    line = _error_line(
+    line = one_error_line(
       _run('train.py', '--config', name, '--workdir', str(tmp_path / 'w'), cwd=tmp_path)
     )
     assert line.startswith(start), (name, line)
-  line = _error_line(
+  line = one_error_line(
     _run('eval.py', '--config', 'raises.py', '--workdir', str(tmp_path / 'w'), cwd=tmp_path)
   )
   assert line.startswith(cases['raises.py'][1]), line
@@ -109,11 +102,11 @@ def test_a_broken_config_file_is_one_line_naming_file_and_line(tmp_path):
 
 def test_out_of_range_values_are_refused_by_every_config_command(tmp_path):
   workdir = tmp_path / 'never'
-  line = _error_line(
+  line = one_error_line(
     _run('train.py', '--workdir', str(workdir), '--config.augment.scale_min=3', cwd=tmp_path)
   )
   assert 'augment.scale_min=3.0 and augment.scale_max=1.5' in line, line
-  line = _error_line(
+  line = one_error_line(
     _run('eval.py', '--workdir', str(workdir), '--config.eval.scales=(0.5,-1.0)', cwd=tmp_path)
   )
   assert 'eval.scales=(0.5, -1.0) is out of range: give each a number in (0, inf)' in line, line

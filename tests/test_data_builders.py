@@ -9,7 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 import scipy.io
-from cli import cli_env
+from cli import cli_env, one_error_line
 from PIL import Image
 
 from pspnet_jax import data
@@ -323,20 +323,13 @@ def _prepare_cli(*args):
   )
 
 
-def _one_error_line(p):
-  assert p.returncode == 2, (p.returncode, p.stdout[-2000:], p.stderr[-3000:])
-  errors = [l for l in p.stderr.splitlines() if l.startswith('error: ')]
-  assert len(errors) == 1 and 'Traceback' not in p.stderr, p.stderr[-3000:]
-  return errors[0]
-
-
 def test_prepare_cli_refusals_are_one_line_and_write_nothing(tmp_path):
   """A label out of range, a dataset already prepared with other options, and a data dir
   that cannot be written: exit 2, one ``error:`` line naming the file or option, and the
   data dir as it was."""
   root, out = tmp_path / 'mine', tmp_path / 'out'
   _folder(root, 'lists', bad='value')
-  line = _one_error_line(
+  line = one_error_line(
     _prepare_cli('segmentation_folder', '--data-dir', str(out), '--option', f'root={root}')
   )
   assert 'labels/train/x2.png' in line and 'label values [3] are not allowed' in line, line
@@ -347,7 +340,7 @@ def test_prepare_cli_refusals_are_one_line_and_write_nothing(tmp_path):
   p = _prepare_cli('synthetic_shapes', '--data-dir', str(out), *small)
   assert p.returncode == 0, p.stderr[-3000:]
   before = {f: os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs}
-  line = _one_error_line(
+  line = one_error_line(
     _prepare_cli('synthetic_shapes', '--data-dir', str(out), *small[:-2], '--option', 'num_val=3')
   )
   assert 'num_val=1 (prepared) vs 3 (asked)' in line and 'num_train' not in line, line
@@ -357,7 +350,7 @@ def test_prepare_cli_refusals_are_one_line_and_write_nothing(tmp_path):
 
   a_file = tmp_path / 'not_a_dir'
   a_file.write_text('x')
-  line = _one_error_line(
+  line = one_error_line(
     _prepare_cli('synthetic_shapes', '--data-dir', str(a_file / 'data'), *small)
   )
   assert str(a_file) in line and 'is not a folder' in line, line

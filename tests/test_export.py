@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from cli import cli_env
+from cli import cli_env, one_error_line
 from test_model_parity import assert_logits_close, run_torch
 from test_port import run_cli, save_semseg
 from torch_reference import TorchPSPNet, randomize
@@ -218,6 +218,18 @@ def test_class_ids_and_probabilities_outputs(exported):
   )
 
 
+def _module(*args):
+  """``python -m ARGS`` from the repository, finished."""
+  return subprocess.run(
+    [sys.executable, '-m', *args],
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT,
+    cwd=REPO,
+  )
+
+
 def test_bad_model_dir_and_bad_options_are_one_line_and_write_nothing(exported, tmp_path):
   _, model_dir, _, _ = exported
   cases = [
@@ -231,17 +243,7 @@ def test_bad_model_dir_and_bad_options_are_one_line_and_write_nothing(exported, 
   ]
   for args, needle in cases:
     out = tmp_path / 'out'
-    p = subprocess.run(
-      [sys.executable, '-m', 'pspnet_jax.export', *args, '--out', str(out)],
-      env=_env(),
-      capture_output=True,
-      text=True,
-      timeout=TIMEOUT,
-      cwd=REPO,
-    )
-    assert p.returncode == 2, (args, p.stdout[-1000:], p.stderr[-2000:])
-    lines = [l for l in p.stderr.splitlines() if l.startswith('error: ')]
-    assert len(lines) == 1 and 'Traceback' not in p.stderr and needle in lines[0], p.stderr[-2000:]
+    one_error_line(_module('pspnet_jax.export', *args, '--out', str(out)), needle)
     assert not out.exists()
     assert not [n for n in os.listdir(tmp_path) if n.startswith('.export-')]
 
@@ -267,17 +269,7 @@ def test_an_out_that_is_a_file_or_holds_other_files_is_refused_by_export_and_por
     ),
   ]
   for command, out, needle in cases:
-    p = subprocess.run(
-      [sys.executable, '-m', *command, '--out', str(out)],
-      env=_env(),
-      capture_output=True,
-      text=True,
-      timeout=TIMEOUT,
-      cwd=REPO,
-    )
-    assert p.returncode == 2, (command, p.stdout[-1000:], p.stderr[-2000:])
-    lines = [l for l in p.stderr.splitlines() if l.startswith('error: ')]
-    assert len(lines) == 1 and 'Traceback' not in p.stderr and needle in lines[0], p.stderr[-2000:]
+    one_error_line(_module(*command, '--out', str(out)), needle)
   assert a_file.read_text() == 'mine' and os.listdir(others) == ['notes.txt']
 
 

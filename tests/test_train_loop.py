@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from cli import cli_env
+from cli import cli_env, one_error_line
 from flax import nnx
 from PIL import Image
 from tiny_models import tiny_model
@@ -355,7 +355,20 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path, data_dir):
   assert len(os.listdir(multi / 'tensorboard')) == 1 and not (multi / '.lock').exists()
 
 
-def _eval_cmd(workdir, data_dir, out, *extra):
+def _truncate_largest_file(workdir, step):
+  """Damages checkpoint ``step``: its largest array file cut to half its size."""
+  files = [
+    (f.stat().st_size, f)
+    for f in (workdir / 'checkpoints' / str(step) / 'model').rglob('*')
+    if f.is_file() and f.parent.name == 'd'
+  ]
+  size, victim = max(files)
+  victim.write_bytes(victim.read_bytes()[: size // 2])
+
+
+def _whole_eval_cmd(workdir, data_dir, out, *extra):
+  """eval.py on the tiny setup, whole-image (the config's protocol); ``extra`` flags come
+  last and so win."""
   return [
     sys.executable,
     os.path.join(ROOT, 'eval.py'),
@@ -367,13 +380,24 @@ def _eval_cmd(workdir, data_dir, out, *extra):
     str(out),
     f'--config.dataset.data_dir={data_dir}',
     '--config.dataset.builder_kwargs.image_size=32',
+    '--config.eval.crop_size=33',
+    '--config.eval.base_size=32',
+    *extra,
+  ]
+
+
+def _eval_cmd(workdir, data_dir, out, *extra):
+  """eval.py with sliding windows of 17 at two scales, per-scale metrics."""
+  return _whole_eval_cmd(
+    workdir,
+    data_dir,
+    out,
     '--config.eval.mode=slide',
     '--config.eval.crop_size=17',
-    '--config.eval.base_size=32',
     '--config.eval.scales=(0.75,1.0)',
     '--config.eval.per_scale=True',
     *extra,
-  ]
+  )
 
 
 def test_eval_cli_on_the_trained_workdir(reference_run, data_dir, tmp_path):
@@ -516,19 +540,10 @@ def _run(cmd, devices=1):
   )
 
 
-def _one_error_line(p, *needles):
-  assert p.returncode == 2, (p.returncode, p.stdout[-1500:], p.stderr[-3000:])
-  lines = [l for l in p.stderr.splitlines() if l.startswith('error: ')]
-  assert len(lines) == 1 and 'Traceback' not in p.stderr, p.stderr[-3000:]
-  for needle in needles:
-    assert needle in lines[0], lines[0]
-  return lines[0]
-
-
 def test_unknown_config_keys_are_named_with_the_closest_ones(tmp_path, data_dir):
   workdir = tmp_path / 'never'
-  line = _one_error_line(_run(_cmd(workdir, data_dir, '--config.nonexistent=1')), "'nonexistent'")
-  line = _one_error_line(
+  line = one_error_line(_run(_cmd(workdir, data_dir, '--config.nonexistent=1')), "'nonexistent'")
+  line = one_error_line(
     _run(_cmd(workdir, data_dir, '--config.optimizer.learning_rat=0.1')), 'optimizer.learning_rate'
   )
   assert 'unknown config key' in line
@@ -539,22 +554,22 @@ def test_unknown_config_keys_are_named_with_the_closest_ones(tmp_path, data_dir)
     str(workdir),
     '--config.eval.window_batchh=2',
   ]
-  _one_error_line(_run(eval_cmd), 'eval.window_batch')
+  one_error_line(_run(eval_cmd), 'eval.window_batch')
   assert not workdir.exists()
 
 
 def test_a_refused_run_writes_nothing(tmp_path, data_dir):
   workdir = tmp_path / 'refused'
-  _one_error_line(
+  one_error_line(
     _run(_cmd(workdir, data_dir, '--config.global_batch_size=6'), devices=4),
     'global_batch_size=6',
     'multiple of 4',
   )
-  _one_error_line(_run(_cmd(workdir, data_dir, '--config.eval.mode=sliding')), 'mode')
+  one_error_line(_run(_cmd(workdir, data_dir, '--config.eval.mode=sliding')), 'mode')
   assert not workdir.exists()
   a_file = tmp_path / 'a_file'
   a_file.write_text('x')
-  _one_error_line(_run(_cmd(a_file, data_dir)), 'is a file')
+  one_error_line(_run(_cmd(a_file, data_dir)), 'is a file')
   assert a_file.read_text() == 'x'
 
 
@@ -562,7 +577,7 @@ def test_resuming_with_another_model_is_refused_naming_each_field(reference_run,
   workdir, _ = reference_run
   config_file = os.path.join(workdir, 'model_config.json')
   before = open(config_file).read()
-  line = _one_error_line(
+  line = one_error_line(
     _run(_cmd(workdir, data_dir, '--config.model.depth=34', '--config.model.head_channels=32')),
     'depth 18 (workdir) vs 34 (asked)',
     'head_channels 16 (workdir) vs 32 (asked)',
@@ -608,7 +623,7 @@ def test_eval_on_a_run_without_checkpoints_says_so(reference_run, tmp_path, data
     f'--config.dataset.data_dir={data_dir}',
     '--config.dataset.builder_kwargs.image_size=32',
   ]
-  _one_error_line(_run(cmd), str(young), 'nothing to load yet')
+  one_error_line(_run(cmd), str(young), 'nothing to load yet')
   assert sorted(os.listdir(young)) == ['model_config.json']
 
 
@@ -715,27 +730,8 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_newest_intact_one_used(
   ref_dir, _ = reference_run
   workdir = tmp_path / 'damaged'
   shutil.copytree(ref_dir, workdir)
-  files = [
-    (f.stat().st_size, f)
-    for f in (workdir / 'checkpoints' / '12' / 'model').rglob('*')
-    if f.is_file() and f.parent.name == 'd'
-  ]
-  size, victim = max(files)
-  victim.write_bytes(victim.read_bytes()[: size // 2])
-  cmd = [
-    sys.executable,
-    os.path.join(ROOT, 'eval.py'),
-    '--config',
-    os.path.join(ROOT, 'configs', 'synthetic.py'),
-    '--workdir',
-    str(workdir),
-    '--out',
-    str(tmp_path / 'eval'),
-    f'--config.dataset.data_dir={data_dir}',
-    '--config.dataset.builder_kwargs.image_size=32',
-    '--config.eval.crop_size=33',
-    '--config.eval.base_size=32',
-  ]
+  _truncate_largest_file(workdir, 12)
+  cmd = _whole_eval_cmd(workdir, data_dir, tmp_path / 'eval')
   p = _run(cmd)
   assert p.returncode == 0, p.stderr[-3000:]
   warning = [l for l in p.stderr.splitlines() if 'is damaged' in l]
@@ -827,30 +823,11 @@ def test_no_intact_checkpoint_is_one_line_and_changes_nothing(reference_run, dat
   workdir = tmp_path / 'all_damaged'
   shutil.copytree(ref_dir, workdir)
   for step in _finished_steps(workdir):
-    files = [
-      (f.stat().st_size, f)
-      for f in (workdir / 'checkpoints' / str(step) / 'model').rglob('*')
-      if f.is_file() and f.parent.name == 'd'
-    ]
-    size, victim = max(files)
-    victim.write_bytes(victim.read_bytes()[: size // 2])
+    _truncate_largest_file(workdir, step)
   before = _files(workdir)
-  eval_cmd = [
-    sys.executable,
-    os.path.join(ROOT, 'eval.py'),
-    '--config',
-    os.path.join(ROOT, 'configs', 'synthetic.py'),
-    '--workdir',
-    str(workdir),
-    '--out',
-    str(tmp_path / 'eval'),
-    f'--config.dataset.data_dir={data_dir}',
-    '--config.dataset.builder_kwargs.image_size=32',
-    '--config.eval.crop_size=33',
-    '--config.eval.base_size=32',
-  ]
+  eval_cmd = _whole_eval_cmd(workdir, data_dir, tmp_path / 'eval')
   for p in (_run(eval_cmd), _train(workdir, data_dir, check=False)):
-    _one_error_line(p, 'no intact checkpoint (damaged: steps 12, 8, 4')
+    one_error_line(p, 'no intact checkpoint (damaged: steps 12, 8, 4')
     assert _files(workdir) == before
   assert not os.path.exists(tmp_path / 'eval')
 
@@ -867,22 +844,22 @@ def test_eval_out_is_checked_before_any_work_and_metrics_survive_a_failed_write(
   workdir, _ = reference_run
   a_file = tmp_path / 'metrics.txt'
   a_file.write_text('mine')
-  _one_error_line(_run(_eval_cmd(workdir, data_dir, a_file)), f'--out {a_file} is a file')
+  one_error_line(_run(_eval_cmd(workdir, data_dir, a_file)), f'--out {a_file} is a file')
   assert a_file.read_text() == 'mine'
   others = tmp_path / 'photos'
   others.mkdir()
   (others / 'holiday.jpg').write_bytes(b'jpeg')
-  _one_error_line(
+  one_error_line(
     _run(_eval_cmd(workdir, data_dir, others)), 'holds other files and no earlier evaluation'
   )
   assert os.listdir(others) == ['holiday.jpg']
   with mounted_tmpfs(tmp_path / 'ro', read_only=True) as ro:
     p = _run(_eval_cmd(workdir, data_dir, ro / 'eval'))
-    _one_error_line(p, 'Read-only file system', 'nothing was run')
+    one_error_line(p, 'Read-only file system', 'nothing was run')
     assert 'mIoU' not in p.stdout
   with mounted_tmpfs(tmp_path / 'full', size='8k') as full:
     p = _run(_eval_cmd(workdir, data_dir, full / 'eval'))
-    _one_error_line(
+    one_error_line(
       p, 'writing the outputs failed (No space left on device', 'the metrics above are complete'
     )
     assert 'mIoU' in p.stdout and '8 images in' in p.stdout, p.stdout[-2000:]
@@ -946,7 +923,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(
   with mounted_tmpfs(tmp_path / 'small', size=f'{int(1.5 * one) // 1024}k') as small:
     workdir = small / 'run'
     p = _train(workdir, data_dir, '--config.checkpoint_every_steps=2', check=False)
-    _one_error_line(
+    one_error_line(
       p,
       f'no space left on the device holding {workdir}',
       'MB free',
@@ -973,9 +950,7 @@ def test_a_second_run_on_a_workdir_in_use_is_refused_naming_the_first(tmp_path, 
     while not (workdir / '.lock').exists() and first.poll() is None and time.time() < deadline:
       time.sleep(0.5)
     second = _run(_cmd(workdir, data_dir))
-    _one_error_line(
-      second, f'--workdir {workdir} is in use by another run: process {first.pid} on '
-    )
+    one_error_line(second, f'--workdir {workdir} is in use by another run: process {first.pid} on ')
   finally:
     first.send_signal(signal.SIGTERM)
     out, err = first.communicate(timeout=TIMEOUT)
@@ -1001,7 +976,7 @@ def test_a_new_batch_size_resumes_the_model_and_restarts_the_data_order(
     '--config.dataset.resume_data=exact',
     check=False,
   )
-  _one_error_line(p, 'global_batch_size 4 -> 8', '--config.dataset.resume_data=restart')
+  one_error_line(p, 'global_batch_size 4 -> 8', '--config.dataset.resume_data=restart')
   p = _train(workdir, data_dir, '--config.global_batch_size=8', '--config.num_steps=14')
   assert 'damaged' not in p.stderr + p.stdout and 'at step 12' in p.stdout
   # 64 examples, batch 4: step 12 is example 48 of epoch 0, batch 6 of 8 at batch 8.

@@ -198,7 +198,7 @@ class TrainLoader:
 
   def set_state(self, state: dict) -> None:
     """Continues after the batches counted in `state` (from get_state of a like loader)."""
-    mismatched = {k: (state.get(k), v) for k, v in self._identity.items() if state.get(k) != v}
+    mismatched = self._changes_from(state)
     if mismatched:
       raise UserError(
         f'the iterator state belongs to another input pipeline; '
@@ -206,6 +206,10 @@ class TrainLoader:
       )
     self.close()
     self._step = int(state['step'])
+
+  def _changes_from(self, state: dict) -> dict:
+    """What of this pipeline's identity differs from ``state``'s: {key: (state's, ours)}."""
+    return {k: (state.get(k), v) for k, v in self._identity.items() if state.get(k) != v}
 
   def resume(self, state: dict, mode: str = 'auto') -> str | None:
     """Continues from a checkpoint's ``state`` (``config.dataset.resume_data``):
@@ -221,7 +225,7 @@ class TrainLoader:
     Returns a line saying what ``restart`` did, None after ``exact``."""
     if mode not in ('auto', 'exact', 'restart'):
       raise UserError(f"config key dataset.resume_data={mode!r}: give 'auto', 'exact' or 'restart'")
-    mismatched = {k: (state.get(k), v) for k, v in self._identity.items() if state.get(k) != v}
+    mismatched = self._changes_from(state)
     if mode == 'exact' or (mode == 'auto' and not mismatched):
       if mismatched:
         raise UserError(
