@@ -123,6 +123,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.divergence_factor = 10.0
   c.init_checkpoint = ''  # a model directory from `python -m pspnet_jax.port`
   c.init_backbone_only = False  # True: take only its backbone (e.g. other classes)
+  # Knowledge distillation (pspnet_jax.train.distill): a frozen teacher, a model directory
+  # with the same classes; '' = off. loss 'cwd' (channel-wise, Shu et al. 2021) or 'kl'
+  # (pixel-wise); tau and weight as mmrazor's CWD PSPNet R101 -> R18 Cityscapes config; aux:
+  # distil the aux head too.
+  c.distill = ml_collections.ConfigDict(
+    dict(teacher='', loss='cwd', tau=1.0, weight=5.0, aux=False)
+  )
   c.worker_count = 4
   c.log_every_steps = 20
   c.checkpoint_every_steps = 1000

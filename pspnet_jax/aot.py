@@ -42,6 +42,7 @@ from pspnet_jax import mesh as mesh_lib
 from pspnet_jax.data import BUILDERS
 from pspnet_jax.errors import UserError
 from pspnet_jax.evaluation.protocol import EvalConfig, Evaluator
+from pspnet_jax.train import distill
 from pspnet_jax.train.init_checkpoint import model_config_from
 from pspnet_jax.train.state import create_trainer
 
@@ -207,6 +208,7 @@ def lower_train(config, devices, num_classes: int):
     total_steps=int(config.num_steps) or 1000,
     ignore_label=int(config.augment.ignore_label),
     mesh=mesh_lib.mesh_over(devices),
+    distill=distill.from_config(config, model_config, abstract=True),
   )
   crop = int(config.augment.crop_size)
   t0 = time.perf_counter()

@@ -88,6 +88,8 @@ RANGES = {
   'eval.bucket_multiple': 'int [1, inf)',
   'eval.whole_multiple': 'int [1, inf)',
   'eval.ignore_label': 'int [0, 255]',
+  'distill.tau': '(0, inf)',
+  'distill.weight': '[0, inf)',
   'dataset.builder_kwargs.image_size': 'int [8, inf)',
   'dataset.builder_kwargs.num_train': 'int [1, inf)',
   'dataset.builder_kwargs.num_val': 'int [1, inf)',

@@ -17,7 +17,8 @@ reads the last and the auxiliary head the third. mmseg's PSPHead gives every pyr
 ``channels`` (512) outputs, not ``C / len(bins)``: ``ppm_channels``.
 
 Modes: ``model.train()`` (the default after construction) returns ``(logits, aux_logits)``
-and updates BN running statistics; ``model.eval()`` returns ``logits`` only.
+and updates BN running statistics; ``model.eval()`` returns ``logits`` only
+(``model(x, aux=True)`` both: a distillation teacher's heads, ``pspnet_jax.train.distill``).
 """
 
 from __future__ import annotations
@@ -166,7 +167,14 @@ class PSPNet(nnx.Module):
       x = self.dropout(x, rngs=rngs)
     return head['4'](x)
 
-  def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None, upsample: bool = True):
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    rngs: nnx.Rngs | None = None,
+    upsample: bool = True,
+    aux: bool | None = None,
+  ):
     """x: [B, H, W, 3] normalised image, ``(rgb - config.mean) / config.std`` -> logits
     [B, H, W, num_classes] float32.
 
@@ -174,7 +182,8 @@ class PSPNet(nnx.Module):
     ``rngs`` with a ``dropout`` stream (none is needed when ``dropout == 0``).
     ``upsample=False`` returns them at the heads' own resolution (the input's / output
     stride), still float32: the train step's loss resizes them itself
-    (``pspnet_jax.train.loss.upsampled_cross_entropy``).
+    (``pspnet_jax.train.loss.upsampled_cross_entropy``). ``aux`` returns the pair (True)
+    or the logits alone (False) whatever the mode.
     """
     h, w = x.shape[1:3]
     ac = self.config.align_corners
@@ -188,6 +197,6 @@ class PSPNet(nnx.Module):
       fixed_size=self.config.pyramid_fixed_size,
     )
     logits = resize(self._apply_head(self.cls, y, rngs).astype(jnp.float32))
-    if self.deterministic:
+    if not (aux if aux is not None else not self.deterministic):
       return logits
     return logits, resize(self._apply_head(self.aux, c3, rngs).astype(jnp.float32))

@@ -12,12 +12,36 @@ the final upsampling), student and teacher alike: ``[B, h, w, C]``, float.
   ``mask`` keeps (the labelled ones).
 
 The teacher's logits carry no gradient (``stop_gradient``); computations are float32.
+
+``Distillation`` (built by ``from_config`` from ``config.distill``) is what the train step
+(``pspnet_jax.train.step``) needs of a teacher: its graph and variables, frozen, run in
+inference mode on the student's augmented batch under its own normalisation, and the loss
+that compares the two. The variables ride in the train state under ``teacher``, so they
+are sharded like the student's and compiled into the same step, but they are neither
+differentiated nor given optimizer state nor written to checkpoints (``pspnet_jax.train.
+loop`` saves ``params`` and ``batch_stats`` only). ``check_teacher`` refuses to resume a
+workdir with another teacher than the one it records (by the SHA-256 of its weights).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pspnet_jax import checkpoint as ckpt_lib
+from pspnet_jax import ops, output_dir
+from pspnet_jax.errors import UserError
+from pspnet_jax.models import PSPNetConfig
+
+LOSSES = ('cwd', 'kl')
+RECORD = 'teacher.json'  # in the workdir: which teacher its checkpoints were trained with
 
 
 def _kl(teacher_logits, student_logits, axis):
@@ -48,3 +72,176 @@ def pixel_kl(student, teacher, mask=None, tau: float = 1.0):
     return tau**2 * jnp.mean(kl)
   mask = mask.astype(jnp.float32)
   return tau**2 * jnp.sum(kl * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def labels_at(labels, size: tuple[int, int], align_corners: bool):
+  """The labels [B, H, W] at the positions the logits of ``size`` (h, w) sit on: the
+  nearest label to each sample point of a bilinear resize from (h, w) to (H, W), with
+  ``align_corners`` as the model's (the grid of ``pspnet_jax.ops.resize_bilinear``)."""
+
+  def rows(n_out, n_in):
+    i = np.arange(n_out, dtype=np.float64)
+    if align_corners:
+      src = i * (n_in - 1) / max(n_out - 1, 1)
+    else:
+      src = (i + 0.5) * n_in / n_out - 0.5
+    return np.clip(np.floor(src + 0.5), 0, n_in - 1).astype(np.int32)
+
+  h, w = size
+  return labels[:, rows(h, labels.shape[1])][:, :, rows(w, labels.shape[2])]
+
+
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+  """A frozen teacher and the loss it teaches with (``config.distill``).
+
+  ``variables``: ``{'params', 'batch_stats'}`` nnx States of the teacher, arrays or (for
+  ahead-of-time compilation) ShapeDtypeStructs; ``sha256`` identifies the weights.
+  """
+
+  graphdef: nnx.GraphDef
+  variables: dict
+  config: PSPNetConfig  # the teacher's, in the student's compute dtype
+  student_mean: tuple
+  student_std: tuple
+  path: str
+  sha256: str
+  loss: str
+  tau: float
+  weight: float
+  aux: bool
+
+  def teacher_outputs(self, variables, images, size):
+    """The teacher's (logits, aux logits or None) at ``size`` (the student's head
+    resolution) for the student's normalised ``images``, without gradient."""
+    t_mean, t_std = self.config.mean, self.config.std
+    if (t_mean, t_std) != (self.student_mean, self.student_std):
+      rgb = images * jnp.asarray(self.student_std) + jnp.asarray(self.student_mean)
+      images = (rgb - jnp.asarray(t_mean)) / jnp.asarray(t_std)
+    teacher = nnx.merge(self.graphdef, variables['params'], variables['batch_stats'])
+    teacher.eval()
+    out = teacher(images, upsample=False, aux=self.aux)
+    logits, aux = out if self.aux else (out, None)
+
+    def fit(z):
+      if z is None:
+        return None
+      if z.shape[1:3] != tuple(size):  # another output stride than the student's
+        z = ops.resize_bilinear(z, size, self.config.align_corners)
+      return jax.lax.stop_gradient(z)
+
+    return fit(logits), fit(aux)
+
+  def term(self, student, teacher, labels, ignore_label: int, align_corners: bool):
+    """``weight`` x the loss between one head's student and teacher logits [B, h, w, C];
+    ``kl`` counts the positions whose nearest label (``labels_at``) is not ignored."""
+    if self.loss == 'cwd':
+      value = channel_wise_divergence(student, teacher, self.tau)
+    else:
+      mask = labels_at(labels, student.shape[1:3], align_corners) != ignore_label
+      value = pixel_kl(student, teacher, mask, self.tau)
+    return self.weight * value
+
+
+def weights_sha256(variables) -> str:
+  """SHA-256 over the teacher's variables: their paths, dtypes, shapes and bytes, in order."""
+  digest = hashlib.sha256()
+  flat = jax.tree_util.tree_flatten_with_path(
+    nnx.to_pure_dict(nnx.merge_state(*variables.values()))
+  )
+  for path, leaf in sorted(flat[0], key=lambda kv: jax.tree_util.keystr(kv[0])):
+    array = np.asarray(jax.device_get(leaf))
+    digest.update(f'{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape};'.encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()
+
+
+def from_config(config, student: PSPNetConfig, *, abstract: bool = False):
+  """The ``Distillation`` of ``config.distill`` for a student of config ``student``, or
+  None when ``config.distill.teacher`` is empty. ``abstract``: the teacher's shapes only
+  (its ``model_config.json`` is read, not its weights), for ahead-of-time compilation."""
+  d = config.distill
+  if not d.teacher:
+    return None
+  if d.loss not in LOSSES:
+    raise UserError(
+      f'config key distill.loss={d.loss!r}: give one of {", ".join(LOSSES)} '
+      '(--config.distill.loss=cwd)'
+    )
+  path = os.path.abspath(os.path.expanduser(d.teacher))
+  if not os.path.isdir(path):
+    raise UserError(
+      f'distill.teacher {path}: no such directory (give a model directory, a training '
+      'workdir or one of its checkpoints/<step>)'
+    )
+  t_config = ckpt_lib.model_config(path)
+  if t_config.num_classes != student.num_classes:
+    raise UserError(
+      f'distill.teacher {path} predicts {t_config.num_classes} classes but the student has '
+      f'{student.num_classes}: a teacher must be trained on the same classes'
+    )
+  t_config = dataclasses.replace(t_config, dtype=student.dtype)
+  model = ckpt_lib.abstract_model(t_config)
+  if not abstract:
+    nnx.update(model, nnx.state(ckpt_lib.load_model(path)))
+  graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  variables = {'params': params, 'batch_stats': batch_stats}
+  return Distillation(
+    graphdef=graphdef,
+    variables=variables,
+    config=t_config,
+    student_mean=tuple(student.mean),
+    student_std=tuple(student.std),
+    path=path,
+    sha256='' if abstract else weights_sha256(variables),
+    loss=d.loss,
+    tau=float(d.tau),
+    weight=float(d.weight),
+    aux=bool(d.aux),
+  )
+
+
+def check_teacher(workdir: str, distillation: Distillation | None, resuming: bool) -> None:
+  """Refuses to resume ``workdir`` with another teacher than its record (or with a teacher
+  when it was trained without one, or the reverse); else records this run's teacher."""
+  record_path = os.path.join(workdir, RECORD)
+  recorded = None
+  if os.path.exists(record_path):
+    with open(record_path) as f:
+      recorded = json.load(f)
+  if resuming:
+    flag = '--config.distill.teacher'
+    if recorded and distillation is None:
+      raise UserError(
+        f'{workdir} was trained with distill.teacher={recorded["path"]}: resume with '
+        f'{flag}={recorded["path"]} (the same weights), or give a new --workdir'
+      )
+    if distillation is not None and not recorded:
+      raise UserError(
+        f'{workdir} was trained without a teacher: resume without {flag}, or give a new '
+        '--workdir to distil'
+      )
+    if distillation is not None and recorded['sha256'] != distillation.sha256:
+      raise UserError(
+        f'distill.teacher {distillation.path}: its weights (SHA-256 '
+        f'{distillation.sha256[:12]}...) are not those {workdir} was trained with '
+        f'({recorded["path"]}, {recorded["sha256"][:12]}...): resume with that teacher, or '
+        'give a new --workdir'
+      )
+  if jax.process_index() != 0:
+    return
+  if distillation is None:
+    if recorded:  # a record without checkpoints: of a run that never saved a step
+      os.remove(record_path)
+    return
+  record = {
+    'path': distillation.path,
+    'sha256': distillation.sha256,
+    'loss': distillation.loss,
+    'tau': distillation.tau,
+    'weight': distillation.weight,
+    'aux': distillation.aux,
+  }
+  os.makedirs(workdir, exist_ok=True)
+  with output_dir.atomic(record_path) as tmp, open(tmp, 'w') as f:
+    json.dump(record, f, indent=2)

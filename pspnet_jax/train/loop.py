@@ -20,6 +20,7 @@ from pspnet_jax import checkpoint as ckpt_lib
 from pspnet_jax import config_file, evaluation, output_dir
 from pspnet_jax import data as data_lib
 from pspnet_jax import mesh as mesh_lib
+from pspnet_jax.train import distill
 from pspnet_jax.train.init_checkpoint import initial_model, model_config_from
 from pspnet_jax.train.monitor import DivergenceWatch, MetricsLogger, ProgressBar
 from pspnet_jax.train.signals import StopRequest
@@ -82,10 +83,28 @@ class _Run:
     self.total_steps = (
       int(config.num_steps) if config.num_steps else int(config.num_epochs * self.steps_per_epoch)
     )
+    self.ckpt = ckpt_lib.TrainCheckpointer(
+      workdir,
+      model_config,
+      keep=int(config.keep_checkpoints),
+      metadata={
+        'dataset': ds.name,
+        'class_names': list(info.class_names),
+        'palette': [list(c) for c in info.palette],
+      },
+    )
+    # The teacher's refusals (classes, another teacher than the workdir's) before any compile.
+    distillation = distill.from_config(config, model_config)  # None without a teacher
+    distill.check_teacher(workdir, distillation, resuming=self.ckpt.latest_step() is not None)
     model = initial_model(config, model_config)
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     self.trainer = create_trainer(
-      config, graphdef, total_steps=self.total_steps, ignore_label=info.ignore_label, mesh=self.mesh
+      config,
+      graphdef,
+      total_steps=self.total_steps,
+      ignore_label=info.ignore_label,
+      mesh=self.mesh,
+      distill=distillation,
     )
     self.state = jax.device_put(
       self.trainer.initial_state(params, batch_stats, config.seed), self.trainer.replicated
@@ -100,16 +119,6 @@ class _Run:
       worker_count=int(config.worker_count),
       mean=model_config.mean,
       std=model_config.std,
-    )
-    self.ckpt = ckpt_lib.TrainCheckpointer(
-      workdir,
-      model_config,
-      keep=int(config.keep_checkpoints),
-      metadata={
-        'dataset': ds.name,
-        'class_names': list(info.class_names),
-        'palette': [list(c) for c in info.palette],
-      },
     )
     self.val = data_lib.eval_source(ds.name, ds.eval_split, data_dir)
     self.n_quick = int(config.eval_num_examples) or len(self.val)

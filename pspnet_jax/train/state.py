@@ -6,6 +6,10 @@ is the program training runs (``tests/test_aot.py`` compares their StableHLO).
   trainer = create_trainer(config, graphdef, total_steps=..., ignore_label=255, mesh=mesh)
   state = trainer.initial_state(params, batch_stats, seed=config.seed)
   state, metrics = trainer.step(state, batch)   # batch sharded over the mesh's 'data' axis
+
+With a teacher (``create_trainer(..., distill=pspnet_jax.train.distill.from_config(...))``)
+the state also holds ``teacher``, its variables: replicated like the student's, passed
+through the step unchanged, never saved.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from pspnet_jax.train.distill import Distillation
 from pspnet_jax.train.optimizer import OptimizerConfig, make_optimizer, schedules
 from pspnet_jax.train.step import make_train_step
 
@@ -35,10 +40,18 @@ class Trainer:
   step: Callable
   replicated: NamedSharding
   sharded: NamedSharding
+  distill: Distillation | None = None
 
   def initial_state(self, params, batch_stats, seed: int) -> dict:
     """The state at step 0: ``params``, ``batch_stats`` (nnx States), the optimizer's
-    initial state, the step counter and the dropout key (``seed``)."""
+    initial state, the step counter, the dropout key (``seed``) and, distilling, the
+    teacher's variables."""
+    state = self._student_state(params, batch_stats, seed)
+    if self.distill is not None:
+      state['teacher'] = self.distill.variables
+    return state
+
+  def _student_state(self, params, batch_stats, seed: int) -> dict:
     return {
       'params': params,
       'batch_stats': batch_stats,
@@ -50,9 +63,11 @@ class Trainer:
   def abstract_state(self, params, batch_stats) -> dict:
     """``initial_state``'s shapes, dtypes and shardings, computing nothing: what the step
     is lowered for when there are no arrays (AOT compilation)."""
-    shapes = jax.eval_shape(functools.partial(self.initial_state, seed=0), params, batch_stats)
+    state = jax.eval_shape(functools.partial(self._student_state, seed=0), params, batch_stats)
+    if self.distill is not None:
+      state['teacher'] = self.distill.variables
     return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), shapes
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), state
     )
 
   def abstract_batch(self, global_batch_size: int, crop_size: int) -> dict:
@@ -65,11 +80,18 @@ class Trainer:
 
 
 def create_trainer(
-  config, graphdef: nnx.GraphDef, *, total_steps: int, ignore_label: int, mesh: Mesh
+  config,
+  graphdef: nnx.GraphDef,
+  *,
+  total_steps: int,
+  ignore_label: int,
+  mesh: Mesh,
+  distill: Distillation | None = None,
 ) -> Trainer:
   """The ``Trainer`` of ``config`` (its ``optimizer``, ``aux_weight``, ``grad_accum_steps``,
   ``loss_block_rows``) for the model ``graphdef`` over ``mesh``: parameters replicated,
-  the batch sharded on ``data``, one compiled step."""
+  the batch sharded on ``data``, one compiled step; ``distill``: the teacher and its loss
+  (``pspnet_jax.train.distill.from_config``), None without."""
   opt_config = OptimizerConfig(**dict(config.optimizer))
   tx = make_optimizer(opt_config, total_steps)
   step = make_train_step(
@@ -80,6 +102,7 @@ def create_trainer(
     grad_accum_steps=int(config.grad_accum_steps),
     lr_schedules=schedules(opt_config, total_steps),
     loss_block_rows=int(config.loss_block_rows),
+    distill=distill,
   )
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   jitted = jax.jit(
@@ -88,4 +111,4 @@ def create_trainer(
     out_shardings=(replicated, replicated),
     donate_argnums=(0,),
   )
-  return Trainer(graphdef, tx, jitted, replicated, sharded)
+  return Trainer(graphdef, tx, jitted, replicated, sharded, distill)
