@@ -13,7 +13,10 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
+from flax import nnx
 
 from pspnet_jax import aot
 
@@ -131,6 +134,34 @@ def test_eval_program_compiles_for_v5e(tmp_path):
   assert colls and all(x['op'] == 'all-reduce' and x['dtype'] == 's32' for x in colls), colls
   assert sum(x['elements'] for x in colls) <= c * c
   assert r['per_chip']['memory_gib']['fits'] and r['per_chip']['flops'] > 0
+
+
+@pytest.mark.aot
+@needs_libtpu
+def test_distilled_train_step_compiles_for_v5e(tmp_path):
+  """With --config.distill.teacher the slice's step runs the teacher too: its convolutions
+  join the student's (forward only: the student has 3 a layer, forward and two gradients),
+  its weights are replicated arguments; only the teacher's model_config.json is read."""
+  import shutil
+
+  from tiny_models import tiny_model
+
+  from pspnet_jax import checkpoint
+  from pspnet_jax.models import PSPNetConfig
+
+  config = PSPNetConfig(depth=18, base_width=16, num_classes=4, head_channels=16, aux_channels=8)
+  teacher = checkpoint.save_model(tmp_path / 'teacher', tiny_model(config))
+  shutil.rmtree(os.path.join(teacher, 'state'))  # its weights are not needed to compile
+  args = ('--program=train', '--config.global_batch_size=8')
+  plain = _aot(tmp_path, *args)
+  r = _aot(tmp_path, *args, f'--config.distill.teacher={teacher}')
+  assert r['chips'] == 4 and r['per_chip']['memory_gib']['fits']
+  assert r['convolutions_in_program'] > plain['convolutions_in_program']
+  grown = r['per_chip']['memory_gib']['arguments'] - plain['per_chip']['memory_gib']['arguments']
+  params = sum(
+    np.prod(x.shape) for x in jax.tree.leaves(nnx.state(checkpoint.abstract_model(config)))
+  )
+  assert grown * 2**30 >= 4 * params  # at least the teacher's float32 variables
 
 
 @pytest.mark.aot
