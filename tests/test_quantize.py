@@ -65,7 +65,8 @@ def _session(path):
 
 
 def test_int8_argmax_agrees_with_float_on_labelled_validation_pixels(int8_export, data_dir):
-  """Held out (the calibration read the train split), at each image's own size."""
+  """Held out (the calibration read the train split), at each image's own size. Measured:
+  0.971 of 8192 pixels (this 12-step model's classes are close; the make-run model: 0.998)."""
   out, stdout = int8_export
   assert 'onnx-int8:' in stdout and 'onnx:' in stdout and 'stablehlo:' in stdout
   float32, int8 = _session(out / export.ONNX_FILE), _session(out / export.ONNX_INT8_FILE)
