@@ -1,7 +1,9 @@
 """Deployment artifacts: a trained or ported PSPNet as a self-contained program.
 
-  python -m pspnet_jax.export MODEL_DIR --out DIR [--format stablehlo|onnx|all]
+  python -m pspnet_jax.export MODEL_DIR --out DIR [--format stablehlo|onnx|onnx-int8|all]
       [--platforms cpu,cuda,tpu] [--dtype float32|bfloat16] [--output logits|probabilities|classes]
+      [--calibration FOLDER|dataset:NAME[:SPLIT] [--calibration-images N] [--crop-size N]
+       [--data-dir DIR] [--per-channel|--per-tensor]]
 
 ``MODEL_DIR`` is any model directory ``pspnet_jax.checkpoint.load_model`` reads (the port
 CLI's output, a training workdir, or one of its ``checkpoints/<step>``). ``DIR`` receives
@@ -11,6 +13,9 @@ CLI's output, a training workdir, or one of its ``checkpoints/<step>``). ``DIR``
   runs it: ``jax.export.deserialize(open(f, 'rb').read()).call(images)``.
 - ``model.onnx`` (``--format onnx|all``, needs ``pip install 'pspnet_jax[onnx]'``): the
   same network converted by jax2onnx, for onnxruntime.
+- ``model.int8.onnx`` (``--format onnx-int8``, or ``all`` with ``--calibration``): that
+  graph quantised to int8 by onnxruntime's static quantisation, calibrated on
+  ``--calibration`` images (``pspnet_jax.quantize``); same input and output.
 - ``export.json``: the model config, classes, palette, normalisation, the input/output
   contract, the versions that wrote it and SHA-256 checksums of the weights and files.
 
@@ -46,11 +51,13 @@ from pspnet_jax.errors import UserError
 from pspnet_jax.models import PSPNet
 from pspnet_jax.palette import as_palette
 
-FORMATS = ('stablehlo', 'onnx')
+FORMATS = ('stablehlo', 'onnx', 'onnx-int8')
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 OUTPUTS = ('logits', 'probabilities', 'classes')
 DTYPES = ('float32', 'bfloat16')
 STABLEHLO_FILE, ONNX_FILE, MANIFEST = 'model.jax_exported', 'model.onnx', 'export.json'
+ONNX_INT8_FILE = 'model.int8.onnx'
+FILES = {'stablehlo': STABLEHLO_FILE, 'onnx': ONNX_FILE, 'onnx-int8': ONNX_INT8_FILE}
 INPUT_NAME = 'image'
 
 
@@ -170,19 +177,38 @@ def export_model(
   platforms=('cpu', 'cuda', 'tpu'),
   dtype: str = 'float32',
   output: str = 'logits',
+  calibration: str | None = None,
+  calibration_images: int | None = None,
+  crop_size: int = 473,
+  data_dir: str | None = None,
+  per_channel: bool = True,
 ) -> dict:
   """Exports the model in ``model_dir`` into ``out``; returns the manifest (``export.json``).
 
-  Every check comes before anything is written, and the files are written into a temporary
-  folder moved into place at the end: a refused or failed export leaves ``out`` as it was.
+  ``onnx-int8`` needs ``calibration`` (``pspnet_jax.quantize.calibration_images``:
+  ``calibration_images`` of them, default 100, resized to ``crop_size``).
+
+  Every check comes before anything is written (the calibration images are read first),
+  and the files are written into a temporary folder moved into place at the end: a refused
+  or failed export leaves ``out`` as it was.
   """
   formats = _parse_list(formats, FORMATS, '--format')
+  if 'onnx-int8' in formats and calibration is None:
+    raise ExportError(
+      '--format onnx-int8 needs --calibration FOLDER or dataset:NAME[:SPLIT], the images '
+      'its activation ranges are measured on'
+    )
+  if calibration is not None and 'onnx-int8' not in formats:
+    raise ExportError(
+      f'--calibration is for the int8 artifact: add --format onnx-int8 (or all), or drop '
+      f'--calibration (asked: --format {",".join(formats)})'
+    )
   platforms = _parse_list(platforms, PLATFORMS, '--platforms')
   if dtype not in DTYPES:
     raise ExportError(f'--dtype {dtype!r}: choose one of {", ".join(DTYPES)}')
   if output not in OUTPUTS:
     raise ExportError(f'--output {output!r}: choose one of {", ".join(OUTPUTS)}')
-  if 'onnx' in formats and dtype != 'float32':
+  if {'onnx', 'onnx-int8'} & set(formats) and dtype != 'float32':
     raise ExportError(
       '--dtype bfloat16 is for the StableHLO artifact (accelerators); the ONNX '
       'artifact is float32 (onnxruntime has no bfloat16 CPU convolution): export '
@@ -190,6 +216,14 @@ def export_model(
     )
   out = output_dir.claim(out, marker=MANIFEST, what='export')
   model = checkpoint.load_model(model_dir)
+  if 'onnx-int8' in formats:
+    quantize = _quantize_module()
+    calibration_set, calibration_info = quantize.calibration_images(
+      calibration,
+      quantize.CALIBRATION_IMAGES if calibration_images is None else calibration_images,
+      crop_size,
+      data_dir,
+    )
   metadata = checkpoint.model_metadata(model_dir)
   config = model.config
   model = _with_dtype(model, dtype)
@@ -245,14 +279,14 @@ def export_model(
         'seconds': round(time.perf_counter() - t, 1),
         'load': 'jax.export.deserialize(open(file, "rb").read()).call(image)',
       }
-    if 'onnx' in formats:
+    if 'onnx' in formats or 'onnx-int8' in formats:
       t = time.perf_counter()
       proto = export_onnx(serve, output)
       import onnx
 
       path = os.path.join(staging, ONNX_FILE)
       onnx.save(proto, path)
-      manifest['artifacts']['onnx'] = {
+      onnx_artifact = {
         'file': ONNX_FILE,
         'opset': max(o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx')),
         'dynamic_dims': ['batch', 'height', 'width'],
@@ -262,18 +296,50 @@ def export_model(
         'converter': f'jax2onnx {_version("jax2onnx")}',
         'load': 'onnxruntime.InferenceSession(file).run(None, {"image": image})',
       }
+      if 'onnx' in formats:
+        manifest['artifacts']['onnx'] = onnx_artifact
+    if 'onnx-int8' in formats:
+      t = time.perf_counter()
+      int8_path = os.path.join(staging, ONNX_INT8_FILE)
+      settings = quantize.quantize_onnx(path, int8_path, calibration_set, per_channel=per_channel)
+      manifest['artifacts']['onnx-int8'] = {
+        'file': ONNX_INT8_FILE,
+        'quantization': settings,
+        'calibration': calibration_info,
+        'agreement_with_float': {
+          'measured_on': 'the calibration images',
+          **quantize.argmax_agreement(path, int8_path, calibration_set),
+        },
+        'float_bytes': onnx_artifact['bytes'],
+        'sha256': _file_sha256(int8_path),
+        'bytes': os.path.getsize(int8_path),
+        'seconds': round(time.perf_counter() - t, 1),
+        'load': 'onnxruntime.InferenceSession(file).run(None, {"image": image})',
+      }
+      if 'onnx' not in formats:
+        os.remove(path)  # the float graph was the quantiser's input only
     with open(os.path.join(staging, MANIFEST), 'w') as f:
       json.dump(manifest, f, indent=2)
     os.makedirs(out, exist_ok=True)
     # The manifest last: its checksums never describe files that are not yet in place.
     for name in sorted(os.listdir(staging), key=lambda n: n == MANIFEST):
       os.replace(os.path.join(staging, name), os.path.join(out, name))
-    for fmt, name in (('stablehlo', STABLEHLO_FILE), ('onnx', ONNX_FILE)):
+    for fmt, name in FILES.items():
       if fmt not in formats and os.path.exists(os.path.join(out, name)):
         os.remove(os.path.join(out, name))  # an earlier export's: the manifest no longer lists it
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   return manifest
+
+
+def _quantize_module():
+  try:
+    from pspnet_jax import quantize
+  except ImportError:
+    raise ExportError(
+      "--format onnx-int8 needs onnxruntime and jax2onnx (pip install 'pspnet_jax[onnx]')"
+    ) from None
+  return quantize
 
 
 @errors.command
@@ -300,8 +366,42 @@ def main(argv=None) -> int:
     help='compute dtype inside the artifact (weights and outputs stay float32)',
   )
   ap.add_argument('--output', default='logits', choices=OUTPUTS)
+  int8 = ap.add_argument_group('int8 (--format onnx-int8, or all with --calibration)')
+  int8.add_argument(
+    '--calibration',
+    metavar='SRC',
+    help='a folder of images, or dataset:NAME[:SPLIT] (prepared in --data-dir; split train '
+    'unless named): the images the activation ranges are measured on',
+  )
+  int8.add_argument(
+    '--calibration-images',
+    type=errors.int_at_least(1),
+    metavar='N',
+    help='how many, spread evenly over SRC (default 100)',
+  )
+  int8.add_argument(
+    '--crop-size',
+    type=errors.int_at_least(1),
+    default=473,
+    help="side the calibration images are resized to: the model's crop, as in predict "
+    '(default 473; the synthetic model: 96)',
+  )
+  int8.add_argument('--data-dir', help='where prepared datasets live (for dataset:NAME)')
+  int8.add_argument(
+    '--per-channel',
+    dest='per_channel',
+    action='store_true',
+    default=True,
+    help='one weight scale per output channel (default)',
+  )
+  int8.add_argument(
+    '--per-tensor', dest='per_channel', action='store_false', help='one weight scale per tensor'
+  )
   args = ap.parse_args(argv)
-  formats = FORMATS if args.format == 'all' else (args.format,)
+  if args.format == 'all':
+    formats = FORMATS if args.calibration else tuple(f for f in FORMATS if f != 'onnx-int8')
+  else:
+    formats = (args.format,)
   manifest = export_model(
     args.model_dir,
     args.out,
@@ -309,11 +409,23 @@ def main(argv=None) -> int:
     platforms=args.platforms,
     dtype=args.dtype,
     output=args.output,
+    calibration=args.calibration,
+    calibration_images=args.calibration_images,
+    crop_size=args.crop_size,
+    data_dir=args.data_dir,
+    per_channel=args.per_channel,
   )
   for fmt, art in manifest['artifacts'].items():
     print(
       f'{fmt}: {os.path.join(os.path.abspath(args.out), art["file"])} ({art["bytes"] / 2**20:.1f} MiB, '
       f'{art["seconds"]} s)'
+    )
+  if 'onnx-int8' in manifest['artifacts']:
+    art = manifest['artifacts']['onnx-int8']
+    print(
+      f'onnx-int8: {art["bytes"] / art["float_bytes"]:.2f}x the float file; argmax agrees with '
+      f'float on {art["agreement_with_float"]["agreement"]:.2%} of the calibration pixels; '
+      f'{len(art["quantization"]["float_nodes"])} nodes kept in float'
     )
   print(f'manifest: {os.path.join(os.path.abspath(args.out), MANIFEST)}')
   return 0

@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 import cli  # noqa: E402  (after the path above)
+import tiny_run  # noqa: E402
 
 
 def pytest_configure(config):
@@ -46,7 +47,22 @@ def pytest_runtest_makereport(item, call):
     report.longrepr = f'{marker.name} test was skipped, which CI does not allow: {report.longrepr}'
 
 
-# Module fixtures that cost tens of seconds (a train.py run, an export, a compiled
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+  """The tiny synthetic_shapes dataset (tests/tiny_run.py); a module may define its own."""
+  return tiny_run.prepare_data(tmp_path_factory.mktemp('tfds'))
+
+
+@pytest.fixture(scope='session')
+def reference_run(tmp_path_factory, data_dir):
+  """(workdir, finished train.py process) of the tiny 12-step run (tests/tiny_run.py),
+  trained once and shared: test_train_loop compares its own runs with it, test_quantize
+  exports it. Read it; never write into its workdir."""
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  return workdir, tiny_run.train(workdir, data_dir)
+
+
+# Fixtures that cost tens of seconds (a train.py run, an export, a compiled
 # initialisation, a 20-step recipe run, a full-width Caffe net). Under pytest-xdist
 # (``--dist loadgroup``, as `make test` runs it) the tests that share one form a group that
 # runs on one worker, so it is built once; every other test is spread by load.
@@ -60,6 +76,7 @@ EXPENSIVE_MODULE_FIXTURES = (
   'mmseg_checkpoint',
   'small_semseg',
 )
+SESSION_FIXTURES = ('reference_run',)  # defined above, used by several test files
 # The files whose tests run train.py / eval.py / multi-device subprocesses (minutes each, a
 # group of them ~5 min) go first, so the workers do not end on them one at a time.
 SLOW_FILES_FIRST = ('test_train_loop.py', 'test_evaluation.py', 'test_export.py', 'test_aot.py')
@@ -70,7 +87,9 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     shared = [f for f in EXPENSIVE_MODULE_FIXTURES if f in getattr(item, 'fixturenames', ())]
     if shared:
-      item.add_marker(pytest.mark.xdist_group(f'{item.module.__name__}:{shared[0]}'))
+      # A session fixture's tests share one group across their modules.
+      group = shared[0] if shared[0] in SESSION_FIXTURES else f'{item.module.__name__}:{shared[0]}'
+      item.add_marker(pytest.mark.xdist_group(group))
 
   def rank(item):
     name = os.path.basename(str(item.fspath))

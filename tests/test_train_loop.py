@@ -18,52 +18,13 @@ from cli import cli_env, one_error_line
 from flax import nnx
 from PIL import Image
 from tiny_models import tiny_model
+from tiny_run import TIMEOUT
+from tiny_run import train as _train
+from tiny_run import train_command as _cmd
 
 from pspnet_jax import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMEOUT = 420
-
-TINY = [
-  '--config.dataset.builder_kwargs.image_size=32',
-  '--config.dataset.builder_kwargs.num_train=64',
-  '--config.dataset.builder_kwargs.num_val=8',
-  '--config.model.base_width=8',
-  '--config.model.head_channels=16',
-  '--config.model.aux_channels=8',
-  '--config.augment.crop_size=33',
-  '--config.global_batch_size=4',
-  '--config.num_steps=12',
-  '--config.log_every_steps=1',
-  '--config.checkpoint_every_steps=4',
-  '--config.eval_every_steps=0',
-  '--config.eval.crop_size=33',
-  '--config.eval.base_size=32',
-  '--config.optimizer.learning_rate=0.05',
-]
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp('tfds')
-  from pspnet_jax import data
-
-  data.prepare('synthetic_shapes', str(d), image_size=32, num_train=64, num_val=8)
-  return str(d)
-
-
-def _cmd(workdir, data_dir, *extra):
-  return [
-    sys.executable,
-    os.path.join(ROOT, 'train.py'),
-    '--config',
-    os.path.join(ROOT, 'configs', 'synthetic.py'),
-    '--workdir',
-    str(workdir),
-    f'--config.dataset.data_dir={data_dir}',
-    *TINY,
-    *extra,
-  ]
 
 
 def _signal_cmd(spec, workdir, data_dir, *extra):
@@ -78,22 +39,6 @@ def _signal_cmd(spec, workdir, data_dir, *extra):
 
 def _env(devices=1):
   return cli_env(devices)
-
-
-def _train(workdir, data_dir, *extra, devices=1, check=True):
-  p = subprocess.run(
-    _cmd(workdir, data_dir, *extra),
-    env=_env(devices),
-    capture_output=True,
-    text=True,
-    timeout=TIMEOUT,
-    cwd=ROOT,
-  )
-  if check and p.returncode != 0:
-    raise AssertionError(
-      f'train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}'
-    )
-  return p
 
 
 def _variables(workdir):
@@ -118,13 +63,6 @@ def _losses(workdir):
 def _finished_steps(workdir):
   d = os.path.join(workdir, 'checkpoints')
   return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
-
-
-@pytest.fixture(scope='module')
-def reference_run(tmp_path_factory, data_dir):
-  workdir = tmp_path_factory.mktemp('uninterrupted')
-  p = _train(workdir, data_dir)
-  return workdir, p
 
 
 def test_quick_run_trains_evaluates_and_loss_falls(reference_run, data_dir):

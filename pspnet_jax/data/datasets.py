@@ -123,6 +123,7 @@ def prepare(
 
 
 def _read_builder(name: str, data_dir: str):
+  _builder_class(name)  # an unknown name is not one to prepare
   path = _prepared_dir(name, data_dir)
   if path is None:
     raise NotPreparedError(
