@@ -127,6 +127,11 @@ def base_config() -> ml_collections.ConfigDict:
   # with the same classes; '' = off. loss 'cwd' (channel-wise, Shu et al. 2021) or 'kl'
   # (pixel-wise); tau and weight as mmrazor's CWD PSPNet R101 -> R18 Cityscapes config; aux:
   # distil the aux head too.
+  # The convolution in programs lowered for the CPU (pspnet_jax.ops.backend): backend 'auto'
+  # (this project's CPU kernels) or 'xla'; weight_gradient 'auto' or one of 'xla', 'taps',
+  # 'shifted' for every layer. PSPNET_CONV / PSPNET_CONV_WGRAD override them; a workdir's
+  # config.json records what was in effect.
+  c.conv = ml_collections.ConfigDict(dict(backend='auto', weight_gradient='auto'))
   c.distill = ml_collections.ConfigDict(
     dict(teacher='', loss='cwd', tau=1.0, weight=5.0, aux=False)
   )

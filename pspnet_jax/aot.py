@@ -37,7 +37,7 @@ import time
 import jax
 from flax import nnx
 
-from pspnet_jax import _compat, checkpoint, config_file, errors, hlo
+from pspnet_jax import _compat, checkpoint, config_file, errors, hlo, ops
 from pspnet_jax import mesh as mesh_lib
 from pspnet_jax.data import BUILDERS
 from pspnet_jax.errors import UserError
@@ -193,6 +193,7 @@ def _num_classes(config, override: int) -> int:
 def lower_train(config, devices, num_classes: int):
   """The train step of ``train.py`` for ``config`` on ``devices``, lowered: built by
   ``train.state.create_trainer`` as the training loop builds it. ``(lowered, info)``."""
+  conv = ops.configure_conv(**dict(config.conv))
   batch = int(config.global_batch_size)
   accum = int(config.grad_accum_steps)
   mesh_lib.check_batch_size(batch, accum, devices)
@@ -222,6 +223,7 @@ def lower_train(config, devices, num_classes: int):
     'crop_size': crop,
     'timings': {'trace_and_lower_s': time.perf_counter() - t0},
     'convolutions_in_program': lowered.as_text().count('stablehlo.convolution'),
+    'conv': conv,
   }
 
 
@@ -237,6 +239,7 @@ def compile_train(config, devices, num_classes: int):
 def compile_eval(config, devices, num_classes: int, image_size: tuple[int, int]):
   """The evaluator's program for ``image_size`` images with ``config.eval``, as
   ``eval.py`` runs it on a slice: one image a chip (``Evaluator.evaluate_dataset``)."""
+  conv = ops.configure_conv(**dict(config.conv))
   model_config = model_config_from(config, num_classes)
   eval_config = EvalConfig.from_config(config.eval, 255)
   evaluator = Evaluator(
@@ -257,6 +260,7 @@ def compile_eval(config, devices, num_classes: int, image_size: tuple[int, int])
     'window_batches_per_scale': batches,
     'windows_per_call_per_chip': evaluator.window_batch // len(devices),
     'convolutions_in_program': lowered.as_text().count('stablehlo.convolution'),
+    'conv': conv,
   }
 
 

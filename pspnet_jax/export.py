@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pspnet_jax import checkpoint, errors, output_dir
+from pspnet_jax import checkpoint, errors, ops, output_dir
 from pspnet_jax.errors import UserError
 from pspnet_jax.models import PSPNet
 from pspnet_jax.palette import as_palette
@@ -233,6 +233,8 @@ def export_model(
     'format_version': 1,
     'source': os.path.abspath(os.fspath(model_dir)),
     'model': dataclasses.replace(config, dtype=dtype).to_dict(),
+    # The convolution the artifact holds where it is lowered for the CPU (ops.backend).
+    'conv': ops.conv_settings(),
     'classes': checkpoint.metadata_value(metadata, 'class_names'),
     'palette': as_palette(
       checkpoint.metadata_value(metadata, 'palette'), config.num_classes

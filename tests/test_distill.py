@@ -280,6 +280,9 @@ def test_train_py_distils_and_refuses_another_teacher_on_resume(tmp_path, teache
   assert record['path'] == teacher_dir and record['loss'] == 'cwd' and record['weight'] == 5.0
   d = distill.from_config(_config(teacher_dir), STUDENT)
   assert record['sha256'] == d.sha256 == distill.weights_sha256(d.variables)
+  run = json.loads((workdir / 'config.json').read_text())  # this start's config, recorded
+  assert run['config']['distill']['teacher'] == teacher_dir and run['config']['num_steps'] == 4
+  assert run['conv'] == {'backend': 'auto', 'weight_gradient': 'auto', 'overridden_by': []}
   student = checkpoint.load_model(workdir)  # the student's variables, nothing else
   assert student.config.base_width == 8 and checkpoint.model_config(workdir).num_classes == 4
 

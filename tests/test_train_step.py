@@ -434,6 +434,41 @@ def test_cpu_kernels_follow_the_lowering_platform_not_the_host(monkeypatch):
   assert _lowered_ops(lambda x: conv1(x), x, platforms=['cpu']) == (1, 0)
 
 
+def test_conv_config_keys_choose_the_cpu_convolution_and_the_environment_overrides(monkeypatch):
+  """conv.backend / conv.weight_gradient (ops.configure_conv, as train.py, eval.py and the
+  AOT tool apply them) change the CPU program as PSPNET_CONV / PSPNET_CONV_WGRAD do; a set
+  variable overrides the config and settings() names it; a bad value is one line."""
+  from pspnet_jax import ops
+  from pspnet_jax.errors import UserError
+  from pspnet_jax.models import layers
+
+  monkeypatch.delenv('PSPNET_CONV', raising=False)
+  monkeypatch.delenv('PSPNET_CONV_WGRAD', raising=False)
+  conv1 = layers.conv2d(8, 8, 1, rngs=nnx.Rngs(0))
+  x = jnp.ones((2, 9, 9, 8))
+  try:
+    assert ops.configure_conv('xla', 'taps') == {
+      'backend': 'xla',
+      'weight_gradient': 'taps',
+      'overridden_by': [],
+    }
+    assert _lowered_ops(lambda x: conv1(x), x, platforms=['cpu']) == (1, 0)
+    monkeypatch.setenv('PSPNET_CONV', 'auto')
+    assert ops.conv_settings() == {
+      'backend': 'auto',
+      'weight_gradient': 'taps',
+      'overridden_by': ['PSPNET_CONV'],
+    }
+    assert _lowered_ops(lambda x: conv1(x), x, platforms=['cpu']) == (0, 1)
+    with pytest.raises(UserError, match=r"conv.backend='cuda': give one of auto, xla"):
+      ops.configure_conv('cuda')
+    monkeypatch.setenv('PSPNET_CONV_WGRAD', 'fast')
+    with pytest.raises(UserError, match="PSPNET_CONV_WGRAD='fast': give one of auto, xla, taps"):
+      ops.conv_settings()
+  finally:
+    ops.backend._configured.update(backend='auto', weight_gradient='auto')
+
+
 @pytest.mark.parametrize(
   'k,stride,dilation,size',
   [(1, 1, 1, 9), (1, 2, 1, 10), (3, 1, 2, 13), (3, 2, 1, 11), (3, 2, 1, 10), (7, 2, 1, 15)],

@@ -10,7 +10,7 @@ import os
 import jax
 
 from pspnet_jax import checkpoint as ckpt_lib
-from pspnet_jax import config_file, output_dir
+from pspnet_jax import config_file, ops, output_dir
 from pspnet_jax import data as data_lib
 from pspnet_jax.errors import UserError
 from pspnet_jax.evaluation.dataset import evaluate
@@ -35,6 +35,7 @@ def evaluate_checkpoint(
   """Evaluates ``checkpoint_path`` (model directory, training workdir or step directory)
   on ``config.dataset.eval_split`` with ``config.eval``; returns the metrics dict."""
   config_file.check_values(config)
+  ops.configure_conv(**dict(config.conv))
   out_dir = output_dir.claim(out_dir, marker=METRICS_FILE, what='evaluation')
   ds = config.dataset
   data_dir = os.path.abspath(os.path.expanduser(ds.data_dir))

@@ -6,6 +6,8 @@ the convolution the models use (XLA's, or CPU kernels when lowered for the CPU).
   ops.pyramid_pool(x, (1, 2, 3, 6), branch)
 """
 
+from pspnet_jax.ops.backend import configure as configure_conv
+from pspnet_jax.ops.backend import settings as conv_settings
 from pspnet_jax.ops.convolution import conv, conv_padding
 from pspnet_jax.ops.pooling import (
   adaptive_avg_pool,
@@ -22,8 +24,10 @@ __all__ = [
   'adaptive_pool_matrix',
   'avg_pool_ceil',
   'ceil_pool_matrix',
+  'configure_conv',
   'conv',
   'conv_padding',
+  'conv_settings',
   'interpolation_matrix',
   'linear_taps',
   'max_pool_3x3_s2',

@@ -6,8 +6,9 @@ The choice is ``jax.lax.platform_dependent``'s, made when a program is lowered, 
 platform it is lowered *for*, not by the host that traces it: a train step compiled ahead
 of time for a TPU, or exported for a GPU, on a CPU host holds XLA's plain convolutions
 only (tested in ``tests/test_train_step.py``). A program lowered for one platform holds one
-branch, so the compiler never sees a conditional. ``PSPNET_CONV=xla`` (read at trace time)
-selects XLA's convolution on every platform, for benchmarks.
+branch, so the compiler never sees a conditional. ``conv.backend=xla`` (``pspnet_jax.ops.
+backend``, read at trace time; or ``PSPNET_CONV=xla``) selects XLA's convolution on every
+platform.
 
 Mixed precision (``conv(x_bf16, w_f32)``): the weights are cast to the input's dtype for
 the forward and input-gradient convolutions, and the weight gradient is a convolution of
@@ -20,13 +21,12 @@ gradient reaches the float32 weights without a round trip through bfloat16.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pspnet_jax.ops import cpu_conv
+from pspnet_jax.ops import backend, cpu_conv
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
@@ -47,7 +47,7 @@ def conv(
 ) -> jax.Array:
   """x: [B, H, W, Cin], w: [kh, kw, Cin / groups, Cout] -> [B, H', W', Cout]; differentiable.
 
-  XLA's convolution on GPU/TPU; when lowered for the CPU (unless ``PSPNET_CONV=xla``)
+  XLA's convolution on GPU/TPU; when lowered for the CPU (unless ``conv.backend=xla``)
   ``cpu_conv.cpu_conv`` for ``groups=1`` and ``cpu_conv.depthwise_conv`` for depthwise
   convolutions (``groups == Cin == Cout``), with the same values and gradients up to float
   reassociation; other grouped convolutions are XLA's everywhere. With ``w`` in a wider
@@ -62,8 +62,8 @@ def conv(
 
 
 def _xla_only() -> bool:
-  """``PSPNET_CONV=xla``: XLA's convolutions on every platform (read at trace time)."""
-  return os.environ.get('PSPNET_CONV', 'auto') == 'xla'
+  """``conv.backend=xla``: XLA's convolutions on every platform (read at trace time)."""
+  return backend.settings()['backend'] == 'xla'
 
 
 def _depthwise(w_shape, groups):

@@ -12,11 +12,12 @@ for the CPU.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from pspnet_jax.ops import backend
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 
@@ -119,8 +120,9 @@ def wgrad_strategy(x_shape, w_shape, strides) -> str:
   - everything else (layer1-3, the aux head) XLA's own is as fast or faster, e.g.
     layer3 84 / 94 / 114, aux 227 / 418 / 226.
 
-  ``PSPNET_CONV_WGRAD=xla|taps|shifted`` forces one, for benchmarking."""
-  forced = os.environ.get('PSPNET_CONV_WGRAD', 'auto')
+  ``conv.weight_gradient=xla|taps|shifted`` (``pspnet_jax.ops.backend``; or
+  ``PSPNET_CONV_WGRAD``) forces one."""
+  forced = backend.settings()['weight_gradient']
   if forced != 'auto':
     return 'taps' if forced == 'shifted' and strides != (1, 1) else forced
   _, h, wd, _ = x_shape

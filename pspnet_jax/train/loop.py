@@ -17,7 +17,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from pspnet_jax import checkpoint as ckpt_lib
-from pspnet_jax import config_file, evaluation, output_dir
+from pspnet_jax import config_file, evaluation, ops, output_dir
 from pspnet_jax import data as data_lib
 from pspnet_jax import mesh as mesh_lib
 from pspnet_jax.train import distill
@@ -25,7 +25,7 @@ from pspnet_jax.train.init_checkpoint import initial_model, model_config_from
 from pspnet_jax.train.monitor import DivergenceWatch, MetricsLogger, ProgressBar
 from pspnet_jax.train.signals import StopRequest
 from pspnet_jax.train.state import create_trainer
-from pspnet_jax.train.workdir import WorkdirLock
+from pspnet_jax.train.workdir import WorkdirLock, record_config
 
 # Called with the step number after each step: where tests inject faults (a signal at a
 # chosen step, tests/scripts/train_with_signal.py), as an outside signal races a fast machine.
@@ -48,6 +48,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ``{}`` when a SIGTERM stopped the run (it saved first).
   """
   config_file.check_values(config)
+  conv = ops.configure_conv(**dict(config.conv))  # for every program this run traces
   workdir = os.path.abspath(workdir)
   output_dir.check_writable(workdir, '--workdir')
   ds = config.dataset
@@ -62,6 +63,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpt_lib.check_workdir(workdir, model_config)  # refusals come before anything is written
   with WorkdirLock(workdir):
     run = _Run(config, workdir, data_dir, info, model_config, eval_cfg)
+    record_config(workdir, config, conv)  # after the run's refusals
     try:
       return run.finish() if run.train() else {}  # {}: stopped by SIGTERM, after saving
     finally:

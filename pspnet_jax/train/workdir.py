@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from pspnet_jax import output_dir
 from pspnet_jax.errors import UserError
 
 LOCK_FILE = '.lock'
@@ -151,3 +152,21 @@ class WorkdirLock:
     elif not holder:  # unreadable (a half-written file): its writer may still be starting
       holder = {'pid': '?', 'host': '?', 'since': '?'}
     return holder
+
+
+RUN_CONFIG = 'config.json'
+
+
+def record_config(workdir: str, config, conv: dict) -> None:
+  """Writes ``WORKDIR/config.json`` (process 0): the config of this start of the run, every
+  key, and the convolution settings in effect (``pspnet_jax.ops.backend.settings``, which
+  the environment may override), with the jax version. A resumed run rewrites it."""
+  if jax.process_index() != 0:
+    return
+  record = {
+    'config': json.loads(config.to_json_best_effort()),
+    'conv': conv,
+    'jax': jax.__version__,
+  }
+  with output_dir.atomic(os.path.join(workdir, RUN_CONFIG)) as tmp, open(tmp, 'w') as f:
+    json.dump(record, f, indent=2, sort_keys=True)
