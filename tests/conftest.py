@@ -37,10 +37,13 @@ def pytest_unconfigure(config):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-  """Under PSPNET_REQUIRE_PARITY (set by .ci/run) a skipped parity or aot test fails the run."""
+  """Under PSPNET_REQUIRE_PARITY (set by .ci/run) a skipped parity, aot or browser test fails
+  the run."""
   outcome = yield
   report = outcome.get_result()
-  marker = item.get_closest_marker('parity') or item.get_closest_marker('aot')
+  marker = next(
+    (m for m in map(item.get_closest_marker, ('parity', 'aot', 'browser')) if m is not None), None
+  )
   if report.skipped and marker is not None and os.environ.get('PSPNET_REQUIRE_PARITY'):
     report.outcome = 'failed'
     report.longrepr = f'{marker.name} test was skipped, which CI does not allow: {report.longrepr}'

@@ -75,6 +75,6 @@ def read_rgb(
       f'{name}: not an image PIL can read (send a JPEG, PNG, BMP, WebP or TIFF file)'
     ) from None
   except Image.DecompressionBombError as e:
-    raise ImageTooLarge(f'{name}: {e}') from None
+    raise ImageTooLarge(f'{name}: {e} (PIL refuses images this large: scale it down)') from None
   except OSError as e:
     raise UserError(f'{name}: not a readable image ({e})') from None
