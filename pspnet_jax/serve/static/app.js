@@ -12,8 +12,8 @@ async function readModel() {
   model = await res.json();
   const p = model.protocol;
   $('model').textContent = `${model.classes.length} classes; ${p.mode} mode, scales ` +
-    `${p.scales.join(', ')}${p.flip ? ', flip' : ''}; images up to ${model.limits.max_pixels} ` +
-    `pixels and ${model.limits.max_upload_mb} MiB`;
+    `${p.scales.join(', ')}${p.flip ? ', flip' : ''}; images up to ` +
+    `${model.limits.max_pixels.toLocaleString('en')} pixels and ${model.limits.max_upload_mb} MiB`;
 }
 
 function setStatus(text, isError) {
