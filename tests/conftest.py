@@ -62,6 +62,7 @@ EXPENSIVE_MODULE_FIXTURES = (
   'mmseg_file',
   'mmseg_checkpoint',
   'small_semseg',
+  'segmenter',
 )
 # The files whose tests run train.py / eval.py / multi-device subprocesses (minutes each, a
 # group of them ~5 min) go first, so the workers do not end on them one at a time.

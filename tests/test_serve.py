@@ -225,6 +225,9 @@ def test_model_and_health(segmenter, model_dir):
   assert info['protocol']['base_size'] == 32 and info['protocol']['flip'] is True
   assert info['limits'] == {'max_pixels': MAX_PIXELS, 'max_upload_mb': MAX_UPLOAD / 2**20}
   assert info['warm_up']['sizes'] == ['30x40'] and info['warm_up']['seconds'] > 0
+  paths = http.get('/openapi.json').json()['paths']
+  assert sorted(paths) == ['/healthz', '/v1/model', '/v1/segment']
+  assert 'image/png' in paths['/v1/segment']['post']['responses']['200']['content']
   page = http.get('/')
   assert page.status_code == 200 and '<canvas id="overlay"' in page.text
   for asset in ('/static/app.js', '/static/style.css'):

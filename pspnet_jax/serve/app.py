@@ -5,7 +5,7 @@
 "pixels"}, ...] (present classes, largest first), "height", "width", "timings": {...},
 "compiled", "mask_png"}``, ``mask_png`` being the base64 of ``Segmenter.mask_png``; with
 ``Accept: image/png``, that PNG alone. ``GET /v1/model``: the model's config, classes,
-palette, protocol and the server's limits. ``GET /healthz``: ``{"status": "ok"}``.
+palette, protocol and the server's limits. ``GET /healthz``: ``{"status": "ok"}``. ``GET /openapi.json``: the OpenAPI schema of these.
 
 A request the server refuses gets a 4xx and one line of JSON, ``{"error": "..."}``, saying
 what is wrong and what to do: 415 (not an image), 413 (over ``max_upload_bytes`` or
@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
+from starlette.schemas import SchemaGenerator
 from starlette.staticfiles import StaticFiles
 
 from pspnet_jax.errors import UserError, one_line
@@ -39,6 +40,10 @@ MIB = 1 << 20
 # A multipart body holds the file and its envelope (boundaries, part headers): the body may
 # exceed the file limit by this much before the file itself is measured.
 MULTIPART_ENVELOPE = 64 << 10
+# OpenAPI, from the YAML after '---' in each endpoint's docstring (Starlette's way).
+SCHEMAS = SchemaGenerator(
+  {'openapi': '3.0.0', 'info': {'title': 'pspnet_jax.serve', 'version': '1'}}
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +129,42 @@ def create_app(segmenter: Segmenter, limits: Limits) -> Starlette:
   """The app serving ``segmenter`` within ``limits``; see the module docstring."""
 
   async def segment(request: Request) -> Response:
+    """Segments one image.
+    ---
+    summary: Segment an image
+    description: The image as the body (Content-Type image/*) or as the field "file" of a
+      multipart/form-data form. With Accept image/png, the mask PNG alone.
+    requestBody:
+      required: true
+      content:
+        image/*: {schema: {type: string, format: binary}}
+        multipart/form-data:
+          schema: {type: object, properties: {file: {type: string, format: binary}}}
+    responses:
+      200:
+        description: classes present (largest first), height, width, timings (ms), compiled,
+          mask_png (base64 PNG of the class ids, the model's palette as its own)
+        content:
+          application/json:
+            schema:
+              type: object
+              properties:
+                classes:
+                  type: array
+                  items:
+                    type: object
+                    properties: {id: {type: integer}, name: {type: string},
+                      pixels: {type: integer}}
+                height: {type: integer}
+                width: {type: integer}
+                timings: {type: object, additionalProperties: {type: number}}
+                compiled: {type: boolean}
+                mask_png: {type: string, format: byte}
+          image/png: {schema: {type: string, format: binary}}
+      400: {description: a damaged image, an empty body, a form without a file}
+      413: {description: over --max-upload-mb or --max-pixels}
+      415: {description: not an image}
+    """
     start = time.perf_counter()
     media = request.headers.get('content-type', '').split(';')[0].strip().lower()
     if media == 'multipart/form-data':
@@ -182,6 +223,12 @@ def create_app(segmenter: Segmenter, limits: Limits) -> Starlette:
     )
 
   async def model(request: Request) -> Response:
+    """The model served.
+    ---
+    summary: The model, its classes and palette, the protocol and the limits
+    responses:
+      200: {description: 'config, classes, palette, protocol, limits, warm_up, compilations'}
+    """
     return JSONResponse(
       {
         'model_dir': segmenter.model_dir,
@@ -205,7 +252,16 @@ def create_app(segmenter: Segmenter, limits: Limits) -> Starlette:
     )
 
   async def healthz(request: Request) -> Response:
+    """Liveness.
+    ---
+    summary: '{"status": "ok"} once the model is loaded and warmed up'
+    responses:
+      200: {description: ok}
+    """
     return JSONResponse({'status': 'ok'})
+
+  async def openapi(request: Request) -> Response:
+    return JSONResponse(SCHEMAS.get_schema(routes=request.app.routes))
 
   async def index(request: Request) -> Response:
     return FileResponse(os.path.join(STATIC, 'index.html'))
@@ -236,6 +292,7 @@ def create_app(segmenter: Segmenter, limits: Limits) -> Starlette:
       Route('/v1/segment', segment, methods=['POST']),
       Route('/v1/model', model),
       Route('/healthz', healthz),
+      Route('/openapi.json', openapi, include_in_schema=False),
       Mount('/static', StaticFiles(directory=STATIC), name='static'),
     ],
     exception_handlers={BadRequest: refused, HTTPException: http_error, Exception: failed},
