@@ -283,6 +283,8 @@ def test_cli_refuses_a_missing_model_and_a_taken_port(tmp_path, model_dir):
     port = str(taken.getsockname()[1])
     one_error_line(run(model_dir, '--port', port), f'127.0.0.1:{port}', '--port')
   one_error_line(run(model_dir, '--port', '0', '--warm-up', 'big'), '--warm-up', 'WIDTHxHEIGHT')
+  p = run(model_dir, '--port', '70000')
+  assert p.returncode == 2 and '--port' in p.stderr and '0..65535' in p.stderr, p.stderr
 
 
 # ------------------------------------------------------------------ the page, in Chromium

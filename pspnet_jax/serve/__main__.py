@@ -27,13 +27,21 @@ DEFAULT_MAX_PIXELS = 40_000_000  # a 7728 x 5152 photo; larger ones are refused 
 DEFAULT_MAX_UPLOAD_MB = 20
 
 
+def port_number(text: str) -> int:
+  """An argparse ``type``: a TCP port, 0..65535 (0: a free one)."""
+  port = errors.int_at_least(0)(text)
+  if port > 65535:
+    raise argparse.ArgumentTypeError(f'{port} is out of range: give a port in 0..65535')
+  return port
+
+
 def build_parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(
     prog='python -m pspnet_jax.serve', description=__doc__.split('\n\n')[0]
   )
   ap.add_argument('model_dir', help='model directory (port CLI output, training workdir or step)')
   ap.add_argument('--host', default='127.0.0.1', help='address to listen on (default loopback)')
-  ap.add_argument('--port', type=errors.int_at_least(0), default=8000, help='0: a free port')
+  ap.add_argument('--port', type=port_number, default=8000, help='0: a free port')
   add_protocol_arguments(ap)
   ap.add_argument(
     '--max-pixels',
