@@ -38,10 +38,13 @@ def pytest_unconfigure(config):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-  """Under PSPNET_REQUIRE_PARITY (set by .ci/run) a skipped parity or aot test fails the run."""
+  """Under PSPNET_REQUIRE_PARITY (set by .ci/run) a skipped parity, aot or browser test fails
+  the run."""
   outcome = yield
   report = outcome.get_result()
-  marker = item.get_closest_marker('parity') or item.get_closest_marker('aot')
+  marker = next(
+    (m for m in map(item.get_closest_marker, ('parity', 'aot', 'browser')) if m is not None), None
+  )
   if report.skipped and marker is not None and os.environ.get('PSPNET_REQUIRE_PARITY'):
     report.outcome = 'failed'
     report.longrepr = f'{marker.name} test was skipped, which CI does not allow: {report.longrepr}'
@@ -75,6 +78,7 @@ EXPENSIVE_MODULE_FIXTURES = (
   'mmseg_file',
   'mmseg_checkpoint',
   'small_semseg',
+  'segmenter',
 )
 SESSION_FIXTURES = ('reference_run',)  # defined above, used by several test files
 # The files whose tests run train.py / eval.py / multi-device subprocesses (minutes each, a

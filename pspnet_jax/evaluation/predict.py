@@ -6,8 +6,9 @@
 For each RGB image ``<stem>.<ext>`` writes ``DIR/<stem>.png`` (class ids, uint8),
 ``DIR/<stem>_color.png`` (palette colours) and ``DIR/<stem>_overlay.jpg`` (images whose names
 differ only by the extension keep it: ``a.jpg.png``, ``a.png.png``); it refuses, before any
-work, a ``DIR`` where that would overwrite an input image. 16-bit images are scaled to 8
-bits by their depth. ``MODEL_DIR`` is
+work, a ``DIR`` where that would overwrite an input image. Images are read upright (EXIF
+orientation applied) and as RGB, 16-bit ones scaled to 8 bits by their depth
+(``evaluation.images.read_rgb``, as the server reads them). ``MODEL_DIR`` is
 a model directory (``pspnet_jax.checkpoint``: the port CLI's output, or one step of a
 training run). The palette and class names come from its metadata (``palette``,
 ``class_names``, at the top level or under ``dataset``) when present, else the Pascal VOC
@@ -22,48 +23,13 @@ import sys
 import time
 
 import numpy as np
-from PIL import Image
 
 from pspnet_jax import checkpoint, errors, output_dir
 from pspnet_jax.errors import UserError
+from pspnet_jax.evaluation.images import list_images, read_rgb
 from pspnet_jax.evaluation.outputs import PREDICTION_SUFFIXES, write_prediction
 from pspnet_jax.evaluation.protocol import EvalConfig, Evaluator
 from pspnet_jax.palette import as_palette
-
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
-
-
-def list_images(path: str) -> list[str]:
-  if os.path.isdir(path):
-    files = sorted(
-      os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS)
-    )
-    if not files:
-      raise UserError(f'{path}: no images ({", ".join(IMAGE_EXTENSIONS)}) in this folder')
-    return files
-  if not os.path.isfile(path):
-    raise UserError(f'{path}: no such file or folder')
-  return [path]
-
-
-def read_rgb(path: str) -> np.ndarray:
-  """[H, W, 3] uint8 RGB. A 16-bit image (PIL modes ``I;16*``, and ``I`` as PIL opens 16-bit
-  PNGs) is scaled to 8 bits by its depth (``round(v / 257)``, as OpenCV users expect), so it
-  predicts exactly as the same image saved in 8 bits; PIL's own conversion would clip it."""
-  try:
-    with Image.open(path) as im:
-      if im.mode.startswith('I;16') or im.mode == 'I':
-        a = np.asarray(im, dtype=np.float64)
-        if a.min() < 0 or a.max() > 65535:
-          raise UserError(
-            f'{path}: a {im.mode} image with values in [{a.min():g}, {a.max():g}]; '
-            'only 8- and 16-bit images are read: save it as 8- or 16-bit PNG'
-          )
-        gray = np.round(a / 257.0).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=-1)
-      return np.asarray(im.convert('RGB'))
-  except OSError as e:
-    raise UserError(f'{path}: not a readable image ({e})') from None
 
 
 def output_stems(files: list[str]) -> dict[str, str]:
@@ -91,15 +57,10 @@ def parse_scales(text: str) -> tuple[float, ...]:
   return scales
 
 
-def build_parser() -> argparse.ArgumentParser:
-  ap = argparse.ArgumentParser(
-    prog='python -m pspnet_jax.predict', description=__doc__.split('\n\n')[0]
-  )
-  ap.add_argument('input', help='an image file or a folder of images')
-  ap.add_argument(
-    '--checkpoint', required=True, help='model directory (port CLI output or a training step)'
-  )
-  ap.add_argument('--out', required=True, help='output folder')
+def add_protocol_arguments(ap: argparse.ArgumentParser):
+  """The evaluation protocol's flags (``--mode``, ``--scales``, ``--flip``, ``--base-size``,
+  ``--crop-size``, ``--window-batch``), shared by ``predict`` and ``serve``, with the same
+  defaults, so the two commands segment alike; ``protocol_config`` reads them."""
   ap.add_argument('--mode', choices=('whole', 'slide'), default='slide')
   ap.add_argument(
     '--scales',
@@ -131,6 +92,45 @@ def build_parser() -> argparse.ArgumentParser:
     default=0,
     help='windows per network call (default 0: one per local device)',
   )
+
+
+def protocol_config(args: argparse.Namespace) -> EvalConfig:
+  """The ``EvalConfig`` of ``add_protocol_arguments``' flags."""
+  return EvalConfig(
+    mode=args.mode,
+    scales=args.scales,
+    flip=args.flip,
+    base_size=args.base_size,
+    crop_size=args.crop_size,
+    window_batch=args.window_batch,
+  )
+
+
+def model_classes(model_dir: str, num_classes: int) -> tuple[np.ndarray, list[str]]:
+  """(palette [C, 3] uint8, class names) of a model directory, from its metadata
+  (``palette``, ``class_names``, at the top level or under ``dataset``) when present, else
+  the Pascal VOC colour map and ``class_<i>``."""
+  metadata = checkpoint.model_metadata(model_dir)
+  try:
+    palette = as_palette(checkpoint.metadata_value(metadata, 'palette'), num_classes)
+  except UserError as e:
+    raise UserError(f'{model_dir}: its metadata {e}') from None
+  names = checkpoint.metadata_value(metadata, 'class_names')
+  if names is None or len(names) != num_classes:
+    names = [f'class_{i}' for i in range(num_classes)]
+  return palette, [str(n) for n in names]
+
+
+def build_parser() -> argparse.ArgumentParser:
+  ap = argparse.ArgumentParser(
+    prog='python -m pspnet_jax.predict', description=__doc__.split('\n\n')[0]
+  )
+  ap.add_argument('input', help='an image file or a folder of images')
+  ap.add_argument(
+    '--checkpoint', required=True, help='model directory (port CLI output or a training step)'
+  )
+  ap.add_argument('--out', required=True, help='output folder')
+  add_protocol_arguments(ap)
   return ap
 
 
@@ -152,22 +152,9 @@ def main(argv=None) -> int:
       file=sys.stderr,
       flush=True,
     )
-  config = EvalConfig(
-    mode=args.mode,
-    scales=args.scales,
-    flip=args.flip,
-    base_size=args.base_size,
-    crop_size=args.crop_size,
-    window_batch=args.window_batch,
-  )
   model = checkpoint.load_model(args.checkpoint)
-  metadata = checkpoint.model_metadata(args.checkpoint)
-  num_classes = model.config.num_classes
-  try:
-    palette = as_palette(checkpoint.metadata_value(metadata, 'palette'), num_classes)
-  except UserError as e:
-    raise UserError(f'{args.checkpoint}: its metadata {e}') from None
-  evaluator = Evaluator(model, config)
+  palette, _ = model_classes(args.checkpoint, model.config.num_classes)
+  evaluator = Evaluator(model, protocol_config(args))
   start = time.perf_counter()
   failed = []
   for path in files:
