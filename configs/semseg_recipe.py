@@ -10,6 +10,10 @@ import dataclasses
 
 import ml_collections
 
+from pspnet_jax.data import AugmentConfig
+from pspnet_jax.evaluation import EvalConfig
+from pspnet_jax.train import OptimizerConfig
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetRecipe:
@@ -34,6 +38,13 @@ DATASETS = {
     'cityscapes_trainid', 'train', 'val', crop_size=713, length=200, base_size=2048
   ),
 }
+
+
+def section(schema) -> ml_collections.ConfigDict:
+  """A config section holding every field of the dataclass ``schema`` with its default."""
+  return ml_collections.ConfigDict(
+    {f.name: getattr(schema(), f.name) for f in dataclasses.fields(schema)}
+  )
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -71,42 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
       ppm_channels=0,
     )
   )
-  c.augment = ml_collections.ConfigDict(
-    dict(
-      crop_size=473,
-      scale_min=0.5,
-      scale_max=2.0,
-      rotate_min=-10.0,
-      rotate_max=10.0,
-      blur=True,
-      flip=True,
-      ignore_label=255,
-      # mmseg's pipeline, off in semseg's recipe, on in mmseg's (pspnet_jax.data.transforms):
-      # scale_min..max relative to a (long, short) base scale instead of the image; the
-      # crop redrawn while one class holds >= cat_max_ratio of it; PhotoMetricDistortion.
-      scale_base=(),
-      cat_max_ratio=1.0,
-      photometric=False,
-      brightness_delta=32.0,
-      contrast_range=(0.5, 1.5),
-      saturation_range=(0.5, 1.5),
-      hue_delta=18,
-    )
-  )
-  c.optimizer = ml_collections.ConfigDict(
-    dict(
-      name='sgd',
-      learning_rate=0.01,
-      momentum=0.9,
-      weight_decay=1e-4,
-      power=0.9,
-      warmup_steps=0,
-      head_lr_multiplier=10.0,
-      clip_grad_norm=0.0,
-      b1=0.9,
-      b2=0.999,
-    )
-  )
+  # Augmentation, optimizer and evaluation: every field of the dataclass is a key, and its
+  # default is the dataclass's (semseg's recipe; the fields' comments say what each does).
+  c.augment = section(AugmentConfig)
+  c.optimizer = section(OptimizerConfig)
   c.global_batch_size = 16
   c.grad_accum_steps = 1
   c.num_epochs = 100.0
@@ -123,15 +102,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.divergence_factor = 10.0
   c.init_checkpoint = ''  # a model directory from `python -m pspnet_jax.port`
   c.init_backbone_only = False  # True: take only its backbone (e.g. other classes)
-  # Knowledge distillation (pspnet_jax.train.distill): a frozen teacher, a model directory
-  # with the same classes; '' = off. loss 'cwd' (channel-wise, Shu et al. 2021) or 'kl'
-  # (pixel-wise); tau and weight as mmrazor's CWD PSPNet R101 -> R18 Cityscapes config; aux:
-  # distil the aux head too.
   # The convolution in programs lowered for the CPU (pspnet_jax.ops.backend): backend 'auto'
   # (this project's CPU kernels) or 'xla'; weight_gradient 'auto' or one of 'xla', 'taps',
   # 'shifted' for every layer. PSPNET_CONV / PSPNET_CONV_WGRAD override them; a workdir's
   # config.json records what was in effect.
   c.conv = ml_collections.ConfigDict(dict(backend='auto', weight_gradient='auto'))
+  # Knowledge distillation (pspnet_jax.train.distill): a frozen teacher, a model directory
+  # with the same classes; '' = off. loss 'cwd' (channel-wise, Shu et al. 2021) or 'kl'
+  # (pixel-wise); tau and weight as mmrazor's CWD PSPNet R101 -> R18 Cityscapes config; aux:
+  # distil the aux head too.
   c.distill = ml_collections.ConfigDict(
     dict(teacher='', loss='cwd', tau=1.0, weight=5.0, aux=False)
   )
@@ -141,24 +120,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.eval_every_steps = 5000  # short whole-image validation during training; 0: off
   c.eval_num_examples = 200
-  # Final evaluation after training; eval.py runs the full protocol with these settings.
-  # Every field of pspnet_jax.evaluation.EvalConfig is a key; window_batch 0 is one window
-  # per local device.
-  c.eval = ml_collections.ConfigDict(
-    dict(
-      mode='slide',
-      scales=(1.0,),
-      flip=True,
-      crop_size=473,
-      stride_rate=2 / 3,
-      base_size=512,
-      window_batch=0,
-      bucket_multiple=128,
-      whole_multiple=64,
-      per_scale=False,
-      ignore_label=255,
-    )
-  )
+  # Final evaluation after training (eval.py runs the full protocol with these settings);
+  # window_batch 0 is one window per local device.
+  c.eval = section(EvalConfig)
   return c
 
 

@@ -152,3 +152,35 @@ def test_each_range_refuses_values_outside_it_and_names_the_key():
         config_file.check_values(c)
       checked += 1
   assert checked > 2 * len(present) // 3
+
+
+@pytest.mark.parametrize('section', ['augment', 'optimizer', 'eval'])
+def test_config_sections_are_their_dataclasses_and_each_default_has_its_fields_type(section):
+  """base_config's augment, optimizer and eval sections are built from AugmentConfig,
+  OptimizerConfig and EvalConfig (one source of defaults): the same keys and values, and each
+  default of the type its field declares (a float field holds a float: ml_collections then
+  accepts --config.augment.rotate_min=-5 and =-5.5 alike; an int one an int, not a bool)."""
+  import dataclasses
+
+  from configs.semseg_recipe import base_config
+  from pspnet_jax.data import AugmentConfig
+  from pspnet_jax.evaluation import EvalConfig
+  from pspnet_jax.train import OptimizerConfig
+
+  schema = {'augment': AugmentConfig, 'optimizer': OptimizerConfig, 'eval': EvalConfig}[section]
+  config = base_config()
+  fields = dataclasses.fields(schema)
+  assert dict(config[section]) == {f.name: getattr(schema(), f.name) for f in fields}
+  kinds = {'float': float, 'int': int, 'bool': bool, 'str': str}
+  for f in fields:
+    value = getattr(schema(), f.name)
+    declared = f.type if isinstance(f.type, str) else getattr(f.type, '__name__', str(f.type))
+    if declared in kinds:
+      assert type(value) is kinds[declared], (f.name, declared, value)
+    else:
+      assert declared.startswith('tuple') and isinstance(value, tuple), (f.name, declared)
+  for key in [f.name for f in fields if f.type in ('float', float)]:
+    for given in (-5, -5.5):  # an int or a float into a float key, as the CLI gives them
+      c = base_config()
+      c[section][key] = given
+      assert c[section][key] == given

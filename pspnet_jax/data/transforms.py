@@ -28,8 +28,8 @@ class AugmentConfig:
   crop_size: int = 473
   scale_min: float = 0.5
   scale_max: float = 2.0
-  rotate_min: float = -10
-  rotate_max: float = 10
+  rotate_min: float = -10.0
+  rotate_max: float = 10.0
   blur: bool = True
   flip: bool = True
   ignore_label: int = 255
@@ -39,7 +39,7 @@ class AugmentConfig:
   scale_base: tuple[int, ...] = ()
   cat_max_ratio: float = 1.0
   photometric: bool = False
-  brightness_delta: float = 32
+  brightness_delta: float = 32.0
   contrast_range: tuple[float, float] = (0.5, 1.5)
   saturation_range: tuple[float, float] = (0.5, 1.5)
   hue_delta: int = 18

@@ -53,8 +53,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pspnet_jax import config_file, ops
 from pspnet_jax import mesh as mesh_lib
-from pspnet_jax import ops
 from pspnet_jax.errors import UserError
 from pspnet_jax.evaluation import metrics
 from pspnet_jax.models import PSPNet
@@ -83,18 +83,10 @@ class EvalConfig:
   def __post_init__(self):
     object.__setattr__(self, 'scales', tuple(float(s) for s in self.scales))
     if self.mode not in ('slide', 'whole'):
-      raise UserError(f"EvalConfig.mode must be 'slide' or 'whole', got {self.mode!r}")
-    if not self.scales or min(self.scales) <= 0:
-      raise UserError(f'EvalConfig.scales must be positive, got {self.scales}')
-    for name in ('crop_size', 'base_size', 'bucket_multiple', 'whole_multiple'):
-      if int(getattr(self, name)) < 1:
-        raise UserError(f'EvalConfig.{name} must be >= 1, got {getattr(self, name)}')
-    if int(self.window_batch) < 0:
-      raise UserError(
-        f'EvalConfig.window_batch must be >= 0 (0: one per device), got {self.window_batch}'
-      )
-    if not 0 < self.stride_rate <= 1:
-      raise UserError(f'EvalConfig.stride_rate must be in (0, 1], got {self.stride_rate}')
+      raise UserError(f"config key eval.mode={self.mode!r}: give 'slide' or 'whole'")
+    # The numeric fields' ranges are the config's (config_file.RANGES): one set of rules
+    # for the CLI and for EvalConfig built in Python.
+    config_file.check_values({'eval': dataclasses.asdict(self)})
 
   @classmethod
   def from_config(cls, fields, ignore_label: int) -> EvalConfig:

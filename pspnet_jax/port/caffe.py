@@ -610,7 +610,8 @@ class _Reader:
     return tuple(geometry), bool(stride_in_1x1)
 
   def pyramid(self, trunk: int, channels: int):
-    """The AVE pools of the last block's output, their branches and the Concat."""
+    """The AVE pools of the last block's output, their branches and the Concat: ``(bins,
+    the features' size, the Concat's order of its inputs, the Concat)``."""
     g = self.g
     pools = [
       j
@@ -624,55 +625,61 @@ class _Reader:
         f'the residual blocks end here, and no pyramid pooling reads it (its '
         f'readers: {readers}); is a layer missing?',
       )
-    branches, size = {}, None
-    concat = None
+    branches, size, concat = {}, None, None
     for j in pools:
-      got = _pooling(g.layers[j])
-      method, k, stride, pad = got
-      if (method, stride, pad) != ('AVE', k, 0):
-        self.fail(
-          j,
-          f"(method, kernel, stride, pad) {got}; PSPNet's pyramid pools AVE with "
-          'stride = kernel and no padding',
-        )
-      self.used.add(j)
-      conv = self.single_reader(j, 'Convolution', 'a pyramid branch')
-      self.expect_input(conv, j, (), 'pyramid branch conv')
-      interp = self.single_reader(conv, 'Interp', 'a pyramid branch')
-      self.expect_input(interp, conv, ('BN', 'ReLU'), 'pyramid branch resize')
-      il = g.layers[interp]
-      n = il.param('interp_param', 'height')
-      extra = [
-        f
-        for f in ('zoom_factor', 'shrink_factor', 'pad_beg', 'pad_end')
-        if il.has('interp_param', f)
-      ]
-      if not il.has('interp_param', 'height') or il.param('interp_param', 'width') != n or extra:
-        self.fail(
-          interp,
-          "resizes by other means than a fixed height = width; PSPNet's pyramid "
-          "resizes each branch to the features' size",
-        )
-      if n % k:
-        self.fail(j, f'kernel {k} does not divide the {n}x{n} features its branch is resized to')
+      b, n, conv, interp, joined = self.pyramid_branch(j)
       if size not in (None, n):
         self.fail(interp, f'resizes to {n}; another pyramid branch resizes to {size}')
-      size = n
-      b = n // k
       if b in branches:
         self.fail(j, f'a second pyramid branch of {b} bins')
-      branches[b] = (j, conv, interp)
-      self.used.add(interp)
-      readers = g.readers(interp)
-      if len(readers) != 1 or g.layers[readers[0]].type != 'Concat':
-        self.fail(interp, 'is not read by one Concat')
-      if concat not in (None, readers[0]):
-        self.fail(readers[0], 'a second Concat joins pyramid branches')
-      concat = readers[0]
+      if concat not in (None, joined):
+        self.fail(joined, 'a second Concat joins pyramid branches')
+      size, concat, branches[b] = n, joined, (j, conv, interp)
     bins = tuple(sorted(branches))
+    self.pyramid_convs([branches[b][1] for b in bins], channels)
+    return bins, size, self.concat_order(concat, trunk, branches), concat
+
+  def pyramid_branch(self, j: int):
+    """One branch from its pool ``j``: pool -> conv -> BN -> ReLU -> Interp -> a Concat.
+    ``(bins, the size it is resized to, conv, interp, the Concat)``."""
+    g = self.g
+    got = _pooling(g.layers[j])
+    method, k, stride, pad = got
+    if (method, stride, pad) != ('AVE', k, 0):
+      self.fail(
+        j,
+        f"(method, kernel, stride, pad) {got}; PSPNet's pyramid pools AVE with "
+        'stride = kernel and no padding',
+      )
+    self.used.add(j)
+    conv = self.single_reader(j, 'Convolution', 'a pyramid branch')
+    self.expect_input(conv, j, (), 'pyramid branch conv')
+    interp = self.single_reader(conv, 'Interp', 'a pyramid branch')
+    self.expect_input(interp, conv, ('BN', 'ReLU'), 'pyramid branch resize')
+    il = g.layers[interp]
+    n = il.param('interp_param', 'height')
+    extra = [
+      f for f in ('zoom_factor', 'shrink_factor', 'pad_beg', 'pad_end') if il.has('interp_param', f)
+    ]
+    if not il.has('interp_param', 'height') or il.param('interp_param', 'width') != n or extra:
+      self.fail(
+        interp,
+        "resizes by other means than a fixed height = width; PSPNet's pyramid "
+        "resizes each branch to the features' size",
+      )
+    if n % k:
+      self.fail(j, f'kernel {k} does not divide the {n}x{n} features its branch is resized to')
+    self.used.add(interp)
+    readers = g.readers(interp)
+    if len(readers) != 1 or g.layers[readers[0]].type != 'Concat':
+      self.fail(interp, 'is not read by one Concat')
+    return n // k, n, conv, interp, readers[0]
+
+  def pyramid_convs(self, convs: list[int], channels: int):
+    """The branches' conv + BN weights, in bin order (``ppm.features.<i>``): each
+    ``channels / len(convs)`` outputs of the ``channels`` features."""
     reduction = None
-    for index, b in enumerate(bins):
-      _, conv, _ = branches[b]
+    for index, conv in enumerate(convs):
       geo = self.conv_bn(
         conv,
         f'ppm.features.{index}.1',
@@ -685,13 +692,17 @@ class _Reader:
       if reduction not in (None, geo['out']):
         self.fail(conv, f'{geo["out"]} outputs; another pyramid branch has {reduction}')
       reduction = geo['out']
-    if reduction * len(bins) != channels:
+    if reduction * len(convs) != channels:
       self.fail(
-        branches[bins[0]][1],
-        f'{reduction} outputs per branch for {len(bins)} branches of '
+        convs[0],
+        f'{reduction} outputs per branch for {len(convs)} branches of '
         f"{channels} features; PSPNet's branches have "
-        f'{channels // len(bins)} ({channels} / {len(bins)})',
+        f'{channels // len(convs)} ({channels} / {len(convs)})',
       )
+
+  def concat_order(self, concat: int, trunk: int, branches: dict) -> tuple[str, ...]:
+    """What the Concat joins, in its order: ``'features'`` and ``'bin <b>'`` each once."""
+    g = self.g
     cl = g.layers[concat]
     axis = (
       cl.param('concat_param', 'axis')
@@ -712,10 +723,10 @@ class _Reader:
             concat, f'joins {g.name(s)}, which is neither the features nor a pyramid branch'
           )
         order.append(f'bin {b}')
-    if sorted(order) != sorted(['features'] + [f'bin {b}' for b in bins]):
+    if sorted(order) != sorted(['features'] + [f'bin {b}' for b in branches]):
       self.fail(concat, f'joins {order}; PSPNet joins the features and each branch once')
     self.used.add(concat)
-    return bins, size, tuple(order), concat
+    return tuple(order)
 
   def head(self, concat: int, channels: int, bins, order) -> int:
     """The 3x3 conv + BN + ReLU (+ Dropout) and the 1x1 classifier after the Concat."""
