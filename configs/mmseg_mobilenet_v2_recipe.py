@@ -1,6 +1,7 @@
 """mmsegmentation's recipe for its MobileNetV2 PSPNets (``configs/mobilenet_v2/
 mobilenet-v2-d8_pspnet_*``: the ``pspnet_r101-d8`` base with the backbone swapped), shared
-by ``{ade20k,cityscapes}_pspnet_mobilenetv2.py``.
+by ``{ade20k,cityscapes}_pspnet_mobilenetv2.py`` and, with the backbone swapped again, by
+``{ade20k,cityscapes}_pspnet_shufflenetv2.py``.
 
 mmseg: MobileNetV2-d8 from ``mmcls://mobilenet_v2``; PSPHead with 512-channel pyramid
 branches, align_corners=False; SyncBN; SGD lr 0.01, momentum 0.9, weight decay 5e-4, poly
@@ -41,7 +42,7 @@ DATASETS = {  # length: iterations
 }
 
 
-def get_recipe(dataset: str):
+def get_recipe(dataset: str, backbone: str = 'mobilenet_v2'):
   r = DATASETS[dataset]
   c = base_config()
   c.dataset.name, c.dataset.train_split, c.dataset.eval_split = (
@@ -49,7 +50,7 @@ def get_recipe(dataset: str):
     r.train_split,
     r.eval_split,
   )
-  c.model.backbone = 'mobilenet_v2'
+  c.model.backbone = backbone
   c.model.align_corners = False
   c.model.ppm_channels = 512
   c.optimizer.weight_decay = 5e-4

@@ -79,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
       dropout=0.1,
       dtype='float32',
       backbone='resnet',
+      width_mult=1.0,
       ppm_channels=0,
     )
   )

@@ -57,6 +57,7 @@ RANGES = {
   'model.head_channels': 'int [1, inf)',
   'model.aux_channels': 'int [0, inf)',
   'model.ppm_channels': 'int [0, inf)',
+  'model.width_mult': '(0, inf)',
   'model.dropout': '[0, 1)',
   'model.bins': 'int [1, inf)',
   'augment.crop_size': 'int [1, inf)',

@@ -11,9 +11,10 @@ Module attribute names are those of the semseg state dict (``ppm.features.{i}.{1
 ``cls.{0,1,4}``, ``aux.{0,1,4}``; the backbone under ``backbone``): see
 ``pspnet_jax.port.mapping``.
 
-Backbones (``PSPNetConfig.backbone``): the dilated ResNet (default) or mmseg's dilated
-MobileNetV2 (``pspnet_jax.models.mobilenet_v2``); both return four feature maps, the head
-reads the last and the auxiliary head the third. mmseg's PSPHead gives every pyramid branch
+Backbones (``PSPNetConfig.backbone``): the dilated ResNet (default), mmseg's dilated
+MobileNetV2 (``pspnet_jax.models.mobilenet_v2``) or a dilated torchvision ShuffleNetV2
+(``pspnet_jax.models.shufflenet_v2``, ``width_mult``); each returns four feature maps, the
+head reads the last and the auxiliary head the third. mmseg's PSPHead gives every pyramid branch
 ``channels`` (512) outputs, not ``C / len(bins)``: ``ppm_channels``.
 
 Modes: ``model.train()`` (the default after construction) returns ``(logits, aux_logits)``
@@ -34,8 +35,10 @@ from pspnet_jax.errors import UserError
 from pspnet_jax.models.layers import BatchNorm, conv2d
 from pspnet_jax.models.mobilenet_v2 import MobileNetV2
 from pspnet_jax.models.resnet import ResNet
+from pspnet_jax.models.shufflenet_v2 import WIDTHS as SHUFFLENET_V2_WIDTHS
+from pspnet_jax.models.shufflenet_v2 import ShuffleNetV2
 
-BACKBONES = ('resnet', 'mobilenet_v2')
+BACKBONES = ('resnet', 'mobilenet_v2', 'shufflenet_v2')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +63,11 @@ class PSPNetConfig:
   dropout: float = 0.1
   dtype: str = 'float32'  # compute dtype; parameters and BN stats stay float32
   # 'resnet' (depth, stem, base_width, contract_dilation apply) | 'mobilenet_v2' (mmseg's)
+  # | 'shufflenet_v2' (torchvision's, width_mult applies)
   backbone: str = 'resnet'
+  # ShuffleNetV2's width: 0.5, 1.0, 1.5, 2.0 (torchvision's shufflenet_v2_x0_5 ... x2_0);
+  # the other backbones are built at 1.0 only (ResNet's width is base_width).
+  width_mult: float = 1.0
   ppm_channels: int = 0  # pyramid branch width; 0: C / len(bins) (semseg); mmseg: 512
   # The input normalisation the weights were trained with: the network sees
   # (rgb - mean) / std, RGB on the 0-255 scale. semseg's ImageNet values by default.
@@ -71,6 +78,13 @@ class PSPNetConfig:
     object.__setattr__(self, 'bins', tuple(int(b) for b in self.bins))
     if self.backbone not in BACKBONES:
       raise UserError(f'unknown backbone {self.backbone!r}; expected one of {BACKBONES}')
+    object.__setattr__(self, 'width_mult', float(self.width_mult))
+    widths = sorted(SHUFFLENET_V2_WIDTHS) if self.backbone == 'shufflenet_v2' else [1.0]
+    if self.width_mult not in widths:
+      raise UserError(
+        f'PSPNetConfig.width_mult must be one of {widths} for backbone {self.backbone!r}, '
+        f'got {self.width_mult}'
+      )
     n = int(self.pyramid_fixed_size)
     if n < 0 or any(n % b for b in self.bins):
       raise UserError(
@@ -121,6 +135,10 @@ class PSPNet(nnx.Module):
     dtype = jnp.dtype(config.dtype)
     if config.backbone == 'mobilenet_v2':
       self.backbone = MobileNetV2(output_stride=config.output_stride, dtype=dtype, rngs=rngs)
+    elif config.backbone == 'shufflenet_v2':
+      self.backbone = ShuffleNetV2(
+        width_mult=config.width_mult, output_stride=config.output_stride, dtype=dtype, rngs=rngs
+      )
     else:
       self.backbone = ResNet(
         config.depth,

@@ -2,7 +2,7 @@
 
 The layout tells the backbone module (``PSPNetConfig.backbone``) and what shapes cannot
 (dilation contraction, align_corners); for ResNet, shapes tell depth (blocks per stage and
-block kind), width and stem; for every backbone, head widths, pyramid branch width and
+block kind), width and stem; for ShuffleNetV2 its width; for every backbone, head widths, pyramid branch width and
 classes.
 Shapes are PyTorch's: conv weights [out, in, kh, kw].
 """
@@ -17,6 +17,7 @@ import numpy as np
 from pspnet_jax.models import PSPNetConfig
 from pspnet_jax.models.mobilenet_v2 import STEM_CHANNELS
 from pspnet_jax.models.resnet import BLOCKS
+from pspnet_jax.models.shufflenet_v2 import WIDTHS as SHUFFLENET_V2_WIDTHS
 from pspnet_jax.port.layout import Layout
 from pspnet_jax.port.mapping import PortError
 
@@ -51,6 +52,8 @@ def infer_config(
 
   if layout.config.get('backbone') == 'mobilenet_v2':
     fields = _mobilenet_v2_fields(shape, layout, source)
+  elif layout.config.get('backbone') == 'shufflenet_v2':
+    fields = _shufflenet_v2_fields(shape, layout, source)
   else:
     fields = _resnet_fields(state_dict, shape, layout, source)
   if not with_heads:
@@ -92,6 +95,21 @@ def _mobilenet_v2_fields(shape, layout: Layout, source: str) -> dict:
       f'channels; only widen factor 1.0 ({STEM_CHANNELS} channels) is supported'
     )
   return dict(layout.config)
+
+
+def _shufflenet_v2_fields(shape, layout: Layout, source: str) -> dict:
+  """torchvision's width (``width_mult``) from conv5's input and output channels."""
+  conv5 = shape('conv5.0.weight')
+  width = next(
+    (w for w, c in SHUFFLENET_V2_WIDTHS.items() if (c[4], c[3]) == tuple(conv5[:2])), None
+  )
+  if width is None:
+    known = ', '.join(f'x{w}: {c[3]} -> {c[4]}' for w, c in SHUFFLENET_V2_WIDTHS.items())
+    raise PortError(
+      f'{source}: ShuffleNetV2 conv5.0.weight {conv5} maps {conv5[1]} -> {conv5[0]} '
+      f'channels, which is no torchvision width ({known})'
+    )
+  return dict(layout.config, width_mult=width)
 
 
 def _resnet_fields(state_dict, shape, layout: Layout, source: str) -> dict:

@@ -29,6 +29,7 @@ from pspnet_jax.port import (
   semseg_imagenet,
   torchvision_mobilenet_v2,
   torchvision_resnet,
+  torchvision_shufflenet_v2,
 )
 from pspnet_jax.port.architecture import infer_config
 from pspnet_jax.port.layout import HEADS, Layout
@@ -45,6 +46,7 @@ LAYOUTS: dict[str, Layout] = {
     mmseg_mobilenet_v2.LAYOUT,
     mmcls_mobilenet_v2.LAYOUT,
     torchvision_mobilenet_v2.LAYOUT,
+    torchvision_shufflenet_v2.LAYOUT,
   )
 }
 AUTO = 'auto'
@@ -101,7 +103,7 @@ class Ported:
     lines += [f'note:    {n}' for n in self.notes]
     if c.backbone != 'resnet':
       lines[-1] = (
-        f'config:  backbone={c.backbone} num_classes={c.num_classes} '
+        f'config:  backbone={c.backbone} width_mult={c.width_mult} num_classes={c.num_classes} '
         f'ppm_channels={c.ppm_channels} align_corners={c.align_corners}'
       )
     if self.dropped:
@@ -318,7 +320,8 @@ def load_torch(
 
   path: a ``.pth`` (needs torch) or ``.safetensors`` (no torch) file in one of the layouts
     ``semseg``, ``semseg-imagenet``, ``mmseg``, ``torchvision`` (ResNet) or
-    ``mmseg-mobilenet_v2``, ``mmcls-mobilenet_v2``, ``torchvision-mobilenet_v2``;
+    ``mmseg-mobilenet_v2``, ``mmcls-mobilenet_v2``, ``torchvision-mobilenet_v2``,
+    ``torchvision-shufflenet_v2``;
     ``layout='auto'`` recognises it from its keys.
   num_classes: checked against the checkpoint's classifier (a conflict is an error); for
     backbone-only ports it sets the fresh heads' classes (default 150).

@@ -15,6 +15,7 @@ from pspnet_jax.models import PSPNet, PSPNetConfig
 # What the backbone's weights fix: a backbone-only init must agree on these.
 BACKBONE_FIELDS = (
   'backbone',
+  'width_mult',
   'depth',
   'stem',
   'base_width',
