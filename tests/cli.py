@@ -13,6 +13,7 @@ folder for the session (under pytest-xdist, once for all workers) and removes it
 
 import contextlib
 import os
+import socket
 import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,6 +43,32 @@ def cli_env(devices: int | None = None, **extra: str) -> dict:
     )
   env.update(extra)
   return env
+
+
+def free_port() -> int:
+  """A TCP port free on the loopback interface now (for a coordinator or a server)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def run_together(commands, *, env: dict, timeout: float) -> list[tuple[int, str]]:
+  """Starts every command at once (the processes of one multi-process job) and waits for
+  all, each bounded by ``timeout`` and killed if still running; ``(returncode, output)``
+  each, stderr merged into stdout."""
+  procs = [
+    subprocess.Popen(
+      cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    for cmd in commands
+  ]
+  try:
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return [(p.returncode, out) for p, out in zip(procs, outs)]
 
 
 @contextlib.contextmanager

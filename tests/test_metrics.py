@@ -132,34 +132,19 @@ def test_confusion_counts_sum_exactly_past_2_32_across_processes(tmp_path):
   of its confusion matrices) adds counts of 3 x 2**31 and 6 x 2**31 per cell to the exact
   int64 9 x 2**31 (> 2**32; an int32 or uint32 sum, or JAX's default int32 without x64,
   would wrap), the same on both processes."""
-  import socket
-  import subprocess
   import sys
 
-  from cli import ROOT, cli_env
+  from cli import ROOT, cli_env, free_port, run_together
 
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
-  script = f'{ROOT}/tests/scripts/sum_counts.py'
-  procs = [
-    subprocess.Popen(
-      [sys.executable, script, str(port), str(i), '2', str(tmp_path / f'{i}.npy')],
-      env=cli_env(1),
-      cwd=ROOT,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for i in range(2)
-  ]
-  try:
-    outs = [p.communicate(timeout=180)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  assert all(p.returncode == 0 for p in procs), outs
+  port, script = free_port(), f'{ROOT}/tests/scripts/sum_counts.py'
+  runs = run_together(
+    [
+      [sys.executable, script, str(port), str(i), '2', str(tmp_path / f'{i}.npy')] for i in range(2)
+    ],
+    env=cli_env(1),
+    timeout=180,
+  )
+  assert all(code == 0 for code, _ in runs), runs
   want = 9 * 2**31 + 2 * np.arange(16, dtype=np.int64).reshape(4, 4)
   assert want.min() > 2**32
   for i in range(2):

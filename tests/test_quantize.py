@@ -202,7 +202,7 @@ def test_bad_calibration_sources_are_one_line_and_write_nothing(
   (broken / 'a.png').write_bytes(b'not a png')
   cases = [
     (['--calibration', str(empty)], f'{empty}: no images'),
-    (['--calibration', str(broken)], f'{broken / "a.png"}: not a readable image'),
+    (['--calibration', str(broken)], f'{broken / "a.png"}: not an image PIL can read'),
     (
       ['--calibration', 'dataset:no_such_set', '--data-dir', data_dir],
       "unknown dataset 'no_such_set'",

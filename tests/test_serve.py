@@ -157,7 +157,7 @@ def test_bad_requests_are_refused_in_one_line_and_the_server_keeps_serving(segme
   post = lambda data, media: http.post('/v1/segment', content=data, headers={'Content-Type': media})
   _one_line_error(post(b'hello', 'text/plain'), 415, 'text/plain', 'is not an image', 'POST')
   _one_line_error(http.post('/v1/segment', content=b'hello'), 415, 'is not an image')
-  _one_line_error(post(b'hello', 'image/png'), 415, 'not an image', 'send a JPEG, PNG')
+  _one_line_error(post(b'hello', 'image/png'), 415, 'not an image', 'give a JPEG, PNG')
   _one_line_error(post(good[: len(good) // 2], 'image/png'), 400, 'truncated', 'intact')
   _one_line_error(post(b'', 'image/jpeg'), 400, 'empty')
   form = http.post('/v1/segment', data={'note': 'no file'}, files={})

@@ -7,14 +7,13 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
-from cli import cli_env, one_error_line
+from cli import cli_env, free_port, one_error_line, run_together
 from flax import nnx
 from PIL import Image
 from tiny_models import tiny_model
@@ -241,35 +240,20 @@ def test_divergence_watch_on_known_sequences():
   assert run([1.8, 1.7, 1.6], norms=[1.0, float('inf'), 1.0]) == 2
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _two_processes(make_cmd):
   """Runs ``make_cmd(extra_flags)`` as processes 0 and 1 of one run on loopback, 2 simulated
   devices each; asserts both exit 0. Every process is bounded by TIMEOUT."""
-  port = _free_port()
-  procs = [
-    subprocess.Popen(
-      make_cmd([f'--coordinator=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}']),
-      env=_env(2),
-      cwd=ROOT,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for i in range(2)
-  ]
-  try:
-    outs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
+  port = free_port()
+  runs = run_together(
+    [
+      make_cmd([f'--coordinator=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'])
+      for i in range(2)
+    ],
+    env=_env(2),
+    timeout=TIMEOUT,
+  )
+  for returncode, out in runs:
+    assert returncode == 0, out[-3000:]
 
 
 def test_two_processes_equal_one_process_with_four_devices(tmp_path, data_dir):

@@ -72,7 +72,7 @@ def read_rgb(
       return np.asarray(upright.convert('RGB'))
   except Image.UnidentifiedImageError:
     raise NotAnImage(
-      f'{name}: not an image PIL can read (send a JPEG, PNG, BMP, WebP or TIFF file)'
+      f'{name}: not an image PIL can read (give a JPEG, PNG, BMP, WebP or TIFF file)'
     ) from None
   except Image.DecompressionBombError as e:
     raise ImageTooLarge(f'{name}: {e} (PIL refuses images this large: scale it down)') from None
