@@ -3,14 +3,15 @@
 for the same steps and seeds.
 
   python benchmarks/distill.py [--teacher runs/synthetic] [--seeds 0,1,2] [--out /tmp/distill]
-      [--data-dir runs/tfds] [extra --config.KEY=VALUE ...]
+      [--data-dir runs/tfds] [--rounds 20] [extra --config.KEY=VALUE ...]
 
-For each seed, one ``train.py`` run without the teacher, then one with it (interleaved, so
-that a machine shared with other work slows both alike). Each run's final validation mIoU
-(eval.py's protocol of the config, all validation images) and its training throughput (the
-median of the logged img/s, the first log row, which holds the compile, left out) are read
-from its workdir. Prints a table, the mean and spread (sample standard deviation, min, max)
-of each side, the mean gain, the step time ratio with/without the teacher, and one JSON line.
+For each seed, one ``train.py`` run without the teacher, then one with it. Each run's final
+validation mIoU (eval.py's protocol of the config, all validation images) is read from its
+workdir. Then the step time: both compiled steps (``train.state.create_trainer`` with and
+without the teacher, the config's batch on random data) in this one process, called in
+interleaved rounds so that a machine shared with other work slows both alike; the median of
+each. Prints a table, the mean and spread (sample standard deviation, min, max) of each
+side's mIoU, the gain, the step time ratio with/without the teacher, and one JSON line.
 """
 
 import argparse
@@ -40,9 +41,60 @@ def run(workdir, args, extra):
   if p.returncode != 0:
     sys.exit(f'{" ".join(cmd)} failed:\n{p.stderr[-3000:]}')
   miou = json.load(open(os.path.join(workdir, 'eval', 'metrics.json')))['miou']
-  rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
-  rates = [r['img_per_s'] for r in rows if r['kind'] == 'train'][1:]
-  return {'miou': miou, 'img_per_s': statistics.median(rates), 'wall_s': time.perf_counter() - t0}
+  return {'miou': miou, 'wall_s': time.perf_counter() - t0}
+
+
+def step_times(teacher: str, rounds: int) -> dict:
+  """Median seconds of the student's compiled step without and with ``teacher``."""
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  sys.path.insert(0, ROOT)
+  from configs.synthetic_distill import get_config
+  from pspnet_jax import checkpoint
+  from pspnet_jax import mesh as mesh_lib
+  from pspnet_jax.train import distill
+  from pspnet_jax.train.init_checkpoint import model_config_from
+  from pspnet_jax.train.state import create_trainer
+
+  config = get_config()
+  model_config = model_config_from(config, checkpoint.model_config(teacher).num_classes)
+  mesh = mesh_lib.data_mesh()
+  b, c = config.global_batch_size, config.augment.crop_size
+  rng = np.random.default_rng(0)
+  batch = mesh_lib.global_batch(
+    {
+      'image': rng.standard_normal((b, c, c, 3)).astype(np.float32),
+      'label': rng.integers(0, model_config.num_classes, (b, c, c)).astype(np.int32),
+    },
+    mesh,
+  )
+  runs = {}
+  for side, path in (('plain', ''), ('distilled', teacher)):
+    config.distill.teacher = path
+    graphdef, params, stats = nnx.split(
+      checkpoint.create_model(model_config), nnx.Param, nnx.BatchStat
+    )
+    trainer = create_trainer(
+      config,
+      graphdef,
+      total_steps=10_000,
+      ignore_label=255,
+      mesh=mesh,
+      distill=distill.from_config(config, model_config),
+    )
+    state = jax.device_put(trainer.initial_state(params, stats, 0), trainer.replicated)
+    state, metrics = trainer.step(state, batch)  # compiles
+    jax.block_until_ready(metrics)
+    runs[side] = [trainer, state, []]
+  for _ in range(rounds):
+    for run_ in runs.values():
+      t0 = time.perf_counter()
+      run_[1], metrics = run_[0].step(run_[1], batch)
+      jax.block_until_ready(metrics)
+      run_[2].append(time.perf_counter() - t0)
+  return {side: statistics.median(r[2]) for side, r in runs.items()}
 
 
 def spread(values):
@@ -60,7 +112,20 @@ def main():
   parser.add_argument('--seeds', default='0,1,2')
   parser.add_argument('--out', default='/tmp/distill')
   parser.add_argument('--data-dir', default=os.path.join(ROOT, 'runs', 'tfds'))
+  parser.add_argument('--rounds', type=int, default=20, help='timed steps of each side')
+  parser.add_argument('--timing-only', action='store_true', help='only the step time ratio')
   args, extra = parser.parse_known_args()
+  teacher = os.path.abspath(args.teacher)
+  times = step_times(teacher, args.rounds)
+  ratio = times['distilled'] / times['plain']
+  print(
+    f'step time: {times["plain"] * 1e3:.0f} ms without the teacher, '
+    f'{times["distilled"] * 1e3:.0f} ms with it ({ratio:.2f}x; median of {args.rounds})',
+    flush=True,
+  )
+  if args.timing_only:
+    print(json.dumps({'step_s': times, 'step_time_ratio': ratio, 'teacher': teacher}))
+    return
   seeds = [int(s) for s in args.seeds.split(',')]
   results = {'plain': [], 'distilled': []}
   for seed in seeds:
@@ -70,20 +135,11 @@ def main():
         workdir, args, [f'--config.seed={seed}', f'--config.distill.teacher={teacher}', *extra]
       )
       results[side].append(r)
-      print(
-        f'seed {seed} {side:9s} mIoU {r["miou"]:.4f}  {r["img_per_s"]:.1f} img/s  '
-        f'({r["wall_s"]:.0f} s)',
-        flush=True,
-      )
+      print(f'seed {seed} {side:9s} mIoU {r["miou"]:.4f}  ({r["wall_s"]:.0f} s)', flush=True)
   summary = {side: spread([r['miou'] for r in rows]) for side, rows in results.items()}
   gains = [d['miou'] - p['miou'] for p, d in zip(results['plain'], results['distilled'])]
-  rate = {side: statistics.mean(r['img_per_s'] for r in rows) for side, rows in results.items()}
   summary.update(
-    gain=spread(gains),
-    step_time_ratio=rate['plain'] / rate['distilled'],
-    img_per_s=rate,
-    seeds=seeds,
-    teacher=os.path.abspath(args.teacher),
+    gain=spread(gains), step_s=times, step_time_ratio=ratio, seeds=seeds, teacher=teacher
   )
   for side in ('plain', 'distilled'):
     s = summary[side]
