@@ -105,6 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
       clip_grad_norm=0.0,
       b1=0.9,
       b2=0.999,
+      bn_l1=0.0,  # network slimming sparsity on the prunable BNs' gammas (docs/compression.md)
     )
   )
   c.global_batch_size = 16

@@ -83,6 +83,36 @@ def prunable(model: PSPNet, layers: str = 'inner') -> list[Unit]:
   return units + [Unit('cls.0', 'cls.1', 'cls.4'), Unit('aux.0', 'aux.1', 'aux.4')]
 
 
+def slimming_mask(params):
+  """True at the BN scales (``weight``) of the convs ``--layers inner`` prunes, False
+  elsewhere, over any tree keyed like the model (an nnx ``State``, a pure dict): where
+  ``optimizer.bn_l1`` puts network slimming's sparsity penalty. A bottleneck is a block with
+  a ``conv3``."""
+  paths = [dotted_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  bottlenecks = {p.rsplit('.conv3.', 1)[0] for p in paths if '.conv3.' in p}
+
+  def penalised(path):
+    parts = path.split('.')
+    if parts[-1] != 'weight':
+      return False
+    if parts[0] in ('cls', 'aux'):
+      return parts[1:] == ['1', 'weight']
+    block = '.'.join(parts[:-2])
+    return (
+      parts[0] == 'backbone'
+      and parts[1] != 'layer0'
+      and (parts[-2] == 'bn1' or (parts[-2] == 'bn2' and block in bottlenecks))
+    )
+
+  return jax.tree_util.tree_map_with_path(lambda p, _: penalised(dotted_path(p)), params)
+
+
+def dotted_path(path) -> str:
+  """A tree path as the model's dotted parameter path (nnx's trailing ``value`` dropped)."""
+  keys = [str(getattr(k, 'key', getattr(k, 'name', k))) for k in path]
+  return '.'.join(keys[:-1] if keys[-1] == 'value' else keys)
+
+
 def check_backbone(config, where: str = 'this model') -> None:
   if config.backbone != 'resnet':
     raise UserError(

@@ -14,10 +14,11 @@ import pytest
 import tiny_run
 from cli import ROOT, cli_env
 from flax import nnx
-from tiny_models import TINY, tiny_model
+from tiny_models import TINY, random_model, tiny_model
 
 from pspnet_jax import checkpoint, prune
 from pspnet_jax.models import PSPNetConfig
+from pspnet_jax.train import OptimizerConfig, make_optimizer
 
 X = np.random.default_rng(0).standard_normal((2, 33, 33, 3)).astype(np.float32)
 
@@ -182,3 +183,27 @@ def test_cli_prunes_the_trained_run_and_train_py_fine_tunes_it(reference_run, da
   assert p.returncode == 0, p.stderr[-3000:]
   metrics = json.load(open(out / 'metrics.json'))
   assert metrics['images'] == 8 and 0 <= metrics['miou'] <= 1
+
+
+@pytest.mark.parametrize('depth', [18, 50])
+def test_bn_l1_penalises_exactly_the_gammas_of_the_pruned_convs(depth):
+  """optimizer.bn_l1: with zero gradients and plain SGD, one update moves the BN scales of
+  the convs ``--layers inner`` prunes by ``-lr * bn_l1 * sign(gamma)`` (the heads' at their
+  10x rate) and nothing else."""
+  model = random_model(dataclasses.replace(TINY, depth=depth))
+  params = nnx.state(model, nnx.Param)
+  expected = {f'{u.bn}.weight' for u in prune.prunable(model)}
+  mask = jax.tree_util.tree_leaves_with_path(prune.slimming_mask(params))
+  assert {prune.dotted_path(p) for p, m in mask if m} == expected
+  config = OptimizerConfig(learning_rate=0.1, momentum=0.0, weight_decay=0.0, bn_l1=0.01)
+  tx = make_optimizer(config, total_steps=10)
+  grads = jax.tree.map(np.zeros_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  moved = {}
+  for (path, u), p in zip(jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(params)):
+    name = prune.dotted_path(path)
+    rate = 1.0 if name.startswith(('cls', 'aux')) else 0.1
+    want = -rate * 0.01 * np.sign(p) if name in expected else np.zeros_like(p)
+    np.testing.assert_allclose(u, want, rtol=1e-6, atol=0)
+    moved[name] = bool(np.any(u != 0))
+  assert {n for n, m in moved.items() if m} == expected
