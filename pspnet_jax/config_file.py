@@ -81,6 +81,7 @@ RANGES = {
   'optimizer.clip_grad_norm': '[0, inf)',
   'optimizer.b1': '[0, 1)',
   'optimizer.b2': '[0, 1)',
+  'optimizer.bn_l1': '[0, inf)',
   'eval.scales': '(0, inf)',
   'eval.crop_size': 'int [1, inf)',
   'eval.stride_rate': '(0, 1]',

@@ -34,7 +34,8 @@ def build_pair(seed=0, **kw):
     'dtype',
     'backbone',
     'ppm_channels',
-  )  # the last two: ResNet fields only
+    'widths',
+  )  # backbone, ppm_channels: ResNet fields only; widths: a pruned model's (test_prune.py)
   assert all(getattr(cfg, k) == getattr(PSPNetConfig(), k) for k in caffe[:3])
   ref_kw = {k: v for k, v in cfg.to_dict().items() if k not in caffe}
   ref = randomize(TorchPSPNet(**ref_kw), seed=seed)

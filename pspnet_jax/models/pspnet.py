@@ -73,9 +73,20 @@ class PSPNetConfig:
   # (rgb - mean) / std, RGB on the 0-255 scale. semseg's ImageNet values by default.
   mean: tuple[float, float, float] = tuple(float(v) for v in normalize.MEAN)
   std: tuple[float, float, float] = tuple(float(v) for v in normalize.STD)
+  # The output channels of single convs (and their BNs), by parameter path, where they differ
+  # from the widths above: ((path, channels), ...), sorted. A pruned model
+  # (``pspnet_jax.prune``) records its widths here; see ``PSPNet`` for the paths read.
+  widths: tuple[tuple[str, int], ...] = ()
 
   def __post_init__(self):
     object.__setattr__(self, 'bins', tuple(int(b) for b in self.bins))
+    widths = dict(self.widths.items() if isinstance(self.widths, dict) else self.widths)
+    if len(widths) != len(self.widths) or any(int(n) < 1 for n in widths.values()):
+      raise UserError(
+        f'PSPNetConfig.widths must map distinct layer paths to channel counts >= 1; got '
+        f'{self.widths}'
+      )
+    object.__setattr__(self, 'widths', tuple(sorted((str(k), int(n)) for k, n in widths.items())))
     if self.backbone not in BACKBONES:
       raise UserError(f'unknown backbone {self.backbone!r}; expected one of {BACKBONES}')
     object.__setattr__(self, 'width_mult', float(self.width_mult))
@@ -130,9 +141,13 @@ def _head(in_ch, mid_ch, num_classes, dtype, rngs) -> nnx.Dict:
 
 
 class PSPNet(nnx.Module):
+  """``config.widths`` may set the channels of ``cls.0``, ``aux.0``, ``ppm.features.{i}.1`` and
+  of the backbone's convs that ``ResNet`` names (``backbone.``-prefixed paths)."""
+
   def __init__(self, config: PSPNetConfig, *, rngs: nnx.Rngs):
     self.config = config
     dtype = jnp.dtype(config.dtype)
+    widths = dict(config.widths)
     if config.backbone == 'mobilenet_v2':
       self.backbone = MobileNetV2(output_stride=config.output_stride, dtype=dtype, rngs=rngs)
     elif config.backbone == 'shufflenet_v2':
@@ -148,32 +163,55 @@ class PSPNet(nnx.Module):
         base_width=config.base_width,
         stride_in_1x1=config.stride_in_1x1,
         ceil_mode=config.ceil_mode,
+        widths={k.removeprefix('backbone.'): n for k, n in widths.items()},
         dtype=dtype,
         rngs=rngs,
       )
     c3, c4 = self.backbone.out_channels[2:]
     reduction = config.ppm_channels or c4 // len(config.bins)
+    branches = [widths.get(f'ppm.features.{i}.1', reduction) for i in range(len(config.bins))]
     self.ppm = nnx.Dict(
       {
         'features': nnx.List(
           [
             nnx.Dict(
               {
-                '1': conv2d(c4, reduction, 1, init=NEW_LAYER_INIT, dtype=dtype, rngs=rngs),
-                '2': BatchNorm(reduction),
+                '1': conv2d(c4, n, 1, init=NEW_LAYER_INIT, dtype=dtype, rngs=rngs),
+                '2': BatchNorm(n),
               }
             )
-            for _ in config.bins
+            for n in branches
           ]
         )
       }
     )
-    fea = c4 + reduction * len(config.bins)
-    self.cls = _head(fea, config.head_channels, config.num_classes, dtype, rngs)
-    self.aux = _head(c3, config.aux_channels, config.num_classes, dtype, rngs)
+    fea = c4 + sum(branches)
+    head = widths.get('cls.0', config.head_channels)
+    self.cls = _head(fea, head, config.num_classes, dtype, rngs)
+    self.aux = _head(c3, widths.get('aux.0', config.aux_channels), config.num_classes, dtype, rngs)
+    self._check_widths(widths)
     # Dropout2d zeroes whole channels: the mask is broadcast over H and W.
     self.dropout = nnx.Dropout(config.dropout, broadcast_dims=(1, 2))
     self.deterministic = False  # toggled with the BNs by model.train() / model.eval()
+
+  def _check_widths(self, widths: dict[str, int]):
+    """Every entry of ``config.widths`` must have been read: it names a conv of this
+    architecture that now has that many outputs."""
+    for path, n in widths.items():
+      layer = self
+      try:
+        for key in path.split('.'):
+          if isinstance(layer, nnx.List):
+            layer = layer[int(key)]
+          else:
+            layer = layer[key] if isinstance(layer, nnx.Dict) else getattr(layer, key)
+      except (AttributeError, KeyError, IndexError, ValueError):
+        layer = None
+      if not isinstance(layer, nnx.Conv) or layer.out_features != n:
+        raise UserError(
+          f'PSPNetConfig.widths: {path!r} is not a conv whose width this {self.config.backbone} '
+          'PSPNet can set (model_config.json was edited, or written by another version)'
+        )
 
   def _ppm_branch(self, i: int, pooled: jax.Array) -> jax.Array:
     branch = self.ppm['features'][i]

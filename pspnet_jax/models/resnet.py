@@ -14,6 +14,11 @@ Stems: ``deep`` (semseg, 3x3 convs 64-64-128), ``deep32`` (mmseg ResNetV1c, 32-3
 dilates layer4 by 2. ``contract_dilation`` gives the first block of a dilated layer half
 the dilation (mmseg, torchvision); semseg dilates every block fully.
 
+``widths`` (``PSPNetConfig.widths``, relative to the backbone) sets the output channels of a
+conv and its BN by path: a block's inner convs (``layer{1-4}.{i}.conv1``, and ``conv2`` of a
+bottleneck) and the deep stems' first two convs (``layer0.0``, ``layer0.3``); the next conv
+takes that many inputs. Unlisted convs keep the widths above.
+
 Two options are the authors' Caffe nets (hszhao/PSPNet): ``stride_in_1x1`` (a bottleneck's
 stride on its first 1x1 conv) and ``ceil_mode`` (the stem's max pool rounds its output size
 up, as every Caffe pooling does).
@@ -66,11 +71,12 @@ def stage_geometry(output_stride: int, contract_dilation: bool):
 class BasicBlock(nnx.Module):
   expansion = 1
 
-  def __init__(self, in_ch, planes, stride, dilation, *, dtype, rngs):
+  def __init__(self, in_ch, planes, stride, dilation, *, dtype, rngs, widths=(None,)):
     # mmseg's dilated BasicBlock: conv1 carries stride and dilation, conv2 is plain 3x3.
-    self.conv1 = conv2d(in_ch, planes, 3, stride=stride, dilation=dilation, dtype=dtype, rngs=rngs)
-    self.bn1 = BatchNorm(planes)
-    self.conv2 = conv2d(planes, planes, 3, dtype=dtype, rngs=rngs)
+    w1 = widths[0] or planes
+    self.conv1 = conv2d(in_ch, w1, 3, stride=stride, dilation=dilation, dtype=dtype, rngs=rngs)
+    self.bn1 = BatchNorm(w1)
+    self.conv2 = conv2d(w1, planes, 3, dtype=dtype, rngs=rngs)
     self.bn2 = BatchNorm(planes)
     self.downsample = _downsample(in_ch, planes, stride, dtype, rngs)
 
@@ -87,13 +93,16 @@ class Bottleneck(nnx.Module):
 
   expansion = 4
 
-  def __init__(self, in_ch, planes, stride, dilation, *, dtype, rngs, stride_in_1x1=False):
+  def __init__(
+    self, in_ch, planes, stride, dilation, *, dtype, rngs, stride_in_1x1=False, widths=(None,) * 2
+  ):
     s1, s2 = (stride, 1) if stride_in_1x1 else (1, stride)
-    self.conv1 = conv2d(in_ch, planes, 1, stride=s1, dtype=dtype, rngs=rngs)
-    self.bn1 = BatchNorm(planes)
-    self.conv2 = conv2d(planes, planes, 3, stride=s2, dilation=dilation, dtype=dtype, rngs=rngs)
-    self.bn2 = BatchNorm(planes)
-    self.conv3 = conv2d(planes, planes * 4, 1, dtype=dtype, rngs=rngs)
+    w1, w2 = (w or planes for w in widths)
+    self.conv1 = conv2d(in_ch, w1, 1, stride=s1, dtype=dtype, rngs=rngs)
+    self.bn1 = BatchNorm(w1)
+    self.conv2 = conv2d(w1, w2, 3, stride=s2, dilation=dilation, dtype=dtype, rngs=rngs)
+    self.bn2 = BatchNorm(w2)
+    self.conv3 = conv2d(w2, planes * 4, 1, dtype=dtype, rngs=rngs)
     self.bn3 = BatchNorm(planes * 4)
     self.downsample = _downsample(in_ch, planes * 4, stride, dtype, rngs)
 
@@ -136,6 +145,7 @@ class ResNet(nnx.Module):
     base_width: int = 64,
     stride_in_1x1: bool = False,
     ceil_mode: bool = False,
+    widths: dict[str, int] | None = None,
     dtype=jnp.float32,
     rngs: nnx.Rngs,
   ):
@@ -150,20 +160,23 @@ class ResNet(nnx.Module):
     options = {'stride_in_1x1': True} if stride_in_1x1 else {}
     self.dtype = dtype
     self.ceil_mode = ceil_mode
-    widths = stem_widths(stem, base_width)
+    widths = widths or {}
+    stem_out = stem_widths(stem, base_width)
     if stem == 'torchvision':
       layers = {
-        '0': conv2d(3, widths[0], 7, stride=2, dtype=dtype, rngs=rngs),
-        '1': BatchNorm(widths[0]),
+        '0': conv2d(3, stem_out[0], 7, stride=2, dtype=dtype, rngs=rngs),
+        '1': BatchNorm(stem_out[0]),
       }
     else:
       layers, in_ch = {}, 3
-      for i, w in enumerate(widths):
+      for i, w in enumerate(stem_out):
+        w = widths.get(f'layer0.{3 * i}', w) if i < 2 else w
         layers[str(3 * i)] = conv2d(in_ch, w, 3, stride=2 if i == 0 else 1, dtype=dtype, rngs=rngs)
         layers[str(3 * i + 1)] = BatchNorm(w)
         in_ch = w
     self.layer0 = nnx.Dict(layers)
-    in_ch = widths[-1]
+    in_ch = stem_out[-1]
+    inner = ('conv1',) if block is BasicBlock else ('conv1', 'conv2')
     geometry = stage_geometry(output_stride, contract_dilation)
     stages = []
     for k, (n, (stride, first_dilation, dilation)) in enumerate(zip(counts, geometry)):
@@ -178,6 +191,7 @@ class ResNet(nnx.Module):
             first_dilation if i == 0 else dilation,
             dtype=dtype,
             rngs=rngs,
+            widths=tuple(widths.get(f'layer{k + 1}.{i}.{c}') for c in inner),
             **options,
           )
         )

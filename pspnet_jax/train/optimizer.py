@@ -7,6 +7,12 @@ PyTorch's SGD adds ``weight_decay * p`` to the gradient *before* momentum
 decay. semseg sets the learning rate of iteration ``k`` (0-based) to
 ``base_lr * (1 - k / max_iter) ** power`` for the backbone and 10x that for ``ppm``,
 ``cls`` and ``aux``.
+
+``bn_l1`` is network slimming's sparsity (Liu et al., ICCV 2017): ``bn_l1 * sum |gamma|``
+over the BN scales that ``pspnet_jax.prune`` prunes by default (``prune.slimming_mask``),
+added as its subgradient ``bn_l1 * sign(gamma)`` to the gradient before clipping, decay and
+momentum: the update of that term in the loss, which the logged loss leaves out (as the
+authors' code adds it to the gradients after backward).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from pspnet_jax.errors import UserError
@@ -33,6 +40,7 @@ class OptimizerConfig:
   clip_grad_norm: float = 0.0  # 0: no clipping
   b1: float = 0.9  # adamw only
   b2: float = 0.999
+  bn_l1: float = 0.0  # network slimming's lambda on the prunable BNs' |gamma|; 0: off
 
 
 def poly_schedule(
@@ -88,4 +96,17 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
   )
   if config.clip_grad_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(config.clip_grad_norm), tx)
+  if config.bn_l1 > 0:
+    from pspnet_jax.prune import slimming_mask  # the pruning module owns which BNs
+
+    tx = optax.chain(optax.masked(add_l1_subgradient(config.bn_l1), slimming_mask), tx)
   return tx
+
+
+def add_l1_subgradient(strength: float) -> optax.GradientTransformation:
+  """Adds ``strength * sign(p)``, the (sub)gradient of ``strength * |p|``, to the updates."""
+
+  def update(updates, state, params):
+    return jax.tree.map(lambda g, p: g + strength * jnp.sign(p), updates, params), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
