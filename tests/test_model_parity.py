@@ -35,7 +35,8 @@ def build_pair(seed=0, **kw):
     'backbone',
     'ppm_channels',
     'widths',
-  )  # backbone, ppm_channels: ResNet fields only; widths: a pruned model's (test_prune.py)
+    'width_mult',
+  )  # backbone, ppm_channels, width_mult: 1 for ResNet; widths: a pruned model's (test_prune)
   assert all(getattr(cfg, k) == getattr(PSPNetConfig(), k) for k in caffe[:3])
   ref_kw = {k: v for k, v in cfg.to_dict().items() if k not in caffe}
   ref = randomize(TorchPSPNet(**ref_kw), seed=seed)
