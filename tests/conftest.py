@@ -1,8 +1,12 @@
+import json
 import os
+import pathlib
 import shutil
+import subprocess
 import sys
 import tempfile
 
+import filelock
 import pytest
 
 # Tests import the in-tree reference modules (tests/torch_reference.py) by name.
@@ -57,12 +61,26 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
-def reference_run(tmp_path_factory, data_dir):
+def reference_run(tmp_path_factory):
   """(workdir, finished train.py process) of the tiny 12-step run (tests/tiny_run.py),
-  trained once and shared: test_train_loop compares its own runs with it, test_quantize
-  exports it. Read it; never write into its workdir."""
-  workdir = tmp_path_factory.mktemp('uninterrupted')
-  return workdir, tiny_run.train(workdir, data_dir)
+  trained once for the whole session and shared: test_train_loop compares its own runs with
+  it, test_quantize and test_prune start from it. Read it; never write into its workdir.
+
+  Under pytest-xdist the first worker that asks trains it in the session's shared folder,
+  under a file lock, and the others wait for it and read it (xdist's groups alone did not
+  keep its tests on one worker: it was trained twice)."""
+  base = tmp_path_factory.getbasetemp()
+  shared = base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base
+  done = shared / 'reference_run.json'
+  with filelock.FileLock(str(shared / 'reference_run.lock')):
+    if not done.exists():
+      workdir = shared / 'reference_run'
+      p = tiny_run.train(workdir, tiny_run.prepare_data(shared / 'reference_run_tfds'))
+      done.write_text(json.dumps({'workdir': str(workdir), 'args': p.args, 'stdout': p.stdout}))
+  record = json.loads(done.read_text())
+  return pathlib.Path(record['workdir']), subprocess.CompletedProcess(
+    record['args'], 0, record['stdout'], ''
+  )
 
 
 # Fixtures that cost tens of seconds (a train.py run, an export, a compiled
