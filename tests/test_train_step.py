@@ -721,6 +721,46 @@ def recipe_run():
   }
 
 
+def _first_bn_statistics_within_bfloat16_rounding(bf16_step, states, batch):
+  """The first BN's running statistics after one bfloat16 step, against the float32 step's,
+  within a bound derived from bfloat16's precision (unit roundoff u = 2^-8, 8 significant
+  bits) and computed here in float64 from the stem conv's input and weights: the conv sees
+  x and w each rounded to bfloat16 (relative error <= u each), multiplies them exactly and
+  sums in float32, and rounds its output y to bfloat16 (<= u |y|), so each output is off by
+  at most e = (2u + u^2) (|w| * |x|) + u |y| (conv of the absolute values). The batch mean
+  moves by at most mean(e) and the biased variance by at most mean(2 |y - mean| (e +
+  mean(e)) + (e + mean(e))^2); the running statistics take 0.1 of each (momentum 0.9), the
+  variance unbiased by n / (n - 1). Float32's own rounding is allowed 1e-5 relative."""
+  images, _ = batch
+  new, _ = bf16_step(states[0], _as_batch(batch))
+  pure = lambda tree: nnx.to_pure_dict(tree)['backbone']['layer0']
+  w = np.asarray(pure(states[0]['params'])['0']['kernel'], np.float64)  # [3, 3, 3, C]
+  conv = lambda x, k: torch.nn.functional.conv2d(
+    torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
+    torch.from_numpy(np.ascontiguousarray(k.transpose(3, 2, 0, 1))),
+    stride=2,
+    padding=1,
+  ).numpy()
+  x = np.asarray(images, np.float64)
+  y, mag = conv(x, w), conv(np.abs(x), np.abs(w))  # [B, C, H, W]
+  u = 2.0**-8
+  e = (2 * u + u * u) * mag + u * np.abs(y)
+  axes = (0, 2, 3)
+  n = y.size // y.shape[1]
+  mean_bound = e.mean(axes)
+  spread = e + mean_bound[None, :, None, None]
+  dev = np.abs(y - y.mean(axes)[None, :, None, None])
+  var_bound = (2 * dev * spread + spread**2).mean(axes) * n / (n - 1)
+  f32, bf16 = pure(states[1]['batch_stats'])['1'], pure(new['batch_stats'])['1']
+  for key, bound in (('running_mean', mean_bound), ('running_var', var_bound)):
+    want = np.asarray(f32[key], np.float64)
+    diff = np.abs(np.asarray(bf16[key], np.float64) - want)
+    assert np.all(diff <= 0.1 * bound + 1e-5 * np.abs(want) + 1e-7), (key, diff, 0.1 * bound)
+    assert diff.max() > 0  # the step did compute in bfloat16
+    print(f'first BN {key}: bfloat16 - float32 at most {diff.max():.2e}, ', end='')
+    print(f'{np.max(diff / (0.1 * bound)):.2f} of the derived bound')
+
+
 @pytest.mark.parity
 def test_twenty_steps_follow_the_torch_semseg_loss_curve(recipe_run):
   """semseg's recipe (SGD momentum 0.9, coupled wd 1e-4, poly lr per iteration to 0 at step
@@ -803,6 +843,8 @@ def test_bfloat16_train_step_tracks_float32(recipe_run):
   )
   assert 0 < max(loss_err) <= 0.015, loss_err
   assert update_err[0] <= 1.5 * torch_update_err, (update_err[0], torch_update_err)
+
+  _first_bn_statistics_within_bfloat16_rounding(step, states, batches[0])
 
   state = states[0]
   for k in range(steps):
