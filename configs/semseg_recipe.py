@@ -42,8 +42,9 @@ DATASETS = {
 
 def section(schema) -> ml_collections.ConfigDict:
   """A config section holding every field of the dataclass ``schema`` with its default."""
+  defaults = schema()
   return ml_collections.ConfigDict(
-    {f.name: getattr(schema(), f.name) for f in dataclasses.fields(schema)}
+    {f.name: getattr(defaults, f.name) for f in dataclasses.fields(schema)}
   )
 
 

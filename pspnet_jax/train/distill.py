@@ -75,20 +75,16 @@ def pixel_kl(student, teacher, mask=None, tau: float = 1.0):
 
 
 def labels_at(labels, size: tuple[int, int], align_corners: bool):
-  """The labels [B, H, W] at the positions the logits of ``size`` (h, w) sit on: the
-  nearest label to each sample point of a bilinear resize from (h, w) to (H, W), with
-  ``align_corners`` as the model's (the grid of ``pspnet_jax.ops.resize_bilinear``)."""
+  """The labels [B, H, W] at the positions the logits of ``size`` (h, w) sit on: on each
+  axis the nearer of the two samples that resizing the labels to ``size`` with the model's
+  ``align_corners`` would read (``ops.linear_taps``, the model's own resize grid)."""
 
-  def rows(n_out, n_in):
-    i = np.arange(n_out, dtype=np.float64)
-    if align_corners:
-      src = i * (n_in - 1) / max(n_out - 1, 1)
-    else:
-      src = (i + 0.5) * n_in / n_out - 0.5
-    return np.clip(np.floor(src + 0.5), 0, n_in - 1).astype(np.int32)
+  def nearest(n_in, n_out):
+    i0, i1, w0, w1 = ops.linear_taps(n_in, n_out, align_corners)
+    return np.where(np.asarray(w0) >= np.asarray(w1), np.asarray(i0), np.asarray(i1))
 
   h, w = size
-  return labels[:, rows(h, labels.shape[1])][:, :, rows(w, labels.shape[2])]
+  return labels[:, nearest(labels.shape[1], h)][:, :, nearest(labels.shape[2], w)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +92,9 @@ class Distillation:
   """A frozen teacher and the loss it teaches with (``config.distill``).
 
   ``variables``: ``{'params', 'batch_stats'}`` nnx States of the teacher, arrays or (for
-  ahead-of-time compilation) ShapeDtypeStructs; ``sha256`` identifies the weights.
+  ahead-of-time compilation) ShapeDtypeStructs; ``sha256`` identifies the weights. The train
+  state takes these arrays over (``Trainer.initial_state``) and the step donates them with
+  it: after a step read the teacher from ``state['teacher']``, not from here.
   """
 
   graphdef: nnx.GraphDef
