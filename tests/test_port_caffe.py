@@ -409,9 +409,13 @@ def _refused(path, *needles):
 
 
 @pytest.fixture(scope='module')
-def small_layers():
-  layers = ref.pspnet_net(50, 5, 473, width=4, head=8, seed=9)  # statistics do not matter here
-  return ref.insert_splits(layers, inputs=('data',))
+def small_deploy():
+  return ref.pspnet_net(50, 5, 473, width=4, head=8, seed=9)  # statistics do not matter here
+
+
+@pytest.fixture(scope='module')
+def small_layers(small_deploy):
+  return ref.insert_splits(small_deploy, inputs=('data',))
 
 
 def test_a_missing_blob_is_named(small_layers, tmp_path):
@@ -535,3 +539,180 @@ def test_backbone_only_port_and_its_config(ade20k50):
   with pytest.raises(PortError, match='classifies 150 classes'):
     port_checkpoint(path, num_classes=21)
   assert dataclasses.replace(ported.config, num_classes=150).pyramid_fixed_size == 60
+
+
+# ---- the reader's stages, each on its own (parse -> layer graph -> match -> weights) ------
+
+
+def _caffe_names(blocks=(3, 4, 6, 3)):
+  """pspnet_jax's module prefix -> the layer the released prototxts name for it (their
+  naming, written out here: conv<stage>_<block>_1x1_reduce / _3x3 / _1x1_increase / _proj,
+  each with '/bn'; conv5_3_pool<bin>_conv; conv5_4; conv6)."""
+  names = {}
+  for k, name in enumerate(('conv1_1_3x3_s2', 'conv1_2_3x3', 'conv1_3_3x3')):
+    names[f'layer0.{3 * k}'], names[f'layer0.{3 * k + 1}'] = name, f'{name}/bn'
+  for s, n in enumerate(blocks, start=1):
+    for b in range(n):
+      caffe, ours = f'conv{s + 1}_{b + 1}', f'layer{s}.{b}'
+      parts = [('conv1', 'bn1', '1x1_reduce'), ('conv2', 'bn2', '3x3')]
+      parts += [('conv3', 'bn3', '1x1_increase')]
+      if b == 0:
+        parts.append(('downsample.0', 'downsample.1', '1x1_proj'))
+      for conv, bn, suffix in parts:
+        names[f'{ours}.{conv}'], names[f'{ours}.{bn}'] = f'{caffe}_{suffix}', f'{caffe}_{suffix}/bn'
+  for i, b in enumerate((1, 2, 3, 6)):
+    names[f'ppm.features.{i}.1'] = f'conv5_3_pool{b}_conv'
+    names[f'ppm.features.{i}.2'] = f'conv5_3_pool{b}_conv/bn'
+  names.update({'cls.0': 'conv5_4', 'cls.1': 'conv5_4/bn', 'cls.4': 'conv6'})
+  return names
+
+
+@pytest.fixture(scope='module')
+def small_files(small_deploy, small_layers, tmp_path_factory):
+  """The small net as a .caffemodel (Splits inserted) and as its deploy prototxt (no blobs)."""
+  tmp = tmp_path_factory.mktemp('stages')
+  model = ref.write_caffemodel(tmp / 'small.caffemodel', small_layers, inputs=('data',))
+  return model, ref.write_prototxt(tmp / 'small.prototxt', small_deploy, 473), small_deploy
+
+
+def test_stage_parse_reads_each_layer_as_written(small_layers, small_files):
+  """caffe_format alone: names, types, blobs and parameters as the writer put them."""
+  from pspnet_jax.port.caffe_format import read_caffemodel, read_prototxt
+
+  model, prototxt, deploy = small_files
+  net = read_caffemodel(model)
+  assert net.inputs == ['data']
+  for got, want in zip(net.layers, small_layers, strict=True):
+    assert (got.name, got.type, got.bottoms, got.tops) == (
+      want['name'],
+      want['type'],
+      want['bottom'],
+      want['top'],
+    )
+    assert len(got.blobs) == len(want['blobs'])
+    for a, b in zip(got.blobs, want['blobs']):
+      assert a.dtype == np.float32 and a.shape == b.shape and np.array_equal(a, b)
+  by = {l.name: l for l in net.layers}
+  assert by['conv5_2_3x3'].param('convolution_param', 'dilation') == [4]
+  assert by['conv5_2_3x3'].param('convolution_param', 'group') == 1  # caffe.proto's default
+  assert by['conv6'].param('convolution_param', 'bias_term') is True
+  assert by['conv5_3_pool6'].param('pooling_param', 'pool') == 'AVE'
+  assert by['conv6_interp'].has('interp_param', 'zoom_factor')
+  assert not by['conv6_interp'].has('interp_param', 'height')
+  text = read_prototxt(prototxt)
+  assert [l.name for l in text.layers] == [l['name'] for l in deploy]
+  assert not any(l.blobs for l in text.layers) and text.input_shapes == [(1, 3, 473, 473)]
+  f32 = lambda params: {
+    m: {k: np.float32(v) if isinstance(v, float) else v for k, v in f.items()}
+    for m, f in params.items()
+  }
+  for layer in text.layers:  # the text's parameters are the binary's (floats are float32 there)
+    assert f32(layer.params) == f32(by[layer.name].params), layer.name
+
+
+def test_stage_layer_graph_follows_in_place_layers_and_splits(small_files):
+  """LayerGraph alone: producers by blob version, shape-keeping layers traced, Splits
+  crossed; a blob no layer writes and a repeated name refused."""
+  from pspnet_jax.port.caffe import LayerGraph
+  from pspnet_jax.port.caffe_format import read_caffemodel
+
+  net = read_caffemodel(small_files[0])
+  g = LayerGraph(net)
+  at = g.by_name
+  # conv1_1's BN and ReLU write its blob in place: conv1_2 reads the ReLU's version.
+  assert g.inputs[at['conv1_2_3x3']] == [at['conv1_1_3x3_s2/relu']]
+  assert g.input_of(at['conv1_2_3x3']) == (
+    at['conv1_1_3x3_s2'],
+    ('BN', 'ReLU'),
+    [at['conv1_1_3x3_s2/bn'], at['conv1_1_3x3_s2/relu']],
+  )
+  assert g.inputs[at['conv1_1_3x3_s2']] == [None]  # the net's input
+  # The first block's sum: the projection and the increase conv, each through its BN.
+  sources = {g.layers[g.trace(d)[0]].name: g.trace(d)[1] for d in g.inputs[at['conv2_1']]}
+  assert sources == {'conv2_1_1x1_proj': ('BN',), 'conv2_1_1x1_increase': ('BN',)}
+  # The trunk's output is read through a Split by the four pools and the Concat.
+  assert 'Split' in {l.type for l in net.layers}
+  assert sorted(g.layers[j].name for j in g.readers(at['conv5_3'])) == sorted(
+    ['conv5_3_pool1', 'conv5_3_pool2', 'conv5_3_pool3', 'conv5_3_pool6', 'conv5_3_concat']
+  )
+  assert at['conv6_interp'] not in g.ancestors(at['conv6'])
+  assert at['conv1_1_3x3_s2'] in g.ancestors(at['conv6'])
+  edit = lambda l: dataclasses.replace(l, bottoms=['nowhere']) if l.name == 'conv6' else l
+  with pytest.raises(PortError, match="layer 'conv6' reads blob 'nowhere', which no earlier"):
+    LayerGraph(dataclasses.replace(net, layers=[edit(l) for l in net.layers]))
+  twice = net.layers + [dataclasses.replace(net.layers[-1])]
+  with pytest.raises(PortError, match="two layers are named 'conv6_interp'"):
+    LayerGraph(dataclasses.replace(net, layers=twice))
+
+
+def test_stage_match_places_every_module_from_parameters_alone(small_files):
+  """match alone, on the deploy prototxt (no blob in it): each module's layer, its expected
+  weight shape, the config fields and the Concat's order; the weights stage then refuses the
+  blob-less layers, naming the first."""
+  from pspnet_jax.port.caffe import LayerGraph, match, take_weights
+  from pspnet_jax.port.caffe_format import read_prototxt
+
+  g = LayerGraph(read_prototxt(small_files[1]))
+  found = match(g)
+  assert {p: g.layers[s.layer].name for p, s in found.slots.items()} == _caffe_names()
+  w = 4  # small_layers' width: the stem's 4, 4, 8 channels; planes 4, 8, 16, 32
+  shapes = {
+    'layer0.0': (w, 3, 3, 3),
+    'layer0.7': (2 * w,),
+    'layer1.0.conv1': (w, 2 * w, 1, 1),
+    'layer1.0.downsample.0': (4 * w, 2 * w, 1, 1),
+    'layer4.2.conv2': (8 * w, 8 * w, 3, 3),
+    'ppm.features.3.1': (8 * w, 32 * w, 1, 1),
+    'cls.0': (8, 64 * w, 3, 3),
+    'cls.4': (5, 8, 1, 1),
+  }
+  assert {p: found.slots[p].shape for p in shapes} == shapes
+  assert [p for p, s in found.slots.items() if s.bias] == ['cls.4']
+  config = found.config
+  assert (config['output_stride'], config['bins'], config['pyramid_fixed_size']) == (
+    8,
+    (1, 2, 3, 6),
+    60,
+  )
+  assert config['stride_in_1x1'] and not config['contract_dilation'] and found.feature_size == 60
+  assert found.head_input == (
+    ('features', 32 * w),
+    ('bin 6', 8 * w),
+    ('bin 3', 8 * w),
+    ('bin 2', 8 * w),
+    ('bin 1', 8 * w),
+  )
+  with pytest.raises(PortError, match="layer 'conv1_1_3x3_s2': holds 0 blobs"):
+    take_weights(g, found)
+
+
+def test_stage_weights_take_each_matched_blob(small_layers, small_files):
+  """take_weights alone: every tensor is its layer's blob (this test's name table), the first
+  conv's input channels reversed (BGR -> RGB), the head conv's input blocks moved from the
+  Concat's [features, bin 6, bin 3, bin 2, bin 1] to [features, bin 1, bin 2, bin 3, bin 6]."""
+  from pspnet_jax.port.caffe import LayerGraph, match, take_weights
+  from pspnet_jax.port.caffe_format import read_caffemodel
+
+  g = LayerGraph(read_caffemodel(small_files[0]))
+  canonical, file_keys = take_weights(g, match(g))
+  blobs = {l['name']: l['blobs'] for l in small_layers}
+  want = {}
+  for prefix, name in _caffe_names().items():
+    b = blobs[name]
+    if name.endswith('/bn'):
+      for k, field in enumerate(('weight', 'bias', 'running_mean', 'running_var')):
+        want[f'{prefix}.{field}'] = b[k].reshape(-1)
+    else:
+      want[f'{prefix}.weight'] = b[0]
+      if len(b) == 2:
+        want[f'{prefix}.bias'] = b[1]
+  want['layer0.0.weight'] = want['layer0.0.weight'][:, [2, 1, 0]]
+  head = want['cls.0.weight']  # features 128, then four branches of 32
+  blocks = {'features': head[:, :128], 6: head[:, 128:160], 3: head[:, 160:192]}
+  blocks.update({2: head[:, 192:224], 1: head[:, 224:256]})
+  want['cls.0.weight'] = np.concatenate([blocks[k] for k in ('features', 1, 2, 3, 6)], axis=1)
+  assert sorted(canonical) == sorted(want)
+  for key in want:
+    assert np.array_equal(canonical[key], want[key]), key
+  assert file_keys['layer4.0.bn2.running_var'] == 'conv5_1_3x3/bn blob 3'
+  assert file_keys['cls.4.bias'] == 'conv6 blob 1'

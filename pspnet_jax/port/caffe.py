@@ -12,6 +12,14 @@ last block's output, followed by the head (3x3 conv, BN, ReLU, Dropout, 1x1 clas
 ``Split`` layers (Caffe's ``InsertSplits``) and in-place layers are followed through.
 Layer names are only used to name layers in messages.
 
+The reader runs in four stages, each usable on its own: **parse** (``caffe_format``: the
+file -> ``Net``, plain layers with their parameters and blobs), **layer graph**
+(``LayerGraph``: which layer produced each layer's inputs, who reads each output), **match**
+(``match``: the graph -> ``Match``, where each of the model's modules sits in the file and
+the config fields the graph fixes; parameters only, no blob is read, so it runs on a deploy
+prototxt as well), **weights** (``take_weights``: the matched layers' blobs, checked against
+the shapes the match expects -> the canonical state dict). ``read_net`` runs the last three.
+
 What the fork's layers compute, and where pspnet_jax differs from semseg for them:
 
 - ``BN`` (``bn_layer.cpp``): four blobs, slope, bias, moving mean, moving variance, each
@@ -134,7 +142,32 @@ class CaffeNet:
   feature_size: int  # N: the pyramid's windows are sized for N x N
 
 
-class _Graph:
+@dataclasses.dataclass(frozen=True)
+class Slot:
+  """Where one of the model's modules sits in the file: layer ``layer`` (its index), a
+  ``'conv'`` of weight ``shape`` (out, in, k, k) with or without ``bias``, or a ``'bn'`` of
+  ``shape`` (channels,)."""
+
+  layer: int
+  kind: str
+  shape: tuple[int, ...]
+  bias: bool = False
+
+
+@dataclasses.dataclass
+class Match:
+  """The model's modules found in the layer graph, before any weight is read."""
+
+  slots: dict[str, Slot]  # canonical prefix ('layer1.0.conv1', 'layer1.0.bn1') -> its layer
+  config: dict[str, Any]  # PSPNetConfig fields the graph fixes
+  head_input: tuple[tuple[str, int], ...]  # the Concat's inputs in file order: (name, channels)
+  dropped: dict[str, list[str]]  # reason -> layer names
+  notes: list[str]
+  used: set[int]  # indices of the layers the model computes
+  feature_size: int
+
+
+class LayerGraph:
   """Which layer produced each bottom, following Caffe's blob names in file order (a layer
   writing a blob it reads, in place, makes a new version of it)."""
 
@@ -216,20 +249,23 @@ def _kinds(kinds: tuple[str, ...]) -> tuple[str, ...]:
   return tuple(k for k in kinds if k != 'Dropout')  # identity at inference
 
 
-class _Reader:
-  """Walks the graph once and collects the canonical tensors, the checks and the config."""
+def _fail(graph: LayerGraph, i: int | None, message: str):
+  where = f'layer {graph.name(i)}: ' if i is not None else ''
+  raise PortError(f'{graph.source}: {where}{message}')
 
-  def __init__(self, net: Net):
-    self.g = _Graph(net)
-    self.src = net.source
-    self.canonical: dict[str, np.ndarray] = {}
-    self.file_keys: dict[str, str] = {}
+
+class _Matcher:
+  """Walks the graph once: finds each module's layer, checks its parameters, fixes the config."""
+
+  def __init__(self, graph: LayerGraph):
+    self.g = graph
+    self.slots: dict[str, Slot] = {}
     self.used: set[int] = set()
     self.channels: dict[int, int] = {}  # layer index -> output channels
+    self.head_input: tuple[tuple[str, int], ...] = ()
 
   def fail(self, i: int | None, message: str):
-    where = self.g.name(i) if i is not None else ''
-    raise PortError(f'{self.src}: layer {where}: {message}' if where else f'{self.src}: {message}')
+    _fail(self.g, i, message)
 
   # ---- layers ---------------------------------------------------------------------------
 
@@ -244,7 +280,7 @@ class _Reader:
     stride: int | None = None,
     dilation: int | None = None,
   ) -> dict:
-    """Checks a Convolution, stores its blobs under ``prefix``; returns its geometry."""
+    """Checks a Convolution's parameters, records it as ``prefix``; returns its geometry."""
     layer = self.g.layers[i]
     if layer.type != 'Convolution':
       self.fail(i, f'is a {layer.type} layer where PSPNet has a convolution')
@@ -271,52 +307,17 @@ class _Reader:
         f'pad {geo["pad"]} with kernel {kernel} and dilation {geo["dilation"]}: '
         f'PSPNet pads {geo["dilation"] * (kernel - 1) // 2} (the output keeps its size)',
       )
-    n = 2 if geo['bias'] else 1
-    if len(layer.blobs) != n:
-      self.fail(
-        i,
-        f'holds {len(layer.blobs)} blobs; a convolution with bias_term '
-        f'{str(geo["bias"]).lower()} holds {n} (weights{", bias" if n == 2 else ""})',
-      )
-    shape = (geo['out'], in_ch, kernel, kernel)
-    if layer.blobs[0].shape != shape:
-      self.fail(
-        i,
-        f'blob 0 (weights) has shape {layer.blobs[0].shape}; its convolution_param '
-        f'and its input ({in_ch} channels) give {shape}',
-      )
-    if n == 2 and layer.blobs[1].shape not in ((geo['out'],), (1, 1, 1, geo['out'])):
-      self.fail(i, f'blob 1 (bias) has shape {layer.blobs[1].shape}, expected ({geo["out"]},)')
-    self.put(i, prefix + '.weight', layer.blobs[0], 0)
-    if n == 2:
-      self.put(i, prefix + '.bias', layer.blobs[1].reshape(-1), 1)
+    self.slots[prefix] = Slot(i, 'conv', (geo['out'], in_ch, kernel, kernel), geo['bias'])
     self.used.add(i)
     self.channels[i] = geo['out']
     return geo
 
   def bn(self, i: int, prefix: str, channels: int):
-    layer = self.g.layers[i]
-    if len(layer.blobs) != 4:
-      self.fail(
-        i, f'holds {len(layer.blobs)} blobs; the BN layer holds 4 (slope, bias, mean, variance)'
-      )
-    eps = layer.param('bn_param', 'eps')
+    eps = self.g.layers[i].param('bn_param', 'eps')
     if np.float32(eps) != np.float32(BN_EPS):
       self.fail(i, f"eps {eps}; pspnet_jax's BatchNorm uses {BN_EPS}")
-    names = ('weight', 'bias', 'running_mean', 'running_var')
-    for k, (blob, name) in enumerate(zip(layer.blobs, names)):
-      if blob.shape not in ((1, channels, 1, 1), (channels,)):
-        self.fail(
-          i,
-          f'blob {k} ({("slope", "bias", "mean", "variance")[k]}) has shape '
-          f'{blob.shape}; the convolution before it gives (1, {channels}, 1, 1)',
-        )
-      self.put(i, f'{prefix}.{name}', blob.reshape(-1), k)
+    self.slots[prefix] = Slot(i, 'bn', (channels,))
     self.used.add(i)
-
-  def put(self, i: int, key: str, value: np.ndarray, blob: int):
-    self.canonical[key] = value
-    self.file_keys[key] = f'{self.g.layers[i].name} blob {blob}'
 
   def relu(self, i: int):
     slope = self.g.layers[i].param('relu_param', 'negative_slope')
@@ -353,7 +354,7 @@ class _Reader:
 
   # ---- the network ------------------------------------------------------------------------
 
-  def read(self) -> CaffeNet:
+  def match(self) -> Match:
     g = self.g
     for i, layer in enumerate(g.layers):
       if layer.type not in _COMPUTE | _DATA | _LOSS:
@@ -362,8 +363,6 @@ class _Reader:
           f'unknown layer type {layer.type!r} (the PSPNet port knows '
           f'{", ".join(sorted(_COMPUTE))} and data and loss layers)',
         )
-      if layer.blobs and layer.type not in ('Convolution', 'BN'):
-        self.fail(i, f'holds {len(layer.blobs)} blobs; a {layer.type} layer has none')
     stem_end = self.stem()
     blocks = self.blocks(stem_end)
     geometry, stride_in_1x1 = self.stages(blocks)
@@ -413,8 +412,7 @@ class _Reader:
       f'pyramid: fixed AVE windows for {size}x{size} features (a {crop}x{crop} input), '
       f'bins {bins}; the Concat order [{", ".join(order)}] reordered',
     ]
-    names = {g.layers[i].name for i in self.used}
-    return CaffeNet(self.canonical, self.file_keys, config, dropped, notes, names, size)
+    return Match(self.slots, config, self.head_input, dropped, notes, self.used, size)
 
   def stem(self):
     """Three 3x3 convs (+ BN, ReLU) from the input, then a 3x3/2 max pool (+1 padding)."""
@@ -443,10 +441,6 @@ class _Reader:
         dilation=1,
       )
       prev, in_ch = i, geo['out']
-    # The first conv sees BGR: reversing its input channels makes it take RGB.
-    self.canonical['layer0.0.weight'] = np.ascontiguousarray(
-      self.canonical['layer0.0.weight'][:, ::-1]
-    )
     pool = self.single_reader(prev, 'Pooling', 'the stem')
     self.expect_input(pool, prev, ('BN', 'ReLU'), 'stem max pool')
     got = _pooling(g.layers[pool])
@@ -735,19 +729,8 @@ class _Reader:
     reduction = channels // len(bins)
     in_ch = channels + reduction * len(bins)
     self.conv_bn(conv, 'cls.0', 'cls.1', kernel=3, in_ch=in_ch, stride=1, dilation=1)
-    # Caffe's channel blocks in its Concat order -> pspnet_jax's [features, bin 1, bin 2, ...].
     width = {'features': channels, **{f'bin {b}': reduction for b in bins}}
-    start, offsets = 0, {}
-    for name in order:
-      offsets[name] = start
-      start += width[name]
-    index = np.concatenate(
-      [
-        np.arange(offsets[n], offsets[n] + width[n])
-        for n in ['features'] + [f'bin {b}' for b in bins]
-      ]
-    )
-    self.canonical['cls.0.weight'] = np.ascontiguousarray(self.canonical['cls.0.weight'][:, index])
+    self.head_input = tuple((name, width[name]) for name in order)
     classifier = self.single_reader(conv, 'Convolution', 'the head')
     self.expect_input(classifier, conv, ('BN', 'ReLU'), 'classifier')
     self.conv(
@@ -807,11 +790,99 @@ def _one(values, h, w, default, reader, i, what):
   return int(values[0])
 
 
+def match(graph: LayerGraph) -> Match:
+  """The graph -> where each module of the model sits and the config fields the graph fixes
+  (layer parameters only); ``PortError`` names the layer that does not fit."""
+  return _Matcher(graph).match()
+
+
+def head_input_order(head_input: tuple[tuple[str, int], ...]) -> np.ndarray:
+  """The head conv's input channels in pspnet_jax's order ``[features, bin 1, bin 2, ...]``
+  as indices into Caffe's, whose Concat joins ``head_input`` ((name, channels), in order)."""
+  start, offsets = 0, {}
+  for name, width in head_input:
+    offsets[name] = (start, width)
+    start += width
+  bins = sorted((n for n, _ in head_input if n != 'features'), key=lambda n: int(n.split()[1]))
+  return np.concatenate([np.arange(offsets[n][0], sum(offsets[n])) for n in ['features'] + bins])
+
+
+def take_weights(graph: LayerGraph, found: Match) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """The matched layers' blobs -> the canonical state dict and, per key, the file's
+  ``'layer name blob i'``. Blobs are checked against the shapes the match expects; the
+  first conv's input channels go BGR -> RGB and the head conv's to pspnet_jax's order."""
+  for i, layer in enumerate(graph.layers):
+    if layer.blobs and layer.type not in ('Convolution', 'BN'):
+      _fail(graph, i, f'holds {len(layer.blobs)} blobs; a {layer.type} layer has none')
+  canonical, file_keys = {}, {}
+  for prefix, slot in found.slots.items():
+    take = _conv_blobs if slot.kind == 'conv' else _bn_blobs
+    for name, k, value in take(graph, slot):
+      canonical[f'{prefix}.{name}'] = value
+      file_keys[f'{prefix}.{name}'] = f'{graph.layers[slot.layer].name} blob {k}'
+  # The first conv sees BGR: reversing its input channels makes it take RGB.
+  canonical['layer0.0.weight'] = np.ascontiguousarray(canonical['layer0.0.weight'][:, ::-1])
+  canonical['cls.0.weight'] = np.ascontiguousarray(
+    canonical['cls.0.weight'][:, head_input_order(found.head_input)]
+  )
+  return canonical, file_keys
+
+
+def _conv_blobs(graph: LayerGraph, slot: Slot):
+  blobs, out, in_ch = graph.layers[slot.layer].blobs, slot.shape[0], slot.shape[1]
+  n = 2 if slot.bias else 1
+  if len(blobs) != n:
+    _fail(
+      graph,
+      slot.layer,
+      f'holds {len(blobs)} blobs; a convolution with bias_term '
+      f'{str(slot.bias).lower()} holds {n} (weights{", bias" if n == 2 else ""})',
+    )
+  if blobs[0].shape != slot.shape:
+    _fail(
+      graph,
+      slot.layer,
+      f'blob 0 (weights) has shape {blobs[0].shape}; its convolution_param '
+      f'and its input ({in_ch} channels) give {slot.shape}',
+    )
+  yield 'weight', 0, blobs[0]
+  if n == 2:
+    if blobs[1].shape not in ((out,), (1, 1, 1, out)):
+      _fail(graph, slot.layer, f'blob 1 (bias) has shape {blobs[1].shape}, expected ({out},)')
+    yield 'bias', 1, blobs[1].reshape(-1)
+
+
+def _bn_blobs(graph: LayerGraph, slot: Slot):
+  blobs, (channels,) = graph.layers[slot.layer].blobs, slot.shape
+  if len(blobs) != 4:
+    _fail(
+      graph,
+      slot.layer,
+      f'holds {len(blobs)} blobs; the BN layer holds 4 (slope, bias, mean, variance)',
+    )
+  names = ('weight', 'bias', 'running_mean', 'running_var')
+  for k, (blob, name) in enumerate(zip(blobs, names)):
+    if blob.shape not in ((1, channels, 1, 1), (channels,)):
+      _fail(
+        graph,
+        slot.layer,
+        f'blob {k} ({("slope", "bias", "mean", "variance")[k]}) has shape '
+        f'{blob.shape}; the convolution before it gives (1, {channels}, 1, 1)',
+      )
+    yield name, k, blob.reshape(-1)
+
+
 def read_net(net: Net) -> CaffeNet:
-  """The file's layers -> canonical tensors and config fields; ``PortError`` names the
-  layer when something does not fit (missing or extra blobs, wrong shapes, unknown types,
-  parameters PSPNet does not compute)."""
-  return _Reader(net).read()
+  """The file's layers -> canonical tensors and config fields (layer graph, match, weights);
+  ``PortError`` names the layer when something does not fit (missing or extra blobs, wrong
+  shapes, unknown types, parameters PSPNet does not compute)."""
+  graph = LayerGraph(net)
+  found = match(graph)
+  canonical, file_keys = take_weights(graph, found)
+  names = {graph.layers[i].name for i in found.used}
+  return CaffeNet(
+    canonical, file_keys, found.config, found.dropped, found.notes, names, found.feature_size
+  )
 
 
 def check_prototxt(net: Net, deploy: Net, read: CaffeNet, out_stride: int):
