@@ -6,10 +6,18 @@ dict of arrays, keyed like ``nnx.to_pure_dict``). The port CLI writes one.
 
 A *training workdir* holds ``model_config.json`` and ``checkpoints/<step>/`` written by an
 orbax ``CheckpointManager`` (``TrainCheckpointer``) with the items ``model`` (same format as
-``state/``), ``opt_state``, ``meta`` (step, epoch, ...) and ``data`` (the input iterator's
-state, one JSON file per process, via grain's orbax handler), and ``metrics`` (the step's
-validation mIoU, where it has one). ``load_model`` reads a model
-directory, a training workdir (its latest step) or one step directory of it.
+``state/``), ``opt_state``, ``meta`` (step, epoch, ...) and ``data_state`` (the input pipeline's
+position, one JSON for all processes: it is the same on each, so a run resumes on another
+number of processes; checkpoints written before it hold ``data``, one grain JSON file per
+process, still read), and ``metrics`` (the step's validation mIoU, where it has one).
+``load_model`` reads a model directory, a training workdir (its latest step) or one step
+directory of it.
+
+A step that fails to restore for a reason in its files (missing, truncated, unreadable
+data) is *damaged*: the newest intact step is used instead. A failure of the reader's
+surroundings (permission, memory, a storage that times out) is not: it stops with one
+line and every step is left as it is. In a multi-process run every process restores the
+same step: the newest that restores on all of them.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import sys
 import tempfile
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_policy
@@ -40,6 +49,42 @@ CHECKPOINTS_DIR = 'checkpoints'
 
 class CheckpointError(UserError):
   """A path is not a checkpoint this project can read; the message says what was found."""
+
+
+class DamagedCheckpoint(CheckpointError):
+  """A step whose files do not restore (``newest_intact`` skips it)."""
+
+
+# Failures that say nothing about the files: the checkpoint is left as it is.
+_SURROUNDINGS_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOMEM, errno.ETIMEDOUT, errno.EAGAIN}
+_SURROUNDINGS_TEXT = (
+  'PERMISSION_DENIED',
+  'Permission denied',
+  'DEADLINE_EXCEEDED',
+  'UNAVAILABLE',
+  'Cannot allocate memory',
+)
+
+
+def _restore_failure(error: BaseException, message: str) -> CheckpointError:
+  """``message`` (and the innermost cause) as a ``DamagedCheckpoint``, or as a plain
+  ``CheckpointError`` when the cause is the reader's surroundings, not the files."""
+  seen, e = set(), error
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, MemoryError) or (
+      isinstance(e, OSError) and e.errno in {*_SURROUNDINGS_ERRNOS, *STORAGE_ERRNOS}
+    ):
+      break
+    if any(t in str(e) for t in _SURROUNDINGS_TEXT):
+      break
+    e = e.__cause__ or e.__context__
+  else:
+    return DamagedCheckpoint(f'{message} ({_cause(error)})')
+  return CheckpointError(
+    f'{message} ({_cause(error)}); this is no fault of its files, which are left as they '
+    'are: fix the cause and run again'
+  )
 
 
 DAMAGED_SUFFIX = '.damaged'
@@ -92,21 +137,30 @@ def _storage_cause(error: BaseException) -> str | None:
   return None
 
 
-def newest_intact(directory: str, steps: list[int], restore):
+def newest_intact(directory: str, steps: list[int], restore, *, all_processes: bool = False):
   """``(step, restore(step))`` for the newest step that restores; each damaged newer one
-  is named on stderr with its cause. CheckpointError when none restores."""
+  is named on stderr with its cause. CheckpointError when none restores, or at once when a
+  restore fails for a reason outside the files. ``all_processes``: called by every process
+  of a multi-process job, which then agree on one step (the newest that restores on all)."""
   damaged = []
   for step in sorted(steps, reverse=True):
+    error, result = None, None
     try:
       result = restore(step)
     except CheckpointError as e:
+      error = e
+    if all_processes:
+      error = _agreed(error, os.path.join(directory, str(step)))
+    if isinstance(error, DamagedCheckpoint):
       damaged.append(step)
       print(
-        f'warning: {os.path.join(directory, str(step))} is damaged, skipped: {e}',
+        f'warning: {os.path.join(directory, str(step))} is damaged, skipped: {error}',
         file=sys.stderr,
         flush=True,
       )
       continue
+    if error is not None:
+      raise error
     if damaged:
       print(
         f'warning: using step {step}, the newest intact checkpoint in {directory}',
@@ -118,6 +172,22 @@ def newest_intact(directory: str, steps: list[int], restore):
     f'{directory}: no intact checkpoint (damaged: steps '
     f'{", ".join(map(str, damaged))}; see the warnings above)'
   )
+
+
+def _agreed(error: CheckpointError | None, path: str) -> CheckpointError | None:
+  """This process's outcome of restoring ``path``, made the same on every process: a
+  failure elsewhere fails here too (damaged or not, as there)."""
+  if jax.process_count() == 1:
+    return error
+  from jax.experimental import multihost_utils
+
+  code = 0 if error is None else 1 if isinstance(error, DamagedCheckpoint) else 2
+  codes = np.ravel(np.asarray(multihost_utils.process_allgather(np.int32(code))))
+  if error is not None or not codes.any():
+    return error
+  where = ', '.join(str(i) for i in np.flatnonzero(codes))
+  kind = DamagedCheckpoint if codes.max() == 1 else CheckpointError
+  return kind(f'{path} does not restore on process(es) {where} (see their messages)')
 
 
 def model_variables(model: PSPNet) -> dict:
@@ -248,23 +318,24 @@ def restore_variables(state_dir: str, config: PSPNetConfig) -> PSPNet:
     with ocp.StandardCheckpointer() as ckptr:
       restored = ckptr.restore(state_dir, target)
   except Exception as e:  # orbax raises many types; name the path and the cause
-    raise CheckpointError(f'{state_dir}: cannot restore the model variables ({_cause(e)})') from e
+    raise _restore_failure(e, f'{state_dir}: cannot restore the model variables') from e
   nnx.replace_by_pure_dict(state, restored)
   return nnx.merge(graphdef, state)
 
 
-def load_model(path: str | os.PathLike) -> PSPNet:
+def load_model(path: str | os.PathLike, *, all_processes: bool = False) -> PSPNet:
   """Loads a model directory, a training workdir (latest step) or a workdir's step dir.
 
   The model is returned in eval mode (``model(x)`` gives logits); call ``.train()`` to
-  fine-tune it.
+  fine-tune it. ``all_processes``: every process of a multi-process job calls this, and
+  from a workdir they load the same step (``newest_intact``).
   """
-  model = _load_model(path)
+  model = _load_model(path, all_processes)
   model.eval()
   return model
 
 
-def _load_model(path) -> PSPNet:
+def _load_model(path, all_processes: bool) -> PSPNet:
   path = os.path.abspath(os.fspath(path))
   if not os.path.isdir(path):
     raise CheckpointError(f'{path}: no such directory')
@@ -278,6 +349,7 @@ def _load_model(path) -> PSPNet:
       directory,
       steps,
       lambda step: restore_variables(os.path.join(directory, str(step), 'model'), config),
+      all_processes=all_processes,
     )
     return model
   if os.path.isdir(os.path.join(path, 'model')) and not os.path.exists(
@@ -308,22 +380,19 @@ def _steps(directory: str) -> list[int]:
   )
 
 
-class _IteratorStateAdapter:
-  """Presents a JSON-dict iterator state the way grain's orbax handler expects from a
-  non-grain iterator: ``get_state() -> bytes``, ``set_state(bytes)``, ``start_prefetch()``.
-  On save it holds the state taken at save time (the handler may run later)."""
+DATA_STATE = 'data_state'  # the item of the input pipeline's position (one JSON)
+_GRAIN_DATA = 'data'  # its item before: grain's handler, process_<i>-of-<n>.json each
 
-  def __init__(self, state=None):
-    self._state = state
 
-  def get_state(self) -> bytes:
-    return json.dumps(self._state, sort_keys=True).encode()
-
-  def set_state(self, state: bytes):
-    self._state = json.loads(state)
-
-  def start_prefetch(self):
-    pass
+def _grain_data_state(directory: str) -> dict:
+  """The pipeline's state from a checkpoint written before ``data_state``: this process's
+  file, or (another process count wrote it) any process's: the state is the same on each."""
+  own = f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+  names = sorted(n for n in os.listdir(directory) if re.fullmatch(r'process_\d+-of-\d+\.json', n))
+  if not names:
+    raise FileNotFoundError(f'{directory}: no process_<i>-of-<n>.json')
+  with open(os.path.join(directory, own if own in names else names[0])) as f:
+    return json.load(f)
 
 
 class TrainCheckpointer:
@@ -342,8 +411,6 @@ class TrainCheckpointer:
     async_save: bool = True,
     metadata: dict | None = None,
   ):
-    import grain  # noqa: F401  registers grain's orbax handler for the data item
-
     self.workdir = os.path.abspath(workdir)
     os.makedirs(self.workdir, exist_ok=True)
     if jax.process_index() == 0:
@@ -392,7 +459,9 @@ class TrainCheckpointer:
     if not steps:
       return None
     directory = os.path.join(self.workdir, CHECKPOINTS_DIR)
-    step, restored = newest_intact(directory, steps, lambda s: self.restore(s, **targets))
+    step, restored = newest_intact(
+      directory, steps, lambda s: self.restore(s, **targets), all_processes=True
+    )
     self._set_aside([s for s in steps if s > step], DAMAGED_SUFFIX)
     return (step, *restored)
 
@@ -430,13 +499,11 @@ class TrainCheckpointer:
     data_state,
     metrics: dict | None = None,
   ):
-    import grain
-
     args = ocp.args.Composite(
       model=ocp.args.StandardSave(model_variables),
       opt_state=ocp.args.StandardSave(opt_state),
       meta=ocp.args.JsonSave(meta),
-      data=grain.checkpoint.CheckpointSave(_IteratorStateAdapter(state=data_state)),
+      **{DATA_STATE: ocp.args.JsonSave(data_state)},
     )
     nbytes = sum(x.nbytes for x in jax.tree.leaves((model_variables, opt_state)))
     with self._storage_errors():  # the previous save is finished (or fails) first
@@ -447,21 +514,22 @@ class TrainCheckpointer:
     """Restores into the given abstract targets. Returns ``(model_variables, opt_state,
     meta, data_state)``; the data state is the input pipeline's ``get_state()`` at the save,
     which the pipeline itself judges (``TrainLoader.resume``)."""
-    import grain
-
-    data = _IteratorStateAdapter()
-    args = ocp.args.Composite(
+    step_dir = os.path.join(self.directory, str(step))
+    items = dict(
       model=ocp.args.StandardRestore(model_target),
       opt_state=ocp.args.StandardRestore(opt_target),
       meta=ocp.args.JsonRestore(),
-      data=grain.checkpoint.CheckpointRestore(data),
     )
+    written_before = not os.path.isdir(os.path.join(step_dir, DATA_STATE))
+    if not written_before:
+      items[DATA_STATE] = ocp.args.JsonRestore()
     _compat.quiet_abandoned_orbax_reads()
     try:
-      r = self.manager.restore(step, args=args)
+      r = self.manager.restore(step, args=ocp.args.Composite(**items))
+      data = _grain_data_state(os.path.join(step_dir, _GRAIN_DATA)) if written_before else None
     except Exception as e:
-      raise CheckpointError(f'cannot restore step {step} ({_cause(e)})') from e
-    return r['model'], r['opt_state'], r['meta'], data._state
+      raise _restore_failure(e, f'cannot restore step {step}') from e
+    return r['model'], r['opt_state'], r['meta'], data if written_before else r[DATA_STATE]
 
   def wait(self):
     with self._storage_errors():

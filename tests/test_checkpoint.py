@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -51,46 +52,24 @@ def test_train_checkpoints_keep_the_latest_k_and_the_best_miou(tmp_path):
   save has none) the latest two (5, 6) and the best by mIoU (2) remain, and that best
   step restores its own values. A new checkpointer on the same workdir (a resumed run)
   still knows step 2 is the best: after saving 7 and 8 it keeps 2, 7 and 8."""
-  import jax.numpy as jnp
   import optax
 
   ckpt = checkpoint.TrainCheckpointer(str(tmp_path), PSPNetConfig(depth=18), keep=2)
   tx = optax.sgd(0.1, momentum=0.9)
   mious = {1: 0.1, 2: 0.9, 3: 0.3, 4: 0.2, 5: 0.4}
   for step in range(1, 7):
-    variables = {'params': {'w': jnp.full((3,), float(step))}}
-    ckpt.save(
-      step,
-      model_variables=variables,
-      opt_state=tx.init(variables['params']),
-      meta={'step': step},
-      data_state={'step': step},
-      metrics={'miou': mious[step]} if step in mious else None,
-    )
-  ckpt.wait()
+    _one_step(ckpt, step, tx, {'miou': mious[step]} if step in mious else None)
   assert sorted(ckpt.manager.all_steps()) == [2, 5, 6]
   assert ckpt.latest_step() == 6
 
-  target = {'params': {'w': jnp.zeros((3,))}}
-  model, _, meta, data_state = ckpt.restore(
-    2, model_target=target, opt_target=tx.init(target['params'])
-  )
+  model, _, meta, data_state = ckpt.restore(2, **_targets(tx))
   np.testing.assert_array_equal(np.asarray(model['params']['w']), [2.0, 2.0, 2.0])
-  assert meta == {'step': 2} and data_state == {'step': 2}
+  assert meta == {'step': 2} and data_state == {'step': 2, 'seed': 7}
   ckpt.close()
 
   resumed = checkpoint.TrainCheckpointer(str(tmp_path), PSPNetConfig(depth=18), keep=2)
   for step, miou in ((7, 0.5), (8, None)):
-    variables = {'params': {'w': jnp.full((3,), float(step))}}
-    resumed.save(
-      step,
-      model_variables=variables,
-      opt_state=tx.init(variables['params']),
-      meta={'step': step},
-      data_state={'step': step},
-      metrics=None if miou is None else {'miou': miou},
-    )
-  resumed.wait()
+    _one_step(resumed, step, tx, None if miou is None else {'miou': miou})
   assert sorted(resumed.manager.all_steps()) == [2, 7, 8]
   resumed.close()
 
@@ -109,3 +88,84 @@ def test_a_model_config_written_before_the_normalisation_fields_loads_with_semse
   np.testing.assert_array_equal(np.float32(config.std), STD)
   with pytest.raises(ValueError, match='std must be 3 numbers'):
     PSPNetConfig(std=(1.0, 0.0, 1.0))
+
+
+def _one_step(ckpt, step, tx, metrics=None):
+  """Saves step ``step`` (every weight = step) and waits for it."""
+  import jax.numpy as jnp
+
+  variables = {'params': {'w': jnp.full((3,), float(step))}}
+  ckpt.save(
+    step,
+    model_variables=variables,
+    opt_state=tx.init(variables['params']),
+    meta={'step': step},
+    data_state={'step': step, 'seed': 7},
+    metrics=metrics,
+  )
+  ckpt.wait()
+
+
+def _targets(tx):
+  import jax.numpy as jnp
+
+  target = {'params': {'w': jnp.zeros((3,))}}
+  return {'model_target': target, 'opt_target': tx.init(target['params'])}
+
+
+def test_the_data_state_is_one_file_and_the_older_per_process_files_still_read(tmp_path):
+  """A step holds the pipeline's state once (``data_state``), whatever the process count.
+  A step written before, with grain's ``data/process_<i>-of-<n>.json``, restores too, also
+  when another process count wrote it (the state is the same on every process)."""
+  import optax
+
+  tx = optax.sgd(0.1)
+  ckpt = checkpoint.TrainCheckpointer(str(tmp_path), PSPNetConfig(depth=18))
+  _one_step(ckpt, 3, tx)
+  step_dir = tmp_path / 'checkpoints' / '3'
+  assert (step_dir / 'data_state').is_dir() and not (step_dir / 'data').exists()
+  assert ckpt.restore(3, **_targets(tx))[3] == {'step': 3, 'seed': 7}
+  # The layout of before: no data_state item, one file per process of a 2-process run.
+  shutil.rmtree(step_dir / 'data_state')
+  os.makedirs(step_dir / 'data')
+  (step_dir / 'data' / 'process_1-of-2.json').write_text(json.dumps({'step': 3, 'seed': 8}))
+  model, _, meta, data_state = ckpt.restore(3, **_targets(tx))
+  assert data_state == {'step': 3, 'seed': 8} and meta == {'step': 3}
+  np.testing.assert_array_equal(np.asarray(model['params']['w']), [3.0, 3.0, 3.0])
+  ckpt.close()
+
+
+def test_a_failure_outside_the_files_leaves_every_step_as_it_is(tmp_path, monkeypatch):
+  """Restoring the newest step fails. For want of permission or memory: one line saying
+  the files are not at fault, and no step is set aside. For a missing file: the step is
+  damaged, set aside as <step>.damaged, and the step before it restores."""
+  import errno
+
+  import optax
+
+  tx = optax.sgd(0.1)
+  ckpt = checkpoint.TrainCheckpointer(str(tmp_path), PSPNetConfig(depth=18))
+  for step in (1, 2):
+    _one_step(ckpt, step, tx)
+  real = ckpt.manager.restore
+
+  def failing(error):
+    def restore(step, **kw):
+      if step == 2:
+        raise RuntimeError('orbax failed') from error
+      return real(step, **kw)
+
+    return restore
+
+  for error in (PermissionError(errno.EACCES, 'Permission denied'), MemoryError()):
+    monkeypatch.setattr(ckpt.manager, 'restore', failing(error))
+    with pytest.raises(checkpoint.CheckpointError) as e:
+      ckpt.restore_newest_intact(**_targets(tx))
+    assert not isinstance(e.value, checkpoint.DamagedCheckpoint)
+    assert 'cannot restore step 2' in str(e.value) and 'no fault of its files' in str(e.value)
+    assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2']
+  monkeypatch.setattr(ckpt.manager, 'restore', failing(FileNotFoundError('d/6731e1: gone')))
+  step, model, *_ = ckpt.restore_newest_intact(**_targets(tx))
+  assert step == 1 and float(model['params']['w'][0]) == 1.0
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2.damaged']
+  ckpt.close()

@@ -40,7 +40,7 @@ def evaluate_checkpoint(
   ds = config.dataset
   data_dir = os.path.abspath(os.path.expanduser(ds.data_dir))
   info = data_lib.dataset_info(ds.name, data_dir)
-  model = ckpt_lib.load_model(checkpoint_path)
+  model = ckpt_lib.load_model(checkpoint_path, all_processes=True)  # every process runs this
   if model.config.num_classes != info.num_classes:
     raise UserError(
       f'{checkpoint_path} predicts {model.config.num_classes} classes but '
