@@ -86,9 +86,10 @@ def reference_run(tmp_path_factory):
 # Fixtures that cost tens of seconds (a train.py run, an export, a compiled
 # initialisation, a 20-step recipe run, a full-width Caffe net). Under pytest-xdist
 # (``--dist loadgroup``, as `make test` runs it) the tests that share one form a group that
-# runs on one worker, so it is built once; every other test is spread by load.
+# runs on one worker, so it is built once; every other test is spread by load. The session's
+# ``reference_run`` needs no group: its file lock builds it once for all workers.
 EXPENSIVE_MODULE_FIXTURES = (
-  'reference_run',
+  'int8_export',
   'exported',
   'fresh_and_expected',
   'recipe_run',
@@ -98,7 +99,6 @@ EXPENSIVE_MODULE_FIXTURES = (
   'small_semseg',
   'segmenter',
 )
-SESSION_FIXTURES = ('reference_run',)  # defined above, used by several test files
 # The files whose tests run train.py / eval.py / multi-device subprocesses (minutes each, a
 # group of them ~5 min) go first, so the workers do not end on them one at a time.
 SLOW_FILES_FIRST = ('test_train_loop.py', 'test_evaluation.py', 'test_export.py', 'test_aot.py')
@@ -109,9 +109,7 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     shared = [f for f in EXPENSIVE_MODULE_FIXTURES if f in getattr(item, 'fixturenames', ())]
     if shared:
-      # A session fixture's tests share one group across their modules.
-      group = shared[0] if shared[0] in SESSION_FIXTURES else f'{item.module.__name__}:{shared[0]}'
-      item.add_marker(pytest.mark.xdist_group(group))
+      item.add_marker(pytest.mark.xdist_group(f'{item.module.__name__}:{shared[0]}'))
 
   def rank(item):
     name = os.path.basename(str(item.fspath))

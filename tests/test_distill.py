@@ -208,6 +208,28 @@ def test_accumulated_distilled_step_weighs_the_cross_entropy_as_without_a_teache
   assert float(ma['distill_loss']) == 0.0  # weight 0: no term
 
 
+def test_a_micro_batch_without_labelled_pixels_keeps_its_distillation_term(teacher_dir):
+  """Two micro-batches, the first without any labelled pixel, from the same state: changing
+  the first one's images leaves the cross entropy as it was and still moves the student's
+  update (through the term alone; were the term weighted by labelled pixels, as the cross
+  entropy is, both updates would be bit-identical: each micro-batch has its own BN batch)."""
+  trainer, state = _trainer(_config(teacher_dir, accum=2), True)
+  copy = jax.tree.map(jnp.copy, state)  # the step donates its state
+  _, batch = _batch(2)
+  batch['label'][:2] = 255
+  other = dict(batch, image=batch['image'].copy())
+  other['image'][:2] = np.random.default_rng(5).standard_normal(other['image'][:2].shape)
+  a, ma = trainer.step(state, mesh_lib.global_batch(batch, mesh_lib.data_mesh()))
+  b, mb = trainer.step(copy, mesh_lib.global_batch(other, mesh_lib.data_mesh()))
+  assert float(ma['main_loss']) == float(mb['main_loss']) > 0
+  assert float(ma['distill_loss']) != float(mb['distill_loss'])
+  moved = [
+    float(np.abs(np.asarray(x) - np.asarray(y)).max())
+    for x, y in zip(jax.tree.leaves(a['params']), jax.tree.leaves(b['params']))
+  ]
+  assert min(moved) >= 0 and sum(m > 1e-6 for m in moved) > len(moved) // 2, moved
+
+
 def test_four_devices_equal_one_device_with_a_teacher(tmp_path, teacher_dir):
   """tests/scripts/one_train_step.py with a teacher on 1 and 4 simulated devices: the same
   parameters and BN statistics after a distilled step."""

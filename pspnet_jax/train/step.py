@@ -125,7 +125,7 @@ def _update(tx, lr_schedules, state, grads, batch_stats, metrics):
   with the gradient's norm and (with ``lr_schedules``) the backbone's learning rate."""
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
-  metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
   if lr_schedules is not None:
     metrics['lr'] = lr_schedules['backbone'](state['step'])
   new_state = dict(
