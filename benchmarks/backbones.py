@@ -3,6 +3,10 @@ ShuffleNetV2, MobileNetV2 and ResNet-50 at one input size, in one process, the t
 in interleaved rounds so they share the machine's state.
 
   python benchmarks/backbones.py --size 512 --batch 1 --rounds 5
+  python benchmarks/backbones.py --models shufflenet_v2_x1.0,mobilenet_v2 --prune-ratio 0.5
+
+``--prune-ratio R`` adds each model pruned by ``pspnet_jax.prune`` (``--layers all``, l1; for
+the light backbones that is their heads and pyramid) beside it, timed in the same rounds.
 
 MobileNetV2 and ShuffleNetV2 carry the heads of their configs (mmseg's PSPHead: 512-channel
 pyramid branches, align_corners=False); ResNet-50 semseg's. Random weights (the time and
@@ -27,6 +31,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))  # run from a checkout
 
+from pspnet_jax import prune  # noqa: E402
 from pspnet_jax.models import PSPNet, PSPNetConfig  # noqa: E402
 
 MMSEG_HEAD = dict(ppm_channels=512, align_corners=False)
@@ -37,9 +42,7 @@ MODELS = {
 }
 
 
-def compiled_forward(config: PSPNetConfig, x):
-  model = PSPNet(config, rngs=nnx.Rngs(0))
-  model.eval()
+def compiled_forward(model: PSPNet, x):
   graphdef, state = nnx.split(model)
   params = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
   forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
@@ -62,16 +65,22 @@ def main():
   ap.add_argument('--size', type=int, default=512)
   ap.add_argument('--batch', type=int, default=1)
   ap.add_argument('--rounds', type=int, default=5)
+  ap.add_argument('--prune-ratio', type=float, default=0.0)
   args = ap.parse_args()
-  names = args.models.split(',')
+  models = {}
+  for name in args.models.split(','):
+    models[name] = PSPNet(PSPNetConfig(num_classes=args.classes, **MODELS[name]), rngs=nnx.Rngs(0))
+    models[name].eval()
+    if args.prune_ratio:
+      pruned, _ = prune.prune_model(models[name], args.prune_ratio, layers='all')
+      models[f'{name} pruned {args.prune_ratio}'] = pruned
+  names = list(models)
   x = jnp.asarray(
     np.random.default_rng(0).standard_normal((args.batch, args.size, args.size, 3), np.float32)
   )
   runs, result = {}, {}
   for name in names:
-    runs[name], result[name] = compiled_forward(
-      PSPNetConfig(num_classes=args.classes, **MODELS[name]), x
-    )
+    runs[name], result[name] = compiled_forward(models[name], x)
     runs[name]()  # warm-up
   times = {name: [] for name in names}
   for _ in range(args.rounds):  # interleaved: a slow patch of the machine hits every model
@@ -82,14 +91,14 @@ def main():
   for name in names:
     result[name]['forward_s'] = round(statistics.median(times[name]), 3)
     result[name]['all_s'] = [round(v, 3) for v in times[name]]
-  base = names[-1]
-  ratios = {
-    f'{name}/{base}': {
-      'flops': round(result[name]['xla_gflop'] / result[base]['xla_gflop'], 3),
-      'time': round(result[name]['forward_s'] / result[base]['forward_s'], 3),
-    }
-    for name in names[:-1]
+  ratio = lambda a, b: {
+    'flops': round(result[a]['xla_gflop'] / result[b]['xla_gflop'], 3),
+    'time': round(result[a]['forward_s'] / result[b]['forward_s'], 3),
   }
+  if args.prune_ratio:  # each pruned model against its original
+    ratios = {f'{a}/{b}': ratio(a, b) for a, b in zip(names[1::2], names[::2])}
+  else:  # each model against the last
+    ratios = {f'{name}/{names[-1]}': ratio(name, names[-1]) for name in names[:-1]}
   print(
     json.dumps(
       {
