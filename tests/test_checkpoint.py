@@ -169,3 +169,32 @@ def test_a_failure_outside_the_files_leaves_every_step_as_it_is(tmp_path, monkey
   assert step == 1 and float(model['params']['w'][0]) == 1.0
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2.damaged']
   ckpt.close()
+
+
+def test_processes_agree_on_the_step_a_failure_on_one_fails_all(tmp_path, monkeypatch, capsys):
+  """newest_intact(all_processes=True) as process 0 of 2, the other process's outcomes
+  stubbed: step 3 restores here but is damaged there, so both skip it and take step 2;
+  a failure outside the files there (code 2) stops this process too, with one line."""
+  from jax.experimental import multihost_utils
+
+  other = {3: 1, 2: 0}  # step -> the other process's outcome: 0 restored, 1 damaged, 2 failed
+  attempts = []
+
+  def allgather(code):
+    return np.asarray([int(code), other[attempts[-1]]])
+
+  monkeypatch.setattr(checkpoint.jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(multihost_utils, 'process_allgather', allgather)
+  restore = lambda step: attempts.append(step) or f'variables of {step}'
+  assert checkpoint.newest_intact(str(tmp_path), [2, 3], restore, all_processes=True) == (
+    2,
+    'variables of 2',
+  )
+  assert attempts == [3, 2] and 'does not restore on process(es) 1' in capsys.readouterr().err
+  # Without agreement this process would have taken step 3 alone.
+  assert checkpoint.newest_intact(str(tmp_path), [2, 3], restore)[0] == 3
+  other[3] = 2
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    checkpoint.newest_intact(str(tmp_path), [2, 3], restore, all_processes=True)
+  assert not isinstance(e.value, checkpoint.DamagedCheckpoint)
+  assert 'does not restore on process(es) 1' in str(e.value)
