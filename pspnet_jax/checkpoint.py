@@ -183,10 +183,11 @@ def _agreed(error: CheckpointError | None, path: str) -> CheckpointError | None:
 
   code = 0 if error is None else 1 if isinstance(error, DamagedCheckpoint) else 2
   codes = np.ravel(np.asarray(multihost_utils.process_allgather(np.int32(code))))
-  if error is not None or not codes.any():
+  worst = int(codes.max())  # a failure outside the files anywhere stops every process
+  if worst == code:
     return error
-  where = ', '.join(str(i) for i in np.flatnonzero(codes))
-  kind = DamagedCheckpoint if codes.max() == 1 else CheckpointError
+  where = ', '.join(str(i) for i in np.flatnonzero(codes == worst))
+  kind = DamagedCheckpoint if worst == 1 else CheckpointError
   return kind(f'{path} does not restore on process(es) {where} (see their messages)')
 
 

@@ -174,7 +174,8 @@ def test_a_failure_outside_the_files_leaves_every_step_as_it_is(tmp_path, monkey
 def test_processes_agree_on_the_step_a_failure_on_one_fails_all(tmp_path, monkeypatch, capsys):
   """newest_intact(all_processes=True) as process 0 of 2, the other process's outcomes
   stubbed: step 3 restores here but is damaged there, so both skip it and take step 2;
-  a failure outside the files there (code 2) stops this process too, with one line."""
+  a failure outside the files there (code 2) stops this process too, with one line, also
+  when the step is damaged here."""
   from jax.experimental import multihost_utils
 
   other = {3: 1, 2: 0}  # step -> the other process's outcome: 0 restored, 1 damaged, 2 failed
@@ -198,3 +199,12 @@ def test_processes_agree_on_the_step_a_failure_on_one_fails_all(tmp_path, monkey
     checkpoint.newest_intact(str(tmp_path), [2, 3], restore, all_processes=True)
   assert not isinstance(e.value, checkpoint.DamagedCheckpoint)
   assert 'does not restore on process(es) 1' in str(e.value)
+
+  # Damaged here, failed there: this process stops too (the other will not try step 2).
+  def damaged_here(step):
+    attempts.append(step)
+    raise checkpoint.DamagedCheckpoint(f'step {step}: truncated')
+
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    checkpoint.newest_intact(str(tmp_path), [2, 3], damaged_here, all_processes=True)
+  assert not isinstance(e.value, checkpoint.DamagedCheckpoint) and attempts[-1] == 3
