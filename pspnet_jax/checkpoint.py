@@ -33,13 +33,13 @@ import sys
 import tempfile
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint.checkpoint_managers import preservation_policy as ocp_policy
 
 from pspnet_jax import _compat
 from pspnet_jax.errors import STORAGE_ERRNOS, UserError
+from pspnet_jax.mesh import per_process
 from pspnet_jax.models import PSPNet, PSPNetConfig
 
 MODEL_CONFIG = 'model_config.json'
@@ -55,8 +55,9 @@ class DamagedCheckpoint(CheckpointError):
   """A step whose files do not restore (``newest_intact`` skips it)."""
 
 
-# Failures that say nothing about the files: the checkpoint is left as it is.
-_SURROUNDINGS_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOMEM, errno.ETIMEDOUT, errno.EAGAIN}
+# Failures that say nothing about the files (besides a full or read-only disk,
+# ``_storage_cause``): the checkpoint is left as it is.
+_SURROUNDINGS_ERRNOS = (errno.EACCES, errno.EPERM, errno.ENOMEM, errno.ETIMEDOUT, errno.EAGAIN)
 _SURROUNDINGS_TEXT = (
   'PERMISSION_DENIED',
   'Permission denied',
@@ -66,20 +67,25 @@ _SURROUNDINGS_TEXT = (
 )
 
 
+def _chain(error: BaseException | None):
+  """``error`` and its causes (``__cause__``, else ``__context__``), each once."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    yield error
+    error = error.__cause__ or error.__context__
+
+
 def _restore_failure(error: BaseException, message: str) -> CheckpointError:
   """``message`` (and the innermost cause) as a ``DamagedCheckpoint``, or as a plain
   ``CheckpointError`` when the cause is the reader's surroundings, not the files."""
-  seen, e = set(), error
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    if isinstance(e, MemoryError) or (
-      isinstance(e, OSError) and e.errno in {*_SURROUNDINGS_ERRNOS, *STORAGE_ERRNOS}
-    ):
-      break
-    if any(t in str(e) for t in _SURROUNDINGS_TEXT):
-      break
-    e = e.__cause__ or e.__context__
-  else:
+  surroundings = _storage_cause(error) or any(
+    isinstance(e, MemoryError)
+    or (isinstance(e, OSError) and e.errno in _SURROUNDINGS_ERRNOS)
+    or any(t in str(e) for t in _SURROUNDINGS_TEXT)
+    for e in _chain(error)
+  )
+  if not surroundings:
     return DamagedCheckpoint(f'{message} ({_cause(error)})')
   return CheckpointError(
     f'{message} ({_cause(error)}); this is no fault of its files, which are left as they '
@@ -109,9 +115,7 @@ class _StorageErrorFilter(logging.Filter):
 def _cause(error: BaseException) -> str:
   """The innermost cause of an orbax / TensorStore failure, on one line, without the
   source-location and spec dumps that follow it."""
-  root = error
-  while root.__cause__ is not None or root.__context__ is not None:
-    root = root.__cause__ or root.__context__
+  *_, root = _chain(error)
   text = ' '.join(str(root).split())
   text = re.split(r' \[source locations=| \[tensorstore_spec| \{\"', text)[0]
   return f'{type(root).__name__}: {text[:400]}'
@@ -123,17 +127,14 @@ TMP_MARK = '.orbax-checkpoint-tmp'  # in the name of a save still being written
 def _storage_cause(error: BaseException) -> str | None:
   """'no space left' / 'read-only file system' when ``error`` (or a cause of it) says the
   storage refused a write, else None."""
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
-      return 'read-only file system' if error.errno == errno.EROFS else 'no space left'
-    text = str(error)
+  for e in _chain(error):
+    if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
+      return 'read-only file system' if e.errno == errno.EROFS else 'no space left'
+    text = str(e)
     if 'No space left' in text or 'RESOURCE_EXHAUSTED' in text or 'Disk quota exceeded' in text:
       return 'no space left'
     if 'Read-only file system' in text:
       return 'read-only file system'
-    error = error.__cause__ or error.__context__
   return None
 
 
@@ -177,16 +178,12 @@ def newest_intact(directory: str, steps: list[int], restore, *, all_processes: b
 def _agreed(error: CheckpointError | None, path: str) -> CheckpointError | None:
   """This process's outcome of restoring ``path``, made the same on every process: a
   failure elsewhere fails here too (damaged or not, as there)."""
-  if jax.process_count() == 1:
-    return error
-  from jax.experimental import multihost_utils
-
   code = 0 if error is None else 1 if isinstance(error, DamagedCheckpoint) else 2
-  codes = np.ravel(np.asarray(multihost_utils.process_allgather(np.int32(code))))
+  codes = per_process(code)
   worst = int(codes.max())  # a failure outside the files anywhere stops every process
   if worst == code:
     return error
-  where = ', '.join(str(i) for i in np.flatnonzero(codes == worst))
+  where = ', '.join(str(i) for i, c in enumerate(codes) if c == worst)
   kind = DamagedCheckpoint if worst == 1 else CheckpointError
   return kind(f'{path} does not restore on process(es) {where} (see their messages)')
 

@@ -78,6 +78,16 @@ def replicate(tree, mesh: Mesh):
   return jax.tree.map(put, tree)
 
 
+def per_process(value: int) -> np.ndarray:
+  """[process count] the int32 ``value`` each process passes (a collective when there are
+  several processes): how they agree on one outcome."""
+  if jax.process_count() == 1:
+    return np.asarray([value], np.int32)
+  from jax.experimental import multihost_utils
+
+  return np.ravel(np.asarray(multihost_utils.process_allgather(np.int32(value))))
+
+
 def sum_over_processes(counts: np.ndarray) -> np.ndarray:
   """Exact sum of a non-negative int64 array over all processes (each passes its own).
 

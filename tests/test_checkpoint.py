@@ -176,16 +176,12 @@ def test_processes_agree_on_the_step_a_failure_on_one_fails_all(tmp_path, monkey
   stubbed: step 3 restores here but is damaged there, so both skip it and take step 2;
   a failure outside the files there (code 2) stops this process too, with one line, also
   when the step is damaged here."""
-  from jax.experimental import multihost_utils
-
   other = {3: 1, 2: 0}  # step -> the other process's outcome: 0 restored, 1 damaged, 2 failed
   attempts = []
-
-  def allgather(code):
-    return np.asarray([int(code), other[attempts[-1]]])
-
-  monkeypatch.setattr(checkpoint.jax, 'process_count', lambda: 2)
-  monkeypatch.setattr(multihost_utils, 'process_allgather', allgather)
+  # mesh.per_process, the gather of one value per process, as 2 processes would answer it.
+  monkeypatch.setattr(
+    checkpoint, 'per_process', lambda code: np.asarray([code, other[attempts[-1]]], np.int32)
+  )
   restore = lambda step: attempts.append(step) or f'variables of {step}'
   assert checkpoint.newest_intact(str(tmp_path), [2, 3], restore, all_processes=True) == (
     2,

@@ -227,7 +227,7 @@ def test_a_micro_batch_without_labelled_pixels_keeps_its_distillation_term(teach
     float(np.abs(np.asarray(x) - np.asarray(y)).max())
     for x, y in zip(jax.tree.leaves(a['params']), jax.tree.leaves(b['params']))
   ]
-  assert min(moved) >= 0 and sum(m > 1e-6 for m in moved) > len(moved) // 2, moved
+  assert sum(m > 1e-6 for m in moved) > len(moved) // 2, moved  # most tensors moved
 
 
 def test_four_devices_equal_one_device_with_a_teacher(tmp_path, teacher_dir):

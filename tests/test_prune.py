@@ -14,7 +14,7 @@ import pytest
 import tiny_run
 from cli import ROOT, cli_env
 from flax import nnx
-from tiny_models import TINY, random_model, tiny_model
+from tiny_models import TINY, random_model, scaled_random_model, tiny_model
 
 from pspnet_jax import checkpoint, prune
 from pspnet_jax.models import PSPNetConfig
@@ -48,22 +48,6 @@ def _bn_name(conv_path):
   """The BN after a conv: conv1 -> bn1; Sequential index i -> i + 1."""
   last = conv_path.rsplit('.', 1)[1]
   return f'bn{last[-1]}' if last.startswith('conv') else str(int(last) + 1)
-
-
-def _light_model(config):
-  """A MobileNetV2 PSPNet (the torch reference builds ResNets only): the project's
-  initialisation, then every kernel He-normal and every BN's scale and shift random, so that
-  no channel is zero or alike (a fresh head's classifier starts at zero)."""
-  model, rng = checkpoint.create_model(config, 1), np.random.default_rng(1)
-  for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    a = np.asarray(leaf[...])
-    if a.ndim == 4:
-      leaf[...] = rng.standard_normal(a.shape).astype(a.dtype) * np.sqrt(2 / np.prod(a.shape[:3]))
-    elif path[-1] == 'weight':
-      leaf[...] = rng.uniform(0.5, 1.5, a.shape).astype(a.dtype)
-    elif path[-1] == 'bias':
-      leaf[...] = rng.normal(0, 0.1, a.shape).astype(a.dtype)
-  return model
 
 
 def _module(model, path):
@@ -105,7 +89,7 @@ def _assert_same(a, b, tolerance=1e-5):
 def test_pruned_output_is_the_original_with_removed_channels_zeroed(
   config, criterion, layers, expected
 ):
-  model = tiny_model(config) if config.backbone == 'resnet' else _light_model(config)
+  model = tiny_model(config) if config.backbone == 'resnet' else scaled_random_model(config, 1)
   model.eval()
   pruned, changes = prune.prune_model(model, 0.5, criterion=criterion, layers=layers)
   assert len(changes) == expected and len(pruned.config.widths) == expected

@@ -54,6 +54,21 @@ def random_model(config: PSPNetConfig, seed: int = 0) -> PSPNet:
   )
 
 
+def scaled_random_model(config: PSPNetConfig, seed: int = 0) -> PSPNet:
+  """A PSPNet of any config (the torch reference builds ResNets only) holding random values
+  at the scales a network computes with: kernels He-normal for their fan-in, every 1-D
+  tensor (BN scales, shifts and statistics) in 0.5 + 0.5 |N(0, 1)|, so that no channel is
+  zero or alike (a fresh head's classifier starts at zero)."""
+  rng = np.random.default_rng(seed)
+
+  def fill(a):
+    if a.ndim == 4:
+      return (rng.standard_normal(a.shape) * np.sqrt(2 / np.prod(a.shape[:3]))).astype(a.dtype)
+    return (0.5 + 0.5 * np.abs(rng.standard_normal(a.shape))).astype(a.dtype)
+
+  return _filled(config, fill)
+
+
 def _filled(config: PSPNetConfig, fill) -> PSPNet:
   """The model of ``config`` with each tensor ``fill(abstract array)``, without compiling."""
   graphdef, state = nnx.split(checkpoint.abstract_model(config))

@@ -7,11 +7,8 @@ import os
 import signal
 import sys
 
-import jax
-import numpy as np
-from jax.experimental import multihost_utils
-
 from pspnet_jax.errors import EXIT_INTERRUPTED
+from pspnet_jax.mesh import per_process
 
 
 class StopRequest:
@@ -53,9 +50,7 @@ class StopRequest:
     """Whether any process was asked to stop; then every process takes the request's
     kind (SIGINT over SIGTERM), so that all save, say and exit alike. A collective when
     there are several processes."""
-    if jax.process_count() == 1:
-      return self.requested is not None
     kinds = (None, 'SIGTERM', 'SIGINT')
-    asked = multihost_utils.process_allgather(np.int32(kinds.index(self.requested)))
-    self.requested = kinds[int(np.max(asked))] or self.requested
+    asked = per_process(kinds.index(self.requested))
+    self.requested = kinds[int(asked.max())] or self.requested
     return self.requested is not None
